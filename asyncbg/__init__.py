@@ -1,0 +1,39 @@
+"""asyncbg: a background asyncio loop for Flask apps.
+
+Jobs, periodic jobs and queue consumers run on one event loop in a daemon
+thread; views hand them work from any thread or event loop; shutdown drains
+what it can, cancels the rest and reports.
+"""
+
+from __future__ import annotations
+
+from .api import DEFAULT_CONFIG, AsyncBG
+from .errors import AsyncBGError, JobCancelled, JobTimedOut, NotRunning, QueueFull, UnknownQueue
+from .jobs import Job, JobStatus, Progress, Task, TaskOptions, current_job
+from .loop_thread import LoopFuture, LoopThread, ShutdownReport
+from .queues import WorkQueue
+from .scheduling import PeriodicJob
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "AsyncBG",
+    "AsyncBGError",
+    "Job",
+    "JobCancelled",
+    "JobStatus",
+    "JobTimedOut",
+    "LoopFuture",
+    "LoopThread",
+    "NotRunning",
+    "PeriodicJob",
+    "Progress",
+    "QueueFull",
+    "ShutdownReport",
+    "Task",
+    "TaskOptions",
+    "UnknownQueue",
+    "WorkQueue",
+    "current_job",
+]
+
+__version__ = "0.1.0"

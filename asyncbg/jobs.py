@@ -1,0 +1,634 @@
+"""Job records, their bounded history, and the runner that executes them on the loop.
+
+A :class:`Job` is created in the submitting thread and changes state only on
+the loop thread afterwards; callers wait on it with :meth:`Job.result` (any
+thread but the loop's) or ``await job`` (any event loop). No
+``concurrent.futures.Future`` is made unless somebody waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import enum
+import functools
+import inspect
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .errors import JobCancelled, JobTimedOut, NotRunning
+
+if TYPE_CHECKING:
+    from .loop_thread import LoopThread
+
+__all__ = ["Job", "JobHistory", "JobRunner", "JobStatus", "Progress", "TaskOptions", "current_job"]
+
+log = logging.getLogger("asyncbg")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life. The last four are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+_FINAL = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT}
+)
+
+_current_job: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar(
+    "asyncbg_current_job", default=None
+)
+
+# Guards done-callbacks registration against the loop finishing the job; only
+# taken when somebody waits, and once per finish.
+_callbacks_lock = threading.Lock()
+
+
+def current_job() -> Job[Any]:
+    """Return the job whose code is running (works in sync jobs' threads too).
+
+    :raises RuntimeError: if called outside a job.
+    """
+    job = _current_job.get()
+    if job is None:
+        raise RuntimeError("asyncbg.current_job() called outside a running job")
+    return job
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How a job runs: per-attempt ``timeout`` (seconds), ``retries`` after the
+    first attempt, and exponential backoff ``retry_backoff * 2**n`` capped at
+    ``retry_backoff_max``."""
+
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
+        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
+            raise ValueError("retry_backoff and retry_backoff_max must be >= 0")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based)."""
+        return float(min(self.retry_backoff_max, self.retry_backoff * 2.0 ** (attempt - 1)))
+
+
+_DEFAULT_OPTIONS = TaskOptions()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A job's last reported progress."""
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """``done / total`` clamped to [0, 1], or None without a total."""
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+
+class Job(Generic[T]):
+    """One unit of background work and its outcome.
+
+    Created by :meth:`AsyncBG.submit <asyncbg.AsyncBG.submit>` or
+    ``task.submit(...)``. Its state is changed only on the loop thread.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_args",
+        "_callbacks",
+        "_exception",
+        "_fn",
+        "_is_async",
+        "_kwargs",
+        "_result",
+        "_runner",
+        "_task",
+        "attempts",
+        "created_at",
+        "finished_at",
+        "id",
+        "name",
+        "options",
+        "progress",
+        "started_at",
+        "status",
+    )
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        fn: Callable[..., Any] | Coroutine[Any, Any, T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str,
+        options: TaskOptions,
+        is_async: bool,
+    ) -> None:
+        self.id: str = uuid.uuid4().hex
+        self.name = name
+        self.status = JobStatus.PENDING
+        self.options = options
+        self.created_at: float = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.attempts = 0
+        self.progress: Progress | None = None
+        self._runner = runner
+        self._fn = fn
+        self._args = args
+        self._kwargs = kwargs
+        self._is_async = is_async
+        self._result: T | None = None
+        self._exception: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        # () until somebody waits, None once done: no allocation on the hot path.
+        self._callbacks: tuple[Callable[[Job[T]], object], ...] | None = ()
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name} {self.id} {self.status.value}>"
+
+    def done(self) -> bool:
+        """True once the job has reached a final status."""
+        return self.status in _FINAL
+
+    def set_progress(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Record progress (``done`` out of ``total``, with an optional message).
+
+        Call it from the job's own code, usually as ``current_job().set_progress(...)``.
+        """
+        self.progress = Progress(done, total, message)
+
+    def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
+        """Call ``fn(job)`` once the job is done: at once if it already is (in this
+        thread), otherwise on the loop thread when it finishes. ``fn`` must not block."""
+        with _callbacks_lock:
+            callbacks = self._callbacks
+            if callbacks is not None:
+                self._callbacks = (*callbacks, fn)
+                return
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is done or ``timeout`` passes; return :meth:`done`.
+
+        :raises RuntimeError: if called from the loop thread before the job is done.
+        """
+        if self.done():
+            return True
+        self._runner.loop_thread.check_not_loop_thread("Job.wait()/Job.result()")
+        event = threading.Event()
+        self.add_done_callback(lambda _job: event.set())
+        return event.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait up to ``timeout`` seconds and return the job's return value.
+
+        :raises TimeoutError: if the job is not done within ``timeout`` (the job goes on).
+        :raises JobTimedOut: if the job ran past its own timeout.
+        :raises JobCancelled: if the job was cancelled.
+        :raises RuntimeError: if called from the loop thread before the job is done.
+        :raises Exception: whatever the job raised, re-raised.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"job {self.name} {self.id} did not finish within {timeout}s")
+        return self._outcome()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait like :meth:`result`; return the job's exception instead of raising it."""
+        try:
+            self.result(timeout)
+        except (JobCancelled, JobTimedOut) as exc:
+            return exc
+        except TimeoutError:
+            raise
+        except Exception:
+            return self._exception
+        return None
+
+    def _outcome(self) -> T:
+        status = self.status
+        if status is JobStatus.SUCCEEDED:
+            return self._result  # type: ignore[return-value]
+        if status is JobStatus.CANCELLED:
+            raise JobCancelled(f"job {self.name} {self.id} was cancelled")
+        if status is JobStatus.TIMED_OUT:
+            raise JobTimedOut(
+                f"job {self.name} {self.id} timed out after {self.options.timeout}s "
+                f"({self.attempts} attempt(s))"
+            )
+        assert self._exception is not None
+        raise self._exception
+
+    async def wait_async(self) -> T:
+        """Await the job's outcome from any event loop; same results as :meth:`result`."""
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            lt = self._runner.loop_thread
+            if lt.in_loop_thread():
+                self.add_done_callback(lambda _job: _set_if_pending(waiter))
+            else:
+
+                def wake(_job: Job[T]) -> None:
+                    with contextlib.suppress(RuntimeError):  # the caller's loop closed
+                        loop.call_soon_threadsafe(_set_if_pending, waiter)
+
+                self.add_done_callback(wake)
+            await waiter
+        return self._outcome()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.wait_async().__await__()
+
+    def cancel(self) -> bool:
+        """Ask for the job to be cancelled; thread-safe, returns at once.
+
+        A pending job never starts; a running one gets ``CancelledError`` at its
+        next ``await`` (a sync job's thread cannot be interrupted: it is marked
+        cancelled and its result discarded). Returns False if the job had
+        already finished or the loop is gone.
+        """
+        if self.done():
+            return False
+        lt = self._runner.loop_thread
+        if lt.in_loop_thread():
+            self._runner._cancel(self)
+            return True
+        try:
+            lt.post(self._runner._cancel, self)
+        except NotRunning:
+            return False
+        return True
+
+    def to_dict(self, *, include_result: bool = True) -> dict[str, Any]:
+        """A JSON-safe dict of the job's state (results and errors as reprs when
+        they are not plain JSON values; left out with ``include_result=False``)."""
+        progress = self.progress
+        data: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration": (
+                None
+                if self.started_at is None
+                else (self.finished_at or time.time()) - self.started_at
+            ),
+            "attempts": self.attempts,
+            "progress": None
+            if progress is None
+            else {
+                "done": progress.done,
+                "total": progress.total,
+                "message": progress.message,
+                "fraction": progress.fraction,
+            },
+        }
+        if include_result:
+            data["result"] = (
+                _json_safe(self._result) if self.status is JobStatus.SUCCEEDED else None
+            )
+            exc = self._exception
+            data["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
+        return data
+
+    # -- loop thread only --------------------------------------------------------
+
+    def _finish(
+        self, status: JobStatus, result: Any = None, exc: BaseException | None = None
+    ) -> None:
+        self.status = status
+        self._result = result
+        self._exception = exc
+        self.finished_at = time.time()
+        self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
+        self._task = None
+        with _callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for cb in callbacks or ():
+            try:
+                cb(self)
+            except Exception:
+                log.exception("asyncbg: done callback %r of %r failed", cb, self)
+        self._runner._finished(self)
+
+
+def _set_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [_json_safe(v, depth + 1) for v in value]
+    if depth < 8 and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_safe(v, depth + 1) for k, v in value.items()}
+    return repr(value)
+
+
+def is_async_callable(fn: object) -> bool:
+    """True if calling ``fn`` returns an awaitable (sees through ``functools.partial``)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
+class JobHistory:
+    """Every live job plus finished ones, bounded by count and by age.
+
+    Adding happens in submitting threads, finishing on the loop; both are single
+    dict/deque operations, atomic under the GIL.
+    """
+
+    def __init__(self, max_size: int = 1000, max_age: float = 3600.0) -> None:
+        if max_size < 0 or max_age < 0:
+            raise ValueError("job history size and age must be >= 0")
+        self.max_size = max_size
+        self.max_age = max_age
+        self._jobs: dict[str, Job[Any]] = {}
+        self._finished: collections.deque[Job[Any]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job[Any]) -> None:
+        """Record a new job."""
+        self._jobs[job.id] = job
+
+    def finished(self, job: Job[Any]) -> None:
+        """Move ``job`` into the bounded part of the history."""
+        self._finished.append(job)
+        self.trim()
+
+    def trim(self) -> None:
+        """Forget finished jobs beyond the count or older than the age bound."""
+        finished, jobs = self._finished, self._jobs
+        while len(finished) > self.max_size:
+            jobs.pop(finished.popleft().id, None)
+        horizon = time.time() - self.max_age
+        while finished and (finished[0].finished_at or 0.0) < horizon:
+            jobs.pop(finished.popleft().id, None)
+
+    def get(self, job_id: str) -> Job[Any] | None:
+        """The job with that id, if it is live or still in the history."""
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job[Any]]:
+        """A snapshot of all known jobs, oldest first."""
+        self.trim()
+        return list(self._jobs.values())
+
+
+class JobRunner:
+    """Runs jobs on a :class:`~asyncbg.LoopThread`: context, timeout, retries, outcome.
+
+    :param context: a factory for the context manager every job runs in (the
+        Flask glue passes ``app.app_context``).
+    """
+
+    def __init__(
+        self,
+        loop_thread: LoopThread,
+        history: JobHistory,
+        *,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> None:
+        self.loop_thread = loop_thread
+        self.history = history
+        self.context = context
+        self.active = 0  # started and not finished; loop thread only
+        self.finish_hooks: list[Callable[[Job[Any]], object]] = []
+        self._idle_hooks: list[Callable[[], object]] = []
+
+    def create(
+        self,
+        fn: Callable[..., Any] | Coroutine[Any, Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        name: str | None = None,
+        options: TaskOptions = _DEFAULT_OPTIONS,
+        is_async: bool | None = None,
+    ) -> Job[Any]:
+        """Make a job record for ``fn(*args, **kwargs)`` (or a coroutine object).
+
+        :raises TypeError: if ``fn`` is neither callable nor a coroutine.
+        :raises ValueError: if a coroutine object is given with retries (it can run once).
+        """
+        if inspect.iscoroutine(fn):
+            if args or kwargs:
+                raise TypeError("pass either a coroutine object or a function with its arguments")
+            if options.retries:
+                raise ValueError("a coroutine object runs once; submit its function to retry")
+            is_async = True
+            name = name or getattr(fn, "__qualname__", "coroutine")
+        elif not callable(fn):
+            raise TypeError(f"a job needs a callable or a coroutine, got {fn!r}")
+        elif is_async is None:
+            is_async = is_async_callable(fn)
+        if name is None:
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+        return Job(self, fn, args, kwargs, name, options, is_async)
+
+    def submit(self, job: Job[Any]) -> Job[Any]:
+        """Hand ``job`` to the loop (thread-safe) and return it.
+
+        :raises NotRunning: if the loop is not running or is stopping.
+        """
+        self.loop_thread.post(self._start, job)
+        self.history.add(job)
+        return job
+
+    # -- loop thread -------------------------------------------------------------
+
+    def _start(self, job: Job[Any]) -> None:
+        if job.done():  # cancelled while pending
+            return
+        self.active += 1
+        job._task = self.loop_thread.spawn(self._execute(job), name=f"asyncbg:job:{job.name}")
+
+    def _cancel(self, job: Job[Any]) -> None:
+        if job.done():
+            return
+        if job._task is not None:
+            job._task.cancel()
+        else:
+            if inspect.iscoroutine(job._fn):
+                job._fn.close()
+            self.active += 1  # balanced by _finished
+            job._finish(JobStatus.CANCELLED)
+
+    def _finished(self, job: Job[Any]) -> None:
+        self.active -= 1
+        self.history.finished(job)
+        for hook in self.finish_hooks:
+            try:
+                hook(job)
+            except Exception:
+                log.exception("asyncbg: job finish hook %r failed", hook)
+        if not self.active:
+            for idle in self._idle_hooks:
+                idle()
+
+    async def _execute(self, job: Job[Any]) -> None:
+        _current_job.set(job)
+        job.status = JobStatus.RUNNING
+        job.started_at = time.time()
+        options = job.options
+        with self.context():
+            while True:
+                job.attempts += 1
+                expired = False
+                try:
+                    if options.timeout is None:
+                        result = await self._call(job)
+                    else:
+                        async with asyncio.timeout(options.timeout) as scope:
+                            try:
+                                result = await self._call(job)
+                            finally:
+                                expired = scope.expired()
+                except asyncio.CancelledError:
+                    if not expired:
+                        job._finish(JobStatus.CANCELLED)
+                        raise
+                    exc: BaseException = JobTimedOut(f"timed out after {options.timeout}s")
+                except Exception as error:
+                    exc = error
+                else:
+                    job._finish(JobStatus.SUCCEEDED, result)
+                    return
+                if isinstance(exc, TimeoutError) and expired:
+                    status = JobStatus.TIMED_OUT
+                else:
+                    status = JobStatus.FAILED
+                if job.attempts <= options.retries:
+                    delay = options.backoff(job.attempts)
+                    log.warning(
+                        "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
+                        job.name,
+                        job.id,
+                        job.attempts,
+                        options.retries + 1,
+                        status.value,
+                        exc,
+                        delay,
+                    )
+                    try:
+                        await asyncio.sleep(delay)
+                    except asyncio.CancelledError:
+                        job._finish(JobStatus.CANCELLED)
+                        raise
+                    continue
+                if status is JobStatus.TIMED_OUT:
+                    log.error(
+                        "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
+                        job.name,
+                        job.id,
+                        options.timeout,
+                        job.attempts,
+                    )
+                    job._finish(status, exc=JobTimedOut(str(exc)))
+                else:
+                    log.error(
+                        "asyncbg: job %s %s failed (%d attempt(s))",
+                        job.name,
+                        job.id,
+                        job.attempts,
+                        exc_info=exc,
+                    )
+                    job._finish(status, exc=exc)
+                return
+
+    def _call(self, job: Job[Any]) -> Awaitable[Any]:
+        fn = job._fn
+        if inspect.iscoroutine(fn):
+            return fn
+        assert callable(fn)
+        if job._is_async:
+            return fn(*job._args, **job._kwargs)  # type: ignore[no-any-return]
+        # A plain function never runs on the loop: a worker thread, carrying the
+        # job's context (app context, current_job) along.
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *job._args, **job._kwargs)
+        return loop.run_in_executor(None, contextvars.copy_context().run, call)
+
+    def add_idle_hook(self, hook: Callable[[], object]) -> None:
+        """Call ``hook()`` on the loop whenever the last active job finishes."""
+        self._idle_hooks.append(hook)
+
+
+class Task(Generic[P, T]):
+    """A named async or sync function with job options, made by ``@bg.task``.
+
+    ``task.submit(*args, **kwargs)`` runs it in the background and returns a
+    :class:`Job`; ``await task.run(*args)`` runs it on the loop and returns its
+    result; calling ``task(*args)`` calls the function itself, unchanged.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[T]] | Callable[P, T],
+        name: str,
+        options: TaskOptions,
+        submit: Callable[[Task[P, T], tuple[Any, ...], dict[str, Any]], Job[T]],
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.is_async = is_async_callable(fn)
+        self._submit = submit
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<asyncbg Task {self.name} {self.options}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T] | T:
+        return self.fn(*args, **kwargs)
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
+        """Run the task in the background; return its :class:`Job` at once.
+
+        :raises NotRunning: if asyncbg has been stopped.
+        """
+        return self._submit(self, args, kwargs)

@@ -1,0 +1,679 @@
+"""An asyncio event loop in a dedicated daemon thread, and safe ways into it.
+
+:class:`LoopThread` knows nothing of Flask. Other threads hand it work with
+:meth:`~LoopThread.submit` (a :class:`concurrent.futures.Future` back),
+:meth:`~LoopThread.call` (run a plain callable on the loop thread) and
+:meth:`~LoopThread.post` (fire and forget); other event loops ``await``
+:meth:`~LoopThread.run`. Every hand-off goes through one thread-safe inbox so
+that a burst of submissions costs one wake-up of the loop, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextvars
+import ctypes
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import NotRunning
+
+__all__ = ["LoopFuture", "LoopThread", "ShutdownReport"]
+
+log = logging.getLogger("asyncbg")
+
+T = TypeVar("T")
+
+_IDLE, _RUNNING, _STOPPING = "idle", "running", "stopping"
+
+# Python 3.12+ can run a new task's first step at once, inside the callback
+# that creates it, instead of one loop iteration later.
+_eager_task_factory: Any = getattr(asyncio, "eager_task_factory", None)
+
+_DRAIN_BATCH = 2048
+
+
+@dataclass
+class ShutdownReport:
+    """What :meth:`LoopThread.stop` found and did.
+
+    ``completed`` counts the tasks that were running at stop and finished within
+    the timeout, ``cancelled`` those that had to be cancelled; ``still_queued``
+    counts queued items that were never started (filled in by
+    :class:`~asyncbg.AsyncBG`). ``finished`` is false only on a report returned
+    by a ``stop()`` called from the loop thread itself, which cannot wait.
+    """
+
+    completed: int = 0
+    cancelled: int = 0
+    still_queued: int = 0
+    queued_by_queue: dict[str, int] = field(default_factory=dict)
+    duration: float = 0.0
+    finished: bool = True
+
+    def __str__(self) -> str:
+        return (
+            f"asyncbg shutdown: {self.completed} completed, {self.cancelled} cancelled, "
+            f"{self.still_queued} still queued, in {self.duration:.3f}s"
+        )
+
+
+class LoopFuture(concurrent.futures.Future[T]):
+    """A :class:`concurrent.futures.Future` that refuses to block the loop's own thread.
+
+    Waiting on it from the thread that must resolve it would deadlock; there it
+    raises :class:`RuntimeError` instead.
+    """
+
+    def __init__(self, loop_thread_ident: int | None) -> None:
+        super().__init__()
+        self._loop_ident = loop_thread_ident
+
+    def _guard(self) -> None:
+        if self._loop_ident == threading.get_ident() and not self.done():
+            raise RuntimeError(
+                "blocking on a LoopFuture from the event loop thread would deadlock: "
+                "the loop cannot finish the work while this thread waits for it; "
+                "'await' it (asyncio.wrap_future) or add a done callback instead"
+            )
+
+    def result(self, timeout: float | None = None) -> T:
+        """Return the result, waiting up to ``timeout`` seconds.
+
+        :raises RuntimeError: if called from the loop thread before the future is done.
+        :raises TimeoutError: if the result is not ready within ``timeout``.
+        :raises concurrent.futures.CancelledError: if the work was cancelled.
+        """
+        self._guard()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Return the exception raised by the work, or ``None``.
+
+        :raises RuntimeError: if called from the loop thread before the future is done.
+        """
+        self._guard()
+        return super().exception(timeout)
+
+
+class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose threads never hold up interpreter exit.
+
+    The loop's default executor runs sync jobs and ``asyncio.to_thread``.
+    ``ThreadPoolExecutor`` joins its threads at exit, so one hung sync job would
+    hang the process forever; these threads are daemons and are abandoned.
+    (A subclass only because asyncio insists on one; none of its threads are used.)
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        super().__init__(max_workers, thread_name_prefix=name)
+        self._max_workers = max_workers
+        self._name = name
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._workers: list[threading.Thread] = []
+        self._shutdown = False
+        self._lock = threading.Lock()
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+            self._work.put((fut, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._workers) < self._max_workers:
+                t = threading.Thread(
+                    target=self._worker, name=f"{self._name}-{len(self._workers)}", daemon=True
+                )
+                self._workers.append(t)
+                t.start()
+        return fut
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                self._work.put(None)
+                return
+            fut, fn, args, kwargs = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            del item, fut, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._work.put(None)
+        if wait:
+            for t in self._workers:
+                t.join()
+
+
+def _gil_holding_send() -> Callable[[int], object] | None:
+    """Return a one-byte ``send`` on a socket fd that does not release the GIL.
+
+    ``socket.send`` releases the GIL around the system call; when another thread
+    is busy, getting it back costs the caller a whole switch interval (5 ms). A
+    one-byte non-blocking send to the loop's wake-up socket never blocks, so
+    holding the GIL through it is safe and keeps ``submit`` in microseconds.
+    """
+    if sys.platform == "win32":
+        return None
+    try:
+        libc_send = ctypes.PyDLL(None).send  # PyDLL: the call keeps the GIL
+    except (OSError, AttributeError):
+        return None
+    libc_send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    libc_send.restype = ctypes.c_ssize_t
+    flags = getattr(socket, "MSG_DONTWAIT", 0)
+
+    def send(fd: int) -> object:
+        return libc_send(fd, b"\0", 1, flags)
+
+    return send
+
+
+_fast_send = _gil_holding_send()
+
+
+class _SelectorLoop(asyncio.SelectorEventLoop):
+    """The stock selector loop with a wake-up that does not give away the GIL."""
+
+    def _write_to_self(self) -> None:
+        csock = getattr(self, "_csock", None)
+        if csock is None or _fast_send is None:
+            super()._write_to_self()  # type: ignore[misc]
+            return
+        # A full socket buffer (-1, EAGAIN) means a wake-up is already pending.
+        _fast_send(csock.fileno())
+
+
+_instances: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+
+def _reset_all_after_fork() -> None:
+    for lt in list(_instances):
+        lt._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_all_after_fork)
+
+
+class LoopThread:
+    """An asyncio event loop running in its own daemon thread.
+
+    :param name: the thread's name, also used in log messages.
+    :param use_uvloop: run a uvloop loop instead of asyncio's (needs ``asyncbg[uvloop]``).
+    :param shutdown_timeout: default grace period of :meth:`stop`, also used at exit.
+    :param cancel_grace: how long cancelled tasks get to run their ``finally`` blocks.
+    :param max_workers: threads for sync jobs and ``asyncio.to_thread``.
+    """
+
+    def __init__(
+        self,
+        name: str = "asyncbg",
+        *,
+        use_uvloop: bool = False,
+        shutdown_timeout: float = 10.0,
+        cancel_grace: float = 0.05,
+        max_workers: int | None = None,
+    ) -> None:
+        self.name = name
+        self.use_uvloop = use_uvloop
+        self.shutdown_timeout = shutdown_timeout
+        self.cancel_grace = cancel_grace
+        self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._stop_hooks: list[Callable[[], object]] = []
+        #: What runs at interpreter exit while the loop is running (default: stop()).
+        self.at_exit: Callable[[], object] = self.stop
+        self._atexit_registered = False
+        self._init_state()
+        _instances.add(self)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._state = _IDLE
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ident: int | None = None
+        self._inbox: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._wake_pending = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._report: ShutdownReport | None = None
+        self._stopped = threading.Event()
+
+    def _reset_after_fork(self) -> None:
+        # The parent's loop thread does not exist here, yet its loop still
+        # believes it is running and shares file descriptors with the parent:
+        # drop it without closing it; the next start() makes a fresh one.
+        self._init_state()
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the loop accepts work (started and not stopping)."""
+        return self._state == _RUNNING
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop.
+
+        :raises NotRunning: if the loop thread has not been started.
+        """
+        loop = self._loop
+        if loop is None:
+            raise NotRunning(f"LoopThread {self.name!r} has not been started")
+        return loop
+
+    def in_loop_thread(self) -> bool:
+        """Return True when called from the loop's own thread."""
+        return self._ident == threading.get_ident()
+
+    def check_not_loop_thread(self, what: str) -> None:
+        """Raise if the caller is the loop thread, where blocking would deadlock.
+
+        :raises RuntimeError: when called from the loop thread.
+        """
+        if self._ident == threading.get_ident():
+            raise RuntimeError(
+                f"{what} blocks until the event loop does the work, but it was called "
+                "from the event loop thread itself, which would deadlock; await the "
+                "async variant instead"
+            )
+
+    @property
+    def pending_posts(self) -> int:
+        """Callbacks posted to the loop and not run yet."""
+        return len(self._inbox)
+
+    @property
+    def task_count(self) -> int:
+        """How many tracked tasks (jobs, consumer workers, periodic runs) are live."""
+        return len(self._tasks)
+
+    def add_stop_hook(self, hook: Callable[[], object]) -> None:
+        """Register a callable run on the loop when :meth:`stop` begins, before draining.
+
+        Hooks stop new work at its source (schedules, queue workers taking items).
+        """
+        self._stop_hooks.append(hook)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop thread and return once its loop is running.
+
+        Idempotent: a running loop is left alone. A stopped one starts afresh.
+
+        :raises NotRunning: if called while a stop is in progress.
+        :raises RuntimeError: if uvloop was asked for but is not installed.
+        """
+        with self._lock:
+            if self._state == _RUNNING:
+                return
+            if self._state == _STOPPING:
+                raise NotRunning(f"LoopThread {self.name!r} is stopping")
+            loop = self._new_loop()
+            started = threading.Event()
+            self._stopped = threading.Event()
+            self._report = None
+            thread = threading.Thread(
+                target=self._main, args=(loop, started), name=self.name, daemon=True
+            )
+            self._loop = loop
+            self._thread = thread
+            thread.start()
+            started.wait()
+            self._state = _RUNNING
+            if not self._atexit_registered:
+                self._atexit_registered = True
+                _register_atexit(self)
+        log.debug("loop thread %r started", self.name)
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        if self.use_uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                raise RuntimeError(
+                    "uvloop was requested but is not installed: pip install 'asyncbg[uvloop]'"
+                ) from None
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            loop = _SelectorLoop()
+        loop.set_default_executor(_DaemonExecutor(self.max_workers, f"{self.name}-worker"))
+        return loop
+
+    def _main(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+        self._ident = threading.get_ident()
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                loop.run_until_complete(
+                    asyncio.wait_for(loop.shutdown_asyncgens(), self.cancel_grace + 1)
+                )
+            except BaseException:  # pragma: no cover - best effort at close
+                log.exception("asyncbg: error while closing async generators")
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+                self._ident = None
+                with self._lock:
+                    if self._loop is loop:
+                        self._state = _IDLE
+                self._stopped.set()
+
+    def stop(self, timeout: float | None = None) -> ShutdownReport:
+        """Stop gracefully and return a :class:`ShutdownReport`.
+
+        New work is refused at once (:class:`NotRunning`); stop hooks run; tasks
+        already running get ``timeout`` seconds (default ``shutdown_timeout``) to
+        finish, the rest are cancelled and get ``cancel_grace`` seconds for their
+        ``finally`` blocks; then the loop stops, closes and the thread is joined.
+
+        Idempotent and callable from any thread. From a signal handler it waits
+        like any caller. From the loop thread itself (a job stopping its own loop)
+        it cannot wait: it starts the shutdown and returns a report whose
+        ``finished`` is false and which fills in once the loop has stopped.
+        """
+        if timeout is None:
+            timeout = self.shutdown_timeout
+        with self._lock:
+            if self._state == _IDLE:
+                return self._report or ShutdownReport()
+            if self._state == _RUNNING:
+                self._state = _STOPPING
+                self._report = ShutdownReport(finished=False)
+                self._enqueue(self._begin_shutdown, (timeout, self._report))
+            report = self._report
+            thread = self._thread
+            stopped = self._stopped
+        assert report is not None
+        assert thread is not None
+        if thread.ident == threading.get_ident():
+            return report
+        # Bounded: a job that blocks the loop without ever yielding cannot hang
+        # the caller (the thread is a daemon and is left behind).
+        if not stopped.wait(timeout + self.cancel_grace + 2.0):
+            log.error(
+                "asyncbg: loop thread %r did not stop within %.1fs; something is "
+                "blocking the event loop; leaving the daemon thread behind",
+                self.name,
+                timeout + self.cancel_grace + 2.0,
+            )
+            return report
+        thread.join()
+        return report
+
+    def _begin_shutdown(self, timeout: float, report: ShutdownReport) -> None:
+        task = self.loop.create_task(self._shutdown(timeout, report), name="asyncbg:shutdown")
+        # keep a reference: the loop holds tasks weakly
+        self._shutdown_task = task
+
+    async def _shutdown(self, timeout: float, report: ShutdownReport) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for hook in self._stop_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("asyncbg: stop hook %r failed", hook)
+        me = asyncio.current_task()
+        pending = {t for t in self._tasks if t is not me}
+        done: set[asyncio.Task[Any]] = set()
+        if pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, timeout))
+        # Anything else still alive (tasks users created themselves) goes too, as
+        # asyncio.run() would do.
+        others = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - pending
+        for t in pending | others:
+            t.cancel()
+        if pending or others:
+            await asyncio.wait(pending | others, timeout=self.cancel_grace)
+        report.completed = len(done)
+        report.cancelled = len(pending)
+        executor = getattr(loop, "_default_executor", None)
+        if isinstance(executor, concurrent.futures.Executor):
+            executor.shutdown(wait=False, cancel_futures=True)
+        report.duration = loop.time() - t0
+        report.finished = True
+        loop.stop()
+
+    # -- hand-off --------------------------------------------------------------
+
+    def _enqueue(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        # Called with self._lock held. One wake-up serves every item posted
+        # until the loop drains the inbox.
+        self._inbox.append((fn, args))
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        loop = self._loop
+        assert loop is not None
+        if self._ident == threading.get_ident():
+            loop.call_soon(self._drain)
+        else:
+            loop.call_soon_threadsafe(self._drain)
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Schedule ``fn(*args)`` to run on the loop thread soon; return at once.
+
+        Thread-safe and cheap: a burst of posts costs the loop one wake-up.
+        Exceptions raised by ``fn`` are logged.
+
+        :raises NotRunning: if the loop is not running or is stopping.
+        """
+        with self._lock:
+            if self._state != _RUNNING:
+                raise self._not_running()
+            self._enqueue(fn, args)
+
+    def _not_running(self) -> NotRunning:
+        if self._state == _STOPPING:
+            return NotRunning(f"LoopThread {self.name!r} is shutting down and refuses new work")
+        return NotRunning(f"LoopThread {self.name!r} is not running; call start() first")
+
+    def _drain(self) -> None:
+        self._wake_pending = False
+        inbox = self._inbox
+        for _ in range(min(len(inbox), _DRAIN_BATCH)):
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("asyncbg: callback %r failed on the loop", fn)
+        if inbox and not self._wake_pending:
+            # A huge burst: let timers and I/O run between batches.
+            self._wake_pending = True
+            self.loop.call_soon(self._drain)
+
+    def spawn(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        """Start ``coro`` as a task tracked for shutdown. Loop thread only.
+
+        On Python 3.12+ the task's first step runs at once (eager start), saving
+        a loop iteration before the coroutine's first line.
+        """
+        loop = self.loop
+        task: asyncio.Task[T]
+        if _eager_task_factory is not None:
+            task = _eager_task_factory(loop, coro, name=name, context=context)
+        else:
+            task = loop.create_task(coro, name=name, context=context)
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return task
+
+    def submit(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> LoopFuture[T]:
+        """Run ``coro`` on the loop; return a future for its result.
+
+        Cancelling the returned future cancels the task on the loop. Waiting on
+        it from the loop thread raises :class:`RuntimeError` instead of deadlocking.
+
+        :raises NotRunning: if the loop is not running or is stopping (``coro``
+            is closed, not left un-awaited).
+        """
+        fut: LoopFuture[T] = LoopFuture(self._ident)
+        try:
+            self.post(self._start_for_future, coro, fut, name, context)
+        except NotRunning:
+            coro.close()
+            raise
+        return fut
+
+    def _start_for_future(
+        self,
+        coro: Coroutine[Any, Any, T],
+        fut: LoopFuture[T],
+        name: str | None,
+        context: contextvars.Context | None,
+    ) -> None:
+        if not fut.set_running_or_notify_cancel():
+            coro.close()
+            return
+        task = self.spawn(coro, name=name, context=context)
+        loop = self.loop
+
+        def to_future(t: asyncio.Task[T]) -> None:
+            if fut.done():
+                return
+            if t.cancelled():
+                # set_running_or_notify_cancel() made it RUNNING, where cancel()
+                # refuses; a CancelledError resolves it the same way for waiters.
+                fut.set_exception(concurrent.futures.CancelledError())
+                return
+            exc = t.exception()
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(t.result())
+
+        def to_task(f: concurrent.futures.Future[T]) -> None:
+            if not task.done():
+                loop.call_soon_threadsafe(task.cancel)
+
+        if task.done():
+            to_future(task)
+        else:
+            task.add_done_callback(to_future)
+            fut.add_done_callback(to_task)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Run the plain callable ``fn(*args)`` on the loop thread; return its value.
+
+        The way to read or change state the loop owns without a lock. ``fn`` must
+        not block. Called from the loop thread, it simply calls ``fn``.
+
+        :raises NotRunning: if the loop is not running or is stopping.
+        :raises TimeoutError: if the loop does not get to it within ``timeout``.
+        :raises BaseException: whatever ``fn`` raises.
+        """
+        if self._ident == threading.get_ident():
+            return fn(*args)
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.post(_call_into, fut, fn, args)
+        return fut.result(timeout)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on this loop from any event loop; return its result.
+
+        From a coroutine already on this loop it simply awaits ``coro``. Cancelling
+        the awaiting task cancels the work on the loop.
+
+        :raises NotRunning: if the loop is not running or is stopping.
+        """
+        if self._ident == threading.get_ident():
+            return await coro
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], *, context: contextvars.Context | None) -> T:
+        """Run ``coro`` on the loop and block this (non-loop) thread for its result.
+
+        :raises RuntimeError: if called from the loop thread.
+        :raises NotRunning: if the loop is not running or is stopping.
+        """
+        if self._ident == threading.get_ident():
+            coro.close()
+            self.check_not_loop_thread("run_sync()")
+        return self.submit(coro, context=context).result()
+
+
+def _call_into(
+    fut: concurrent.futures.Future[T], fn: Callable[..., T], args: tuple[Any, ...]
+) -> None:
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as exc:
+        fut.set_exception(exc)
+
+
+def _register_atexit(lt: LoopThread) -> None:
+    """Stop ``lt`` gracefully when the interpreter exits.
+
+    ``threading._register_atexit`` callbacks run before non-daemon threads are
+    joined and while ``asyncio.to_thread`` still works (what ``concurrent.futures``
+    uses); plain ``atexit`` would run too late for that.
+    """
+    ref = weakref.ref(lt)
+
+    def at_exit() -> None:
+        target = ref()
+        if target is not None and target.running:
+            log.debug("asyncbg: interpreter exiting, stopping loop thread %r", target.name)
+            target.at_exit()
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(at_exit)
+            return
+        except RuntimeError:  # interpreter already shutting down
+            pass
+    import atexit
+
+    atexit.register(at_exit)

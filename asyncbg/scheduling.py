@@ -1,0 +1,294 @@
+"""Periodic jobs: fixed-rate, fixed-delay and cron schedules on the loop's clock.
+
+Fixed rate means run N is due at ``start + N * period`` on the loop's monotonic
+clock, so the time a run takes never shifts the ones after it. A run still
+going when the next is due is not overlapped: that tick is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from croniter import croniter
+
+from .host_lock import HostLock
+from .jobs import is_async_callable
+
+if TYPE_CHECKING:
+    from .loop_thread import LoopThread
+
+__all__ = ["PeriodicJob", "Scope"]
+
+log = logging.getLogger("asyncbg")
+
+Scope = Literal["process", "host"]
+
+_SKIP_LOG_INTERVAL = 60.0
+
+
+def _seconds(value: float | dt.timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+class PeriodicJob:
+    """A coroutine function run on a schedule, with the statistics of its runs.
+
+    Exactly one of ``every`` (fixed rate), ``delay`` (fixed delay: the next run
+    starts ``delay`` after the previous one ended) or ``cron`` is given.
+
+    :param jitter: up to this many seconds added at random to each start.
+    :param run_at_start: run once as soon as the schedule starts.
+    :param timeout: cancel a run that takes longer (counted as a failure).
+    :param scope: ``"process"`` (every process runs it) or ``"host"`` (one
+        process per host at a time, through a :class:`~asyncbg.host_lock.HostLock`).
+    :param tz: time zone of a cron expression (default: the machine's local one).
+    :raises ValueError: on a missing, doubled or malformed schedule.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], Awaitable[Any]],
+        *,
+        name: str,
+        every: float | dt.timedelta | None = None,
+        delay: float | dt.timedelta | None = None,
+        cron: str | None = None,
+        jitter: float | dt.timedelta = 0.0,
+        run_at_start: bool = False,
+        timeout: float | dt.timedelta | None = None,
+        scope: Scope = "process",
+        tz: dt.tzinfo | None = None,
+    ) -> None:
+        if sum(x is not None for x in (every, delay, cron)) != 1:
+            raise ValueError("give exactly one of every=, delay= or cron=")
+        if cron is not None and not croniter.is_valid(cron):
+            raise ValueError(f"not a valid cron expression: {cron!r}")
+        if scope not in ("process", "host"):
+            raise ValueError(f"scope must be 'process' or 'host', got {scope!r}")
+        if not is_async_callable(fn):
+            raise TypeError(f"a periodic job must be an async function, got {fn!r}")
+        self.fn = fn
+        self.name = name
+        self.every = _seconds(every, "every")
+        self.delay = _seconds(delay, "delay")
+        self.cron = cron
+        jitter_s = jitter.total_seconds() if isinstance(jitter, dt.timedelta) else float(jitter)
+        if jitter_s < 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter!r}")
+        self.jitter = jitter_s
+        self.run_at_start = run_at_start
+        self.timeout = _seconds(timeout, "timeout")
+        self.scope: Scope = scope
+        self.tz = tz
+        # statistics
+        self.runs = 0
+        self.failures = 0
+        self.skips = 0
+        self.last_start: float | None = None
+        self.last_duration: float | None = None
+        self.last_error: str | None = None
+        self.last_start_lateness: float | None = None
+        self.next_due: float | None = None
+        self._lt: LoopThread | None = None
+        self._context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self._lock: HostLock | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._anchor = 0.0
+        self._n = 0
+        self._cron_iter: Any = None
+        self._active = False
+        self._last_skip_log = -math.inf
+
+    def __repr__(self) -> str:
+        return f"<PeriodicJob {self.name} {self.schedule}>"
+
+    @property
+    def schedule(self) -> str:
+        """The schedule in words, e.g. ``every 5s``, ``delay 1s``, ``cron */5 * * * *``."""
+        if self.every is not None:
+            return f"every {self.every:g}s"
+        if self.delay is not None:
+            return f"delay {self.delay:g}s"
+        return f"cron {self.cron}"
+
+    @property
+    def running(self) -> bool:
+        """True while a run is in progress."""
+        return self._run_task is not None
+
+    @property
+    def holds_lock(self) -> bool | None:
+        """For host-scoped jobs: whether this process holds the host lock."""
+        return None if self._lock is None else self._lock.held
+
+    # -- loop thread --------------------------------------------------------------
+
+    def start(
+        self,
+        loop_thread: LoopThread,
+        *,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        lock: HostLock | None = None,
+    ) -> None:
+        """Begin the schedule. Loop thread only."""
+        self._lt = loop_thread
+        self._context = context
+        self._lock = lock
+        self._active = True
+        loop = loop_thread.loop
+        now = loop.time()
+        if self.cron is not None:
+            tz = self.tz or dt.datetime.now().astimezone().tzinfo
+            self._cron_iter = croniter(self.cron, dt.datetime.now(tz))
+            due = self._next_cron_due() if not self.run_at_start else now
+        else:
+            period = self.every if self.every is not None else self.delay
+            assert period is not None
+            self._anchor = now
+            self._n = 0 if self.run_at_start else 1
+            due = now + self._n * period
+        self._arm(due)
+
+    def stop(self) -> None:
+        """Stop scheduling new runs (a run in progress goes on). Loop thread only."""
+        self._active = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.next_due = None
+
+    def release(self) -> None:
+        """Release the host lock, if held (once no run can be in progress)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def run_now(self) -> bool:
+        """Start one run now, outside the schedule, unless one is running. Loop thread only."""
+        if self._run_task is not None or self._lt is None or not self._active:
+            return False
+        self._run_task = self._lt.spawn(self._run(None), name=f"asyncbg:periodic:{self.name}")
+        return True
+
+    def _arm(self, due: float) -> None:
+        assert self._lt is not None
+        loop = self._lt.loop
+        when = due + (random.uniform(0.0, self.jitter) if self.jitter else 0.0)
+        self._handle = loop.call_at(when, self._fire, when)
+        self.next_due = time.time() + (when - loop.time())
+
+    def _next_cron_due(self) -> float:
+        assert self._lt is not None
+        now_wall = time.time()
+        nxt: float = self._cron_iter.get_next(float)
+        while nxt < now_wall - 1.0:  # occurrences missed while the loop was busy
+            self._count_skip("the loop was busy")
+            nxt = self._cron_iter.get_next(float)
+        return self._lt.loop.time() + (nxt - now_wall)
+
+    def _next_rate_due(self) -> float:
+        assert self._lt is not None
+        assert self.every is not None
+        self._n += 1
+        due = self._anchor + self._n * self.every
+        late = self._lt.loop.time() - due
+        if late >= self.every:  # whole periods missed while the loop was busy
+            missed = int(late // self.every)
+            self._n += missed
+            for _ in range(missed):
+                self._count_skip("the loop was busy")
+            due = self._anchor + self._n * self.every
+        return due
+
+    def _count_skip(self, why: str) -> None:
+        self.skips += 1
+        now = time.monotonic()
+        if now - self._last_skip_log >= _SKIP_LOG_INTERVAL:
+            self._last_skip_log = now
+            log.warning(
+                "asyncbg: periodic job %s skipped a tick because %s (%d skipped so far; "
+                "logged at most once a minute)",
+                self.name,
+                why,
+                self.skips,
+            )
+
+    def _fire(self, due: float) -> None:
+        self._handle = None
+        if not self._active:
+            return
+        lt = self._lt
+        assert lt is not None
+        started = False
+        if self._lock is not None and not self._lock.try_acquire():
+            pass  # another process on this host runs it; stay ready to take over
+        elif self._run_task is not None:
+            self._count_skip("the previous run was still going")
+        else:
+            started = True
+            self._run_task = lt.spawn(self._run(due), name=f"asyncbg:periodic:{self.name}")
+        if self.every is not None:
+            self._arm(self._next_rate_due())
+        elif self.cron is not None:
+            self._arm(self._next_cron_due())
+        elif (not started or self._run_task is None) and self._handle is None and self._active:
+            # fixed delay: the run re-arms when it ends; if none started (or it
+            # finished at once, eagerly, and did not re-arm), arm from now.
+            assert self.delay is not None
+            self._arm(lt.loop.time() + self.delay)
+
+    async def _run(self, due: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        if due is not None:
+            self.last_start_lateness = t0 - due
+        self.last_start = time.time()
+        try:
+            with self._context():
+                if self.timeout is None:
+                    await self.fn()
+                else:
+                    async with asyncio.timeout(self.timeout):
+                        await self.fn()
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("asyncbg: periodic job %s failed", self.name, exc_info=exc)
+        else:
+            self.last_error = None
+        finally:
+            self.runs += 1
+            self.last_duration = loop.time() - t0
+            self._run_task = None
+            if self.delay is not None and self._active and due is not None:
+                self._arm(loop.time() + self.delay)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-safe summary: schedule, counts, last start/duration/error, next due."""
+        return {
+            "name": self.name,
+            "schedule": self.schedule,
+            "scope": self.scope,
+            "running": self.running,
+            "runs": self.runs,
+            "failures": self.failures,
+            "skips": self.skips,
+            "last_start": self.last_start,
+            "last_duration": self.last_duration,
+            "last_error": self.last_error,
+            "next_due": self.next_due,
+            "holds_lock": self.holds_lock,
+        }
