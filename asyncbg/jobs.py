@@ -347,6 +347,13 @@ class Job(Generic[T]):
         self._runner._finished(self)
 
 
+def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
+    # Without eager start (Python 3.11) a task cancelled before its first step
+    # never enters _execute, which would otherwise record the outcome.
+    if not job.done():
+        job._finish(JobStatus.CANCELLED)
+
+
 def _set_if_pending(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -394,6 +401,10 @@ class JobHistory:
     def add(self, job: Job[Any]) -> None:
         """Record a new job."""
         self._jobs[job.id] = job
+
+    def discard(self, job: Job[Any]) -> None:
+        """Forget a job that never ran (its submission was refused)."""
+        self._jobs.pop(job.id, None)
 
     def finished(self, job: Job[Any]) -> None:
         """Move ``job`` into the bounded part of the history."""
@@ -475,8 +486,13 @@ class JobRunner:
 
         :raises NotRunning: if the loop is not running or is stopping.
         """
-        self.loop_thread.post(self._start, job)
+        # Recorded first: the loop may finish (and trim) the job before post returns.
         self.history.add(job)
+        try:
+            self.loop_thread.post(self._start, job)
+        except NotRunning:
+            self.history.discard(job)
+            raise
         return job
 
     # -- loop thread -------------------------------------------------------------
@@ -485,7 +501,10 @@ class JobRunner:
         if job.done():  # cancelled while pending
             return
         self.active += 1
-        job._task = self.loop_thread.spawn(self._execute(job), name=f"asyncbg:job:{job.name}")
+        task = self.loop_thread.spawn(self._execute(job), name=f"asyncbg:job:{job.name}")
+        if not task.done():
+            job._task = task
+            task.add_done_callback(functools.partial(_finish_if_never_ran, job))
 
     def _cancel(self, job: Job[Any]) -> None:
         if job.done():

@@ -481,10 +481,13 @@ class LoopThread:
         self._wake_pending = True
         loop = self._loop
         assert loop is not None
+        # A fresh context: call_soon* would otherwise copy the context of the
+        # thread that happened to post first (say, a Flask request's) into
+        # every task the drain starts.
         if self._ident == threading.get_ident():
-            loop.call_soon(self._drain)
+            loop.call_soon(self._drain, context=contextvars.Context())
         else:
-            loop.call_soon_threadsafe(self._drain)
+            loop.call_soon_threadsafe(self._drain, context=contextvars.Context())
 
     def post(self, fn: Callable[..., object], *args: Any) -> None:
         """Schedule ``fn(*args)`` to run on the loop thread soon; return at once.
@@ -516,7 +519,7 @@ class LoopThread:
         if inbox and not self._wake_pending:
             # A huge burst: let timers and I/O run between batches.
             self._wake_pending = True
-            self.loop.call_soon(self._drain)
+            self.loop.call_soon(self._drain, context=contextvars.Context())
 
     def spawn(
         self,

@@ -137,8 +137,8 @@ class WorkQueue:
         with self._lock:
             if self._try_put(item):
                 return
-            if not timeout or self.loop_thread.in_loop_thread():
-                raise self._full(0.0 if timeout is None else timeout)
+            if (timeout is not None and timeout <= 0) or self.loop_thread.in_loop_thread():
+                raise self._full(timeout or 0.0)
             deadline = None if timeout is None else time.monotonic() + timeout
             self._thread_putters += 1
             try:
@@ -179,7 +179,7 @@ class WorkQueue:
                 with self._lock, contextlib.suppress(ValueError):
                     self._async_putters.remove(entry)
 
-    def _full(self, timeout: float) -> QueueFull:
+    def _full(self, timeout: float | None) -> QueueFull:
         return QueueFull(
             f"queue {self.name!r} is full ({self.maxsize} items) and stayed full for {timeout}s"
         )
