@@ -110,6 +110,7 @@ class AsyncBG:
         self._signal_stop_started = False
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
+        self.loop_thread.add_after_stop_hook(self._after_stop)
         self.runner.add_idle_hook(self._wake_idle)
         if app is not None:
             self.init_app(app)
@@ -476,19 +477,19 @@ class AsyncBG:
         """
         with self._start_lock:
             self._stopped = True
-        report = self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
-        if report.finished:
-            for pj in self.periodic_jobs.values():
-                pj.release()
+        return self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+
+    def _after_stop(self, report: ShutdownReport) -> None:
+        # On the loop thread, after the loop closed: no run can be in progress.
+        for pj in self.periodic_jobs.values():
+            pj.release()
         queued = {name: q.depth for name, q in self.queues.items() if q.depth}
-        if report is not self.last_report:
-            report.queued_by_queue = queued
-            report.still_queued = sum(queued.values())
-            self.last_report = report
-            level = logging.WARNING if report.cancelled or report.still_queued else logging.INFO
-            details = "".join(f" {name}={n}" for name, n in queued.items())
-            log.log(level, "%s%s", report, f" (still queued:{details})" if details else "")
-        return report
+        report.queued_by_queue = queued
+        report.still_queued = sum(queued.values())
+        self.last_report = report
+        level = logging.WARNING if report.cancelled or report.still_queued else logging.INFO
+        details = "".join(f" {name}={n}" for name, n in queued.items())
+        log.log(level, "%s%s", report, f" (still queued:{details})" if details else "")
 
     def _stop_at_exit(self) -> None:
         self.stop()

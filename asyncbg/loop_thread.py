@@ -249,6 +249,7 @@ class LoopThread:
         self.cancel_grace = cancel_grace
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._stop_hooks: list[Callable[[], object]] = []
+        self._after_stop_hooks: list[Callable[[ShutdownReport], object]] = []
         #: What runs at interpreter exit while the loop is running (default: stop()).
         self.at_exit: Callable[[], object] = self.stop
         self._atexit_registered = False
@@ -326,6 +327,14 @@ class LoopThread:
         """
         self._stop_hooks.append(hook)
 
+    def add_after_stop_hook(self, hook: Callable[[ShutdownReport], object]) -> None:
+        """Register ``hook(report)``, run on the loop thread once the loop has closed.
+
+        It completes the report (queued counts, logging) before :meth:`stop`
+        returns it, whichever thread called ``stop``.
+        """
+        self._after_stop_hooks.append(hook)
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
@@ -388,6 +397,14 @@ class LoopThread:
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()
+                report = self._report
+                if report is not None:
+                    for hook in self._after_stop_hooks:
+                        try:
+                            hook(report)
+                        except Exception:
+                            log.exception("asyncbg: after-stop hook %r failed", hook)
+                    report.finished = True
                 self._ident = None
                 with self._lock:
                     if self._loop is loop:
@@ -467,7 +484,6 @@ class LoopThread:
         if isinstance(executor, concurrent.futures.Executor):
             executor.shutdown(wait=False, cancel_futures=True)
         report.duration = loop.time() - t0
-        report.finished = True
         loop.stop()
 
     # -- hand-off --------------------------------------------------------------
