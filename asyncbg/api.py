@@ -10,11 +10,13 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import inspect
 import logging
 import os
 import signal
 import tempfile
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -53,6 +55,19 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_instances: weakref.WeakSet[AsyncBG] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    # Another thread may have held the lock at fork time; it does not exist here.
+    for bg in list(_instances):
+        bg._start_lock = threading.RLock()
+        bg._signal_stop_started = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 def _autostart_allowed() -> bool:
@@ -112,6 +127,7 @@ class AsyncBG:
         self.loop_thread.add_stop_hook(self._on_stop)
         self.loop_thread.add_after_stop_hook(self._after_stop)
         self.runner.add_idle_hook(self._wake_idle)
+        _instances.add(self)
         if app is not None:
             self.init_app(app)
 
@@ -295,8 +311,14 @@ class AsyncBG:
                 self.start()
 
     def _dispatch(self, job: Job[T]) -> Job[T]:
-        self._ensure_started()
-        self.runner.submit(job)
+        try:
+            self._ensure_started()
+            self.runner.submit(job)
+        except NotRunning:
+            fn = job._fn
+            if inspect.iscoroutine(fn):
+                fn.close()
+            raise
         if self.eager and not self.loop_thread.in_loop_thread():
             job.wait()
         return job

@@ -126,6 +126,7 @@ class Job(Generic[T]):
         "__weakref__",
         "_args",
         "_callbacks",
+        "_cancel_requested",
         "_exception",
         "_fn",
         "_is_async",
@@ -173,6 +174,7 @@ class Job(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         # () until somebody waits, None once done: no allocation on the hot path.
         self._callbacks: tuple[Callable[[Job[T]], object], ...] | None = ()
+        self._cancel_requested = False
 
     def __repr__(self) -> str:
         return f"<Job {self.name} {self.id} {self.status.value}>"
@@ -282,6 +284,7 @@ class Job(Generic[T]):
         """
         if self.done():
             return False
+        self._cancel_requested = True
         lt = self._runner.loop_thread
         if lt.in_loop_thread():
             self._runner._cancel(self)
@@ -422,7 +425,11 @@ class JobHistory:
 
     def get(self, job_id: str) -> Job[Any] | None:
         """The job with that id, if it is live or still in the history."""
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        finished_at = None if job is None else job.finished_at
+        if finished_at is not None and finished_at < time.time() - self.max_age:
+            return None  # expired, not trimmed yet
+        return job
 
     def jobs(self) -> list[Job[Any]]:
         """A snapshot of all known jobs, oldest first."""
@@ -499,6 +506,9 @@ class JobRunner:
 
     def _start(self, job: Job[Any]) -> None:
         if job.done():  # cancelled while pending
+            return
+        if job._cancel_requested:  # cancel() came before the loop took the job
+            self._cancel(job)
             return
         self.active += 1
         task = self.loop_thread.spawn(self._execute(job), name=f"asyncbg:job:{job.name}")

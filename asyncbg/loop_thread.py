@@ -257,7 +257,7 @@ class LoopThread:
         _instances.add(self)
 
     def _init_state(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._state = _IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -406,9 +406,10 @@ class LoopThread:
                             log.exception("asyncbg: after-stop hook %r failed", hook)
                     report.finished = True
                 self._ident = None
-                with self._lock:
-                    if self._loop is loop:
-                        self._state = _IDLE
+                # No lock here: a stop() from a signal handler may have interrupted
+                # a post() that holds it in the main thread, waiting for this.
+                if self._loop is loop:
+                    self._state = _IDLE
                 self._stopped.set()
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
@@ -433,6 +434,12 @@ class LoopThread:
                 self._state = _STOPPING
                 self._report = ShutdownReport(finished=False)
                 self._enqueue(self._begin_shutdown, (timeout, self._report))
+                # Wake the loop even if a wake-up looks pending: this stop() may
+                # come from a signal handler that interrupted the post() whose
+                # wake-up it is.
+                assert self._loop is not None
+                if self._ident != threading.get_ident():
+                    self._loop.call_soon_threadsafe(self._drain, context=contextvars.Context())
             report = self._report
             thread = self._thread
             stopped = self._stopped
@@ -590,19 +597,18 @@ class LoopThread:
         name: str | None,
         context: contextvars.Context | None,
     ) -> None:
-        if not fut.set_running_or_notify_cancel():
+        # The future stays PENDING while the task runs, so that fut.cancel()
+        # works (a RUNNING concurrent future refuses to be cancelled).
+        if fut.cancelled():
             coro.close()
             return
         task = self.spawn(coro, name=name, context=context)
         loop = self.loop
 
         def to_future(t: asyncio.Task[T]) -> None:
-            if fut.done():
-                return
             if t.cancelled():
-                # set_running_or_notify_cancel() made it RUNNING, where cancel()
-                # refuses; a CancelledError resolves it the same way for waiters.
-                fut.set_exception(concurrent.futures.CancelledError())
+                fut.cancel()
+            if not fut.set_running_or_notify_cancel():
                 return
             exc = t.exception()
             if exc is not None:
@@ -611,7 +617,7 @@ class LoopThread:
                 fut.set_result(t.result())
 
         def to_task(f: concurrent.futures.Future[T]) -> None:
-            if not task.done():
+            if f.cancelled() and not task.done():
                 loop.call_soon_threadsafe(task.cancel)
 
         if task.done():
@@ -634,7 +640,12 @@ class LoopThread:
             return fn(*args)
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self.post(_call_into, fut, fn, args)
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            if fut.cancel():  # not started: it never will
+                raise
+            return fut.result()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on this loop from any event loop; return its result.
