@@ -180,7 +180,9 @@ class PeriodicJob:
         """Start one run now, outside the schedule, unless one is running. Loop thread only."""
         if self._run_task is not None or self._lt is None or not self._active:
             return False
-        self._run_task = self._lt.spawn(self._run(None), name=f"asyncbg:periodic:{self.name}")
+        task = self._lt.spawn(self._run(None), name=f"asyncbg:periodic:{self.name}")
+        # Started eagerly (3.12+), a run that never suspends is already over.
+        self._run_task = None if task.done() else task
         return True
 
     def _arm(self, due: float) -> None:
@@ -239,7 +241,9 @@ class PeriodicJob:
             self._count_skip("the previous run was still going")
         else:
             started = True
-            self._run_task = lt.spawn(self._run(due), name=f"asyncbg:periodic:{self.name}")
+            task = lt.spawn(self._run(due), name=f"asyncbg:periodic:{self.name}")
+            # Started eagerly (3.12+), a run that never suspends is already over.
+            self._run_task = None if task.done() else task
         if self.every is not None:
             self._arm(self._next_rate_due())
         elif self.cron is not None:
