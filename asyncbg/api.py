@@ -14,12 +14,14 @@ import inspect
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .errors import NotRunning, UnknownQueue
 from .host_lock import HostLock
 from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
@@ -123,6 +125,10 @@ class AsyncBG:
         self._start_lock = threading.RLock()
         self._stopped = False
         self._signal_stop_started = False
+        # Set by the ASGI lifespan (asgi_app): the server owns the process's
+        # shutdown and stops us when it is done serving; signals must not.
+        self._server_managed = False
+        self._sigint_seen = False
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
         self.loop_thread.add_after_stop_hook(self._after_stop)
@@ -445,6 +451,30 @@ class AsyncBG:
 
         return run_on_loop
 
+    # -- serving -------------------------------------------------------------------------
+
+    def asgi_app(self, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> AsyncBGASGI:
+        """An ASGI app serving the bound Flask app, with asyncbg's life tied to the server's.
+
+        Run it with ``hypercorn module:asgi_app``. Lifespan startup starts the
+        loop (periodic jobs run before the first request); lifespan shutdown,
+        which Hypercorn sends once in-flight requests are done, drains and stops
+        it. HTTP goes to Hypercorn's own WSGI middleware, so views keep running
+        on the server's thread pool. ``max_body_size`` caps request bodies (larger
+        ones get a 400), as Hypercorn's ``wsgi_max_body_size`` does.
+
+        :raises RuntimeError: if no app is bound yet.
+        """
+        return AsyncBGASGI(self, self._require_app(), max_body_size=max_body_size)
+
+    def _serve_under_server(self) -> None:
+        # Called by AsyncBGASGI on the server's loop once start() has run: from
+        # now on the server decides when we stop. In the main thread (where the
+        # server runs its loop) this also puts our handlers in front of the
+        # server's, which Hypercorn installed after the app was imported.
+        self._server_managed = True
+        self._install_signal_handlers()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -458,6 +488,7 @@ class AsyncBG:
                 return
             self._stopped = False
             self._signal_stop_started = False
+            self._sigint_seen = False
             self.loop_thread.start()
             self.loop_thread.call(self._start_on_loop)
             self._install_signal_handlers()
@@ -576,17 +607,60 @@ class AsyncBG:
             signal.signal(sig, self._make_signal_handler(previous))
 
     def _make_signal_handler(self, previous: Any) -> Callable[[int, FrameType | None], None]:
+        # Never blocks while a server's loop runs in this (main) thread: the
+        # server must go on finishing in-flight requests meanwhile.
         def handler(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if self.loop_thread.stopping:
+                # A drain is under way, whoever started it (lifespan shutdown, exit,
+                # the first signal). SIGINT now means "hurry": exit at once. SIGTERM
+                # is what Hypercorn's supervisor sends every worker still running
+                # once the first has exited: it must not kill a worker mid-drain.
+                if signum == signal.SIGINT:
+                    self._force_exit(signum)
+                log.info("asyncbg: %s received while draining; the drain goes on", name)
+                return
+            if self._server_managed:
+                # The server shuts down (and sends lifespan shutdown, which stops
+                # us) on its own signal or its supervisor's word: only hand the
+                # signal on to a Python handler (the server's), never to SIG_DFL,
+                # which would kill the worker before it drained.
+                if signum == signal.SIGINT:
+                    if self._sigint_seen:
+                        self._force_exit(signum)
+                    self._sigint_seen = True
+                log.info("asyncbg: %s received; draining once the server stops serving", name)
+                if callable(previous):
+                    previous(signum, frame)
+                return
             if not self._signal_stop_started:
                 self._signal_stop_started = True
-                log.info("asyncbg: %s received, stopping gracefully", signal.Signals(signum).name)
+                log.info("asyncbg: %s received, stopping gracefully", name)
                 self.stop()
-            # A second signal while the first is still draining skips the wait
-            # and goes straight on to the previous handler: a forced, fast exit.
             _chain_signal(previous, signum, frame)
 
         handler.__asyncbg__ = self  # type: ignore[attr-defined]
         return handler
+
+    def _force_exit(self, signum: int) -> None:
+        # A second Ctrl-C: the user does not want to wait for the drain. Say
+        # what is being abandoned, then leave without running anything else
+        # (exit handlers would wait for the drain again).
+        queued = sum(q.depth for q in self.queues.values())
+        log.warning(
+            "asyncbg: second %s, exiting now: %d running task(s) abandoned, "
+            "%d item(s) still queued",
+            signal.Signals(signum).name,
+            self.loop_thread.task_count,
+            queued,
+        )
+        for h in logging.getLogger().handlers + log.handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + signum)
 
 
 def _chain_signal(previous: Any, signum: int, frame: FrameType | None) -> None:

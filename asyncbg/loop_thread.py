@@ -284,6 +284,11 @@ class LoopThread:
         return self._state == _RUNNING
 
     @property
+    def stopping(self) -> bool:
+        """True while a stop is draining: from :meth:`stop` until the loop has closed."""
+        return self._state == _STOPPING
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop.
 
