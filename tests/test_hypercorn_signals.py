@@ -1,0 +1,164 @@
+"""SIGTERM and SIGINT under a real Hypercorn: in-flight requests finish, jobs drain.
+
+Each test starts ``hypercorn --config hypercorn.toml asyncbg.demo:asgi_app`` on
+a kernel-chosen loopback port, starts demo jobs over HTTP, signals the server
+and checks the exit code, the exit time bound (graceful timeout + asyncbg's
+shutdown timeout + 1 s), the one-line shutdown report, and that every job
+accepted before the signal either completed or was cancelled and counted.
+``workers = 0`` is Hypercorn's single-process mode (its own signal handlers);
+``workers = 1`` (the toml's) and ``2`` add a supervisor that tells the workers
+to stop and ``terminate()``s the remaining ones once the first has exited.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypercorn_harness import WAIT, Reply, Server, reports, running
+
+GRACEFUL = 2  # Hypercorn's graceful_timeout in these tests
+SHUTDOWN = 3.0  # ASYNCBG_SHUTDOWN_TIMEOUT
+EXIT_BOUND = GRACEFUL + SHUTDOWN + 1.0  # what the deployment promises
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_server(tmp_path: Path, workers: int | None) -> Server:
+    return Server(
+        tmp_path,
+        workers=workers,
+        graceful_timeout=GRACEFUL,
+        config={"ASYNCBG_SHUTDOWN_TIMEOUT": SHUTDOWN, "DEMO_TICK_SECONDS": 0.2},
+    )
+
+
+def start_job(server: Server, steps: int, step_seconds: float) -> Reply:
+    reply = server.post("/jobs", {"steps": steps, "step_seconds": step_seconds})
+    assert reply.status == 202, reply
+    return reply
+
+
+def start_jobs_in_progress(server: Server) -> tuple[list[str], list[str]]:
+    """Two jobs that finish within the shutdown timeout and one that cannot.
+
+    Returns (short job ids, long job ids) once all three are running.
+    """
+    short = [start_job(server, steps=4, step_seconds=0.25).body["id"] for _ in range(2)]
+    long = [start_job(server, steps=100, step_seconds=0.5).body["id"]]
+    for job_id in short + long:
+        wait_until_running(server, job_id)
+    return short, long
+
+
+def wait_until_running(server: Server, job_id: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while server.get(f"/jobs/{job_id}").body["status"] != "running":
+        assert time.monotonic() < deadline, f"job {job_id} never started"
+        time.sleep(0.02)  # polling the job's status over HTTP, under a deadline
+
+
+def job_outcomes(server: Server) -> dict[str, str]:
+    """``{job id: "completed" | "cancelled"}`` from the demo's log lines."""
+    return {
+        m.group(1): m.group(2)
+        for m in server.output.matches(r"demo job ([0-9a-f]{32}) (completed|cancelled)")
+    }
+
+
+def signal_and_time_exit(server: Server, send: object) -> tuple[int, float]:
+    t0 = time.monotonic()
+    send()  # type: ignore[operator]
+    code = server.wait_exit(timeout=EXIT_BOUND + WAIT)
+    return code, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_drains_jobs_reports_and_exits_zero_within_the_bound(tmp_path, workers, signame):
+    with running(make_server(tmp_path, workers)) as server:
+        short, long = start_jobs_in_progress(server)
+        sig = getattr(signal, signame)
+        # SIGINT is sent as Ctrl-C is: to the whole process group.
+        send = server.ctrl_c if sig == signal.SIGINT else (lambda: server.send(sig))
+        code, elapsed = signal_and_time_exit(server, send)
+
+        assert code == 0, server.output.text()
+        assert elapsed <= EXIT_BOUND, f"exited after {elapsed:.2f}s\n{server.output.text()}"
+        [report] = reports(server)
+        assert int(report["completed"]) >= len(short), report.group(0)
+        assert int(report["cancelled"]) >= len(long), report.group(0)
+        assert int(report["queued"]) == 0, report.group(0)
+        outcomes = job_outcomes(server)
+        assert {j: outcomes.get(j) for j in short} == dict.fromkeys(short, "completed")
+        assert {j: outcomes.get(j) for j in long} == dict.fromkeys(long, "cancelled")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_request_in_flight_at_sigterm_is_answered(tmp_path, workers):
+    with running(make_server(tmp_path, workers)) as server:
+        replies: list[Reply] = []
+        # An async view awaiting a 1 s job on the loop: in flight when the signal lands.
+        client = threading.Thread(target=lambda: replies.append(server.get("/compute?delay=1")))
+        client.start()
+        server.output.wait_for(r"demo compute started")
+        server.send(signal.SIGTERM)
+        client.join(WAIT)
+        assert server.wait_exit() == 0, server.output.text()
+        assert [r.status for r in replies] == [200], server.output.text()
+        assert replies[0].body["result"] == sum(i * i for i in range(30))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_second_ctrl_c_exits_at_once_without_waiting_for_the_drain(tmp_path, workers):
+    server_config_shutdown = 20.0
+    server = Server(
+        tmp_path,
+        workers=workers,
+        graceful_timeout=GRACEFUL,
+        config={"ASYNCBG_SHUTDOWN_TIMEOUT": server_config_shutdown},
+    )
+    with running(server):
+        job_id = start_job(server, steps=200, step_seconds=0.5).body["id"]
+        wait_until_running(server, job_id)
+        server.ctrl_c()
+        server.output.wait_for(r"asyncbg: SIGINT received")
+        t0 = time.monotonic()
+        server.ctrl_c()
+        server.wait_exit()
+        elapsed = time.monotonic() - t0
+        # Structural: far below the 20 s the drain would have waited.
+        assert elapsed < server_config_shutdown / 2, server.output.text()
+        [abandoned] = server.output.matches(r"second SIGINT, exiting now: (\d+) running task")
+        assert int(abandoned.group(1)) >= 1
+        assert reports(server) == [], "the drain was not cut short"
+
+
+def test_two_workers_both_drain_and_report_on_sigterm_to_the_supervisor(tmp_path):
+    with running(make_server(tmp_path, workers=2)) as server:
+        workers = server.worker_pids()
+        assert len(workers) == 2, server.output.text()
+        # Requests land on whichever worker accepts first: keep starting jobs
+        # until both workers run some.
+        by_worker: dict[int, list[str]] = {pid: [] for pid in workers}
+        deadline = time.monotonic() + WAIT
+        while not all(by_worker.values()):
+            assert time.monotonic() < deadline, by_worker
+            reply = start_job(server, steps=6, step_seconds=0.25)
+            by_worker[reply.body["pid"]].append(reply.body["id"])
+        long_reply = start_job(server, steps=100, step_seconds=0.5)
+        accepted = [j for ids in by_worker.values() for j in ids] + [long_reply.body["id"]]
+
+        code, elapsed = signal_and_time_exit(server, lambda: server.send(signal.SIGTERM))
+
+        assert code == 0, server.output.text()
+        assert elapsed <= EXIT_BOUND, f"exited after {elapsed:.2f}s\n{server.output.text()}"
+        assert {int(r["pid"]) for r in reports(server)} == workers, server.output.text()
+        outcomes = job_outcomes(server)
+        assert set(accepted) <= set(outcomes), server.output.text()
+        assert outcomes[long_reply.body["id"]] == "cancelled"
+        total_cancelled = sum(int(r["cancelled"]) for r in reports(server))
+        assert total_cancelled >= 1
