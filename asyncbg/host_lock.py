@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 
 __all__ = ["HostLock"]
 
@@ -16,6 +17,22 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+
+_instances: weakref.WeakSet[HostLock] = weakref.WeakSet()
+
+
+def _forget_all_after_fork() -> None:
+    for lock in list(_instances):
+        lock._forget_if_forked()
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child (a multiprocessing pool, a job that forks) inherits the
+    # holder's descriptor and with it the flock: if the holder then died, the
+    # child would keep the lock, without running the job, for as long as it
+    # lives. Drop the child's copy at once instead of on its next use.
+    os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
 class HostLock:
@@ -31,6 +48,7 @@ class HostLock:
         self.path = os.path.join(directory, f"{safe}.lock")
         self._fd: int | None = None
         self._pid = 0
+        _instances.add(self)
 
     @property
     def held(self) -> bool:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from hypercorn_harness import WAIT, Server, run_log, running, wait_for_runs
+
+from asyncbg.host_lock import HostLock
 
 PERIOD = 0.5  # DEMO_HOST_TICK_SECONDS
 
@@ -101,3 +105,37 @@ def test_after_sigkill_of_the_lock_holder_another_worker_takes_over_within_a_per
                 time.sleep(0.05)  # polling a file other processes write, under a deadline
             assert {p for p, _t in later_runs} == {survivor}
             assert_never_twice_in_a_period(later_runs)
+
+
+FORK_SCRIPT = """
+import os, signal, sys
+from asyncbg.host_lock import HostLock
+
+lock = HostLock(sys.argv[1], "forked")
+assert lock.try_acquire()
+child = os.fork()
+if child == 0:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # let the test read the holder's output to its end
+    os.dup2(devnull, 2)
+    signal.pause()  # outlives the holder, never touches the lock again
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)  # the holder dies without releasing anything
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_holder_that_died(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    child = int(proc.stdout)
+    try:
+        assert HostLock(str(tmp_path), "forked").try_acquire()
+    finally:
+        os.kill(child, signal.SIGKILL)
