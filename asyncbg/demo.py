@@ -100,10 +100,10 @@ def _number(
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadInput(f"{key!r} must be a number")
-    if integer and value != int(value):
-        raise BadInput(f"{key!r} must be a whole number")
     if not (math.isfinite(value) and low <= value <= high):
         raise BadInput(f"{key!r} must be between {low:g} and {high:g}")
+    if integer and value != int(value):
+        raise BadInput(f"{key!r} must be a whole number")
     return int(value) if integer else float(value)
 
 
@@ -163,6 +163,7 @@ def _http_error(exc: HTTPException) -> Response:
 def index() -> Response:
     return jsonify(
         pid=os.getpid(),
+        asyncbg_running=bg.loop_thread.running,
         endpoints=[
             "POST /task",
             "GET /notifications",
