@@ -114,7 +114,8 @@ class Server:
     """``hypercorn --config hypercorn.toml <app>`` on 127.0.0.1, port chosen by the kernel.
 
     :param app: the application path given to Hypercorn.
-    :param workers: overrides ``workers`` of the toml when not None.
+    :param workers: overrides ``workers`` of the toml when not None (so do
+        ``graceful_timeout`` and ``worker_class``).
     :param config: ``DEMO_*``/``ASYNCBG_*`` settings, passed as ``FLASK_<KEY>``.
     """
 
@@ -125,6 +126,7 @@ class Server:
         *,
         workers: int | None = None,
         graceful_timeout: int | None = None,
+        worker_class: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.workers = workers
@@ -133,6 +135,8 @@ class Server:
             args += ["--workers", str(workers)]
         if graceful_timeout is not None:
             args += ["--graceful-timeout", str(int(graceful_timeout))]
+        if worker_class is not None:
+            args += ["--worker-class", worker_class]
         args.append(app)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("WERKZEUG_RUN_MAIN", None)

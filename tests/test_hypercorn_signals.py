@@ -27,11 +27,12 @@ EXIT_BOUND = GRACEFUL + SHUTDOWN + 1.0  # what the deployment promises
 pytestmark = pytest.mark.timeout(120)
 
 
-def make_server(tmp_path: Path, workers: int | None) -> Server:
+def make_server(tmp_path: Path, workers: int | None, worker_class: str | None = None) -> Server:
     return Server(
         tmp_path,
         workers=workers,
         graceful_timeout=GRACEFUL,
+        worker_class=worker_class,
         config={"ASYNCBG_SHUTDOWN_TIMEOUT": SHUTDOWN, "DEMO_TICK_SECONDS": 0.2},
     )
 
@@ -95,6 +96,18 @@ def test_a_signal_drains_jobs_reports_and_exits_zero_within_the_bound(tmp_path, 
         outcomes = job_outcomes(server)
         assert {j: outcomes.get(j) for j in short} == dict.fromkeys(short, "completed")
         assert {j: outcomes.get(j) for j in long} == dict.fromkeys(long, "cancelled")
+
+
+def test_ctrl_c_under_the_uvloop_worker_class_drains_and_exits_zero(tmp_path):
+    # Single process: Hypercorn's uvloop handler and asyncbg's both see the signal.
+    with running(make_server(tmp_path, workers=0, worker_class="uvloop")) as server:
+        short, long = start_jobs_in_progress(server)
+        code, elapsed = signal_and_time_exit(server, server.ctrl_c)
+        assert code == 0, server.output.text()
+        assert elapsed <= EXIT_BOUND, f"exited after {elapsed:.2f}s\n{server.output.text()}"
+        assert len(reports(server)) == 1, server.output.text()
+        outcomes = job_outcomes(server)
+        assert [outcomes.get(j) for j in short + long] == ["completed", "completed", "cancelled"]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
