@@ -6,6 +6,7 @@ queues it wires together do not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime as dt
@@ -129,6 +130,7 @@ class AsyncBG:
         # shutdown and stops us when it is done serving; signals must not.
         self._server_managed = False
         self._sigint_seen = False
+        self._stopping_in_handler = False
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
         self.loop_thread.add_after_stop_hook(self._after_stop)
@@ -618,6 +620,7 @@ class AsyncBG:
                 # once the first has exited: it must not kill a worker mid-drain.
                 if signum == signal.SIGINT:
                     self._force_exit(signum)
+                    return
                 log.info("asyncbg: %s received while draining; the drain goes on", name)
                 return
             if self._server_managed:
@@ -628,6 +631,7 @@ class AsyncBG:
                 if signum == signal.SIGINT:
                     if self._sigint_seen:
                         self._force_exit(signum)
+                        return
                     self._sigint_seen = True
                 log.info("asyncbg: %s received; draining once the server stops serving", name)
                 if callable(previous):
@@ -636,16 +640,35 @@ class AsyncBG:
             if not self._signal_stop_started:
                 self._signal_stop_started = True
                 log.info("asyncbg: %s received, stopping gracefully", name)
-                self.stop()
+                self._stopping_in_handler = True
+                try:
+                    self.stop()
+                finally:
+                    self._stopping_in_handler = False
             _chain_signal(previous, signum, frame)
 
         handler.__asyncbg__ = self  # type: ignore[attr-defined]
         return handler
 
     def _force_exit(self, signum: int) -> None:
-        # A second Ctrl-C: the user does not want to wait for the drain. Say
-        # what is being abandoned, then leave without running anything else
-        # (exit handlers would wait for the drain again).
+        # A second Ctrl-C: the user does not want to wait for the drain. The
+        # handler interrupted the main thread anywhere; under a server that may
+        # be inside a lock shared with other processes (Hypercorn's workers poll
+        # a multiprocessing Event), which dying here would leave taken forever
+        # and hang the supervisor. On the server's loop, exit between callbacks.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._stopping_in_handler:
+            # No loop, or the first signal's handler blocks it in stop(): now.
+            self._exit_now(signum)
+        else:
+            loop.call_soon_threadsafe(self._exit_now, signum)
+
+    def _exit_now(self, signum: int) -> None:
+        # Say what is abandoned, then leave without running anything else (exit
+        # handlers would wait for the drain again).
         queued = sum(q.depth for q in self.queues.values())
         log.warning(
             "asyncbg: second %s, exiting now: %d running task(s) abandoned, "

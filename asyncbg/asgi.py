@@ -11,7 +11,11 @@ server serves. Made by :meth:`AsyncBG.asgi_app <asyncbg.AsyncBG.asgi_app>`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import socket
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -67,6 +71,13 @@ class AsyncBGASGI:
             await self.wsgi(cast(Any, scope), cast(Any, receive), cast(Any, send))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
+        wakeup = _SignalWakeup(asyncio.get_running_loop())
+        try:
+            await self._lifespan_events(receive, send, wakeup)
+        finally:
+            wakeup.remove()
+
+    async def _lifespan_events(self, receive: Receive, send: Send, wakeup: _SignalWakeup) -> None:
         bg = self.bg
         while True:
             message = await receive()
@@ -78,9 +89,11 @@ class AsyncBGASGI:
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
                 bg._serve_under_server()
+                wakeup.install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # stop() blocks up to the shutdown timeout: off the server's loop.
+                log.info("asyncbg: lifespan shutdown, draining for up to %gs", bg.shutdown_timeout)
                 try:
                     await asyncio.to_thread(bg.stop)
                 except Exception as exc:
@@ -89,3 +102,56 @@ class AsyncBGASGI:
                     return
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class _SignalWakeup:
+    """Wake the server's loop (in the main thread) whenever a signal arrives.
+
+    Python runs signal handlers in the main thread only, between bytecodes, but
+    the kernel may deliver a signal to any thread. A loop asleep in its selector
+    then runs the handler only once something else wakes it; during a drain
+    nothing does, so a second Ctrl-C would wait for the drain it should cut
+    short. asyncio's ``add_signal_handler`` avoids this with a wake-up fd, which
+    Hypercorn installs with ``workers = 0`` only: this supplies one otherwise.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._socks: tuple[socket.socket, socket.socket] | None = None
+
+    def install(self) -> None:
+        """Set a wake-up fd read by the loop, unless one is set already. Main thread only."""
+        if threading.current_thread() is not threading.main_thread() or self._socks:
+            return
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        previous = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        if previous != -1:  # the server's own (asyncio's add_signal_handler): keep it
+            signal.set_wakeup_fd(previous)
+            rsock.close()
+            wsock.close()
+            return
+        self._socks = (rsock, wsock)
+        self._loop.add_reader(rsock.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        # The bytes only wake the selector; the handlers run off a flag.
+        assert self._socks is not None
+        with contextlib.suppress(OSError):
+            while self._socks[0].recv(4096):
+                pass
+
+    def remove(self) -> None:
+        """Undo :meth:`install`."""
+        if self._socks is None:
+            return
+        rsock, wsock = self._socks
+        self._socks = None
+        with contextlib.suppress(ValueError):  # not the main thread: leave it
+            current = signal.set_wakeup_fd(-1)
+            if current != wsock.fileno():  # somebody else's by now: put it back
+                signal.set_wakeup_fd(current)
+        self._loop.remove_reader(rsock.fileno())
+        rsock.close()
+        wsock.close()

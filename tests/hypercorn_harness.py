@@ -221,8 +221,16 @@ class Server:
         os.killpg(self.pid, signal.SIGINT)
 
     def wait_exit(self, timeout: float = WAIT) -> int:
-        """Wait for the process to exit and return its exit code."""
-        code = self.proc.wait(timeout)
+        """Wait for the process to exit and return its exit code.
+
+        :raises AssertionError: after ``timeout``, with the output so far.
+        """
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"still running after {timeout}s; output:\n{self.output.text()}"
+            ) from None
         self.output.join()
         return code
 
