@@ -67,6 +67,11 @@ def _reset_locks_after_fork() -> None:
     for bg in list(_instances):
         bg._start_lock = threading.RLock()
         bg._signal_stop_started = False
+        # No server runs a forked child (a job's multiprocessing pool): it must
+        # die on SIGTERM again (Pool.terminate() sends it), not wait for one.
+        bg._server_managed = False
+        bg._sigint_seen = False
+        bg._stopping_in_handler = False
 
 
 if hasattr(os, "register_at_fork"):

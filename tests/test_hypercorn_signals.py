@@ -13,6 +13,8 @@ to stop and ``terminate()``s the remaining ones once the first has exited.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,3 +222,37 @@ def test_two_workers_both_drain_and_report_on_sigterm_to_the_supervisor(tmp_path
         assert outcomes[long_reply.body["id"]] == "cancelled"
         total_cancelled = sum(int(r["cancelled"]) for r in reports(server))
         assert total_cancelled >= 1
+
+
+FORK_SCRIPT = """
+import os, signal, sys, time
+from flask import Flask
+from asyncbg import AsyncBG
+
+bg = AsyncBG(Flask("forked_app"))  # autostarts in the main thread: handlers in place
+bg._serve_under_server()  # what the ASGI lifespan startup does under Hypercorn
+ready_r, ready_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(ready_w, b"!")  # a signal sent before fork() has returned here is lost
+    time.sleep(20)  # bounded: if SIGTERM is ignored, the child still ends
+    os._exit(0)
+os.read(ready_r, 1)
+os.kill(child, signal.SIGTERM)
+_, status = os.waitpid(child, 0)
+print(os.waitstatus_to_exitcode(status), flush=True)
+bg.stop()
+"""
+
+
+def test_a_process_forked_from_a_server_worker_still_dies_on_sigterm(tmp_path):
+    # multiprocessing's Pool.terminate() ends its (forked) workers with SIGTERM.
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(-signal.SIGTERM)], proc.stderr
