@@ -614,31 +614,28 @@ class AsyncBG:
             signal.signal(sig, self._make_signal_handler(previous))
 
     def _make_signal_handler(self, previous: Any) -> Callable[[int, FrameType | None], None]:
-        # Never blocks while a server's loop runs in this (main) thread: the
-        # server must go on finishing in-flight requests meanwhile.
+        # Under a server (see asgi_app) it never blocks: the server's loop runs
+        # in this same main thread and must go on finishing in-flight requests.
         def handler(signum: int, frame: FrameType | None) -> None:
             name = signal.Signals(signum).name
-            if self.loop_thread.stopping:
-                # A drain is under way, whoever started it (lifespan shutdown, exit,
-                # the first signal). SIGINT now means "hurry": exit at once. SIGTERM
-                # is what Hypercorn's supervisor sends every worker still running
-                # once the first has exited: it must not kill a worker mid-drain.
-                if signum == signal.SIGINT:
-                    self._force_exit(signum)
-                    return
-                log.info("asyncbg: %s received while draining; the drain goes on", name)
+            draining = self.loop_thread.stopping
+            if signum == signal.SIGINT and (draining or self._sigint_seen):
+                # Ctrl-C while a drain is under way (whoever started it), or a
+                # second one under a server: the user will not wait. Exit now.
+                self._force_exit(signum)
                 return
             if self._server_managed:
                 # The server shuts down (and sends lifespan shutdown, which stops
-                # us) on its own signal or its supervisor's word: only hand the
-                # signal on to a Python handler (the server's), never to SIG_DFL,
-                # which would kill the worker before it drained.
+                # us) on its own signal or its supervisor's word. Hand the signal
+                # on to a Python handler only (the server's), never to SIG_DFL:
+                # Hypercorn's supervisor SIGTERMs every worker still running once
+                # the first has exited, and that must not kill one mid-drain.
                 if signum == signal.SIGINT:
-                    if self._sigint_seen:
-                        self._force_exit(signum)
-                        return
                     self._sigint_seen = True
-                log.info("asyncbg: %s received; draining once the server stops serving", name)
+                if draining:
+                    log.info("asyncbg: %s received while draining; the drain goes on", name)
+                else:
+                    log.info("asyncbg: %s received; draining once the server stops", name)
                 if callable(previous):
                     previous(signum, frame)
                 return
@@ -650,6 +647,8 @@ class AsyncBG:
                     self.stop()
                 finally:
                     self._stopping_in_handler = False
+            # A second SIGTERM while the first is still draining skips the wait
+            # and goes straight on to the previous handler: a forced, fast exit.
             _chain_signal(previous, signum, frame)
 
         handler.__asyncbg__ = self  # type: ignore[attr-defined]
@@ -676,7 +675,7 @@ class AsyncBG:
         # handlers would wait for the drain again).
         queued = sum(q.depth for q in self.queues.values())
         log.warning(
-            "asyncbg: second %s, exiting now: %d running task(s) abandoned, "
+            "asyncbg: %s while shutting down, exiting now: %d running task(s) abandoned, "
             "%d item(s) still queued",
             signal.Signals(signum).name,
             self.loop_thread.task_count,

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypercorn_harness import WAIT, Reply, Server, reports, running
+from hypercorn_harness import WAIT, Output, Reply, Server, reports, running
 
 GRACEFUL = 2  # Hypercorn's graceful_timeout in these tests
 SHUTDOWN = 3.0  # ASYNCBG_SHUTDOWN_TIMEOUT
@@ -132,7 +132,7 @@ def assert_exited_at_once(server: Server, since: float, drain: float) -> None:
     elapsed = time.monotonic() - since
     # Structural: far below the drain it would otherwise have waited for.
     assert elapsed < drain / 2, server.output.text()
-    [abandoned] = server.output.matches(r"second SIGINT, exiting now: (\d+) running task")
+    [abandoned] = server.output.matches(r"SIGINT while shutting down, exiting now: (\d+) running")
     assert int(abandoned.group(1)) >= 1
     assert reports(server) == [], "the drain was not cut short"
 
@@ -256,3 +256,47 @@ def test_a_process_forked_from_a_server_worker_still_dies_on_sigterm(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(-signal.SIGTERM)], proc.stderr
+
+
+DRAIN_SCRIPT = """
+import asyncio, logging, sys
+from flask import Flask
+from asyncbg import AsyncBG
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
+bg = AsyncBG(Flask("drain_app"))  # autostarts in the main thread: handlers in place
+bg.loop_thread.add_stop_hook(lambda: print("draining", flush=True))
+
+async def forever():
+    await asyncio.Event().wait()
+
+bg.submit(forever)
+bg.stop(timeout=60)
+print("stop returned", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_drain_outside_a_server_exits_at_once(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRAIN_SCRIPT],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    output = Output(proc.stdout)
+    try:
+        output.wait_for("draining")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(WAIT)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+        output.join()
+    assert code == 128 + signal.SIGINT, output.text()
+    assert elapsed < 30, output.text()  # structural: the drain would take 60 s
+    assert "SIGINT while shutting down, exiting now: 1 running task(s) abandoned" in output.text()
+    assert "stop returned" not in output.text()
