@@ -655,7 +655,7 @@ class AsyncBG:
         return handler
 
     def _force_exit(self, signum: int) -> None:
-        # A second Ctrl-C: the user does not want to wait for the drain. The
+        # Ctrl-C while shutting down: the user will not wait for the drain. The
         # handler interrupted the main thread anywhere; under a server that may
         # be inside a lock shared with other processes (Hypercorn's workers poll
         # a multiprocessing Event), which dying here would leave taken forever
