@@ -8,6 +8,7 @@ what it can, cancels the rest and reports.
 from __future__ import annotations
 
 from .api import DEFAULT_CONFIG, AsyncBG
+from .asgi import AsyncBGASGI
 from .errors import AsyncBGError, JobCancelled, JobTimedOut, NotRunning, QueueFull, UnknownQueue
 from .jobs import Job, JobStatus, Progress, Task, TaskOptions, current_job
 from .loop_thread import LoopFuture, LoopThread, ShutdownReport
@@ -17,6 +18,7 @@ from .scheduling import PeriodicJob
 __all__ = [
     "DEFAULT_CONFIG",
     "AsyncBG",
+    "AsyncBGASGI",
     "AsyncBGError",
     "Job",
     "JobCancelled",
