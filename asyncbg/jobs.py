@@ -535,12 +535,18 @@ class JobRunner:
             return
         self.active += 1
         task = self.loop_thread.spawn(self._execute(job), name=f"asyncbg:job:{job.name}")
+        # The first step may have run eagerly: a job that finished there keeps no task.
         if not task.done():
             job._task = task
             task.add_done_callback(functools.partial(_finish_if_never_ran, job))
 
     def _cancel(self, job: Job[Any]) -> None:
         if job.done():
+            return
+        if job._task is None and job.status is JobStatus.RUNNING:
+            # The job cancels itself from its eager first step, before spawn()
+            # returned its task: cancel once the step has ended.
+            asyncio.get_running_loop().call_soon(self._cancel, job)
             return
         if job._task is not None:
             job._task.cancel()
