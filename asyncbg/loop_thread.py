@@ -173,43 +173,83 @@ class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
                 t.join()
 
 
-def _gil_holding_send() -> Callable[[int], object] | None:
-    """Return a one-byte ``send`` on a socket fd that does not release the GIL.
+class _GilHoldingSocketCalls:
+    """One-byte ``send`` and a draining ``recv`` on the wake-up sockets that keep the GIL.
 
-    ``socket.send`` releases the GIL around the system call; when another thread
-    is busy, getting it back costs the caller a whole switch interval (5 ms). A
-    one-byte non-blocking send to the loop's wake-up socket never blocks, so
-    holding the GIL through it is safe and keeps ``submit`` in microseconds.
+    ``socket.send``/``recv`` release the GIL around the system call; when another
+    thread is busy, getting it back costs the caller a whole switch interval
+    (5 ms). Non-blocking calls on the loop's own socket pair never block, so
+    holding the GIL through them is safe (``ctypes.PyDLL`` calls keep it).
     """
-    if sys.platform == "win32":
+
+    def __init__(self) -> None:
+        libc = ctypes.PyDLL(None)
+        self._send = libc.send
+        self._send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+        self._send.restype = ctypes.c_ssize_t
+        self._recv = libc.recv
+        self._recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._recv.restype = ctypes.c_ssize_t
+        self._flags = getattr(socket, "MSG_DONTWAIT", 0)
+
+    def send_byte(self, fd: int) -> None:
+        # -1 (EAGAIN, a full buffer) means a wake-up is already pending.
+        self._send(fd, b"\0", 1, self._flags)
+
+    def recv_all(self, fd: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:
+        # Everything pending, until EAGAIN (-1) or a closed socket (0); an
+        # interrupted call leaves the socket readable, so the selector returns again.
+        chunks: list[bytes] = []
+        size = len(buf)
+        while True:
+            n = self._recv(fd, buf, size, self._flags)
+            if n <= 0:
+                return b"".join(chunks)
+            chunks.append(buf.raw[:n])
+            if n < size:
+                return b"".join(chunks)
+
+
+def _gil_holding_socket_calls() -> _GilHoldingSocketCalls | None:
+    if sys.platform == "win32" or not hasattr(socket, "MSG_DONTWAIT"):
         return None
     try:
-        libc_send = ctypes.PyDLL(None).send  # PyDLL: the call keeps the GIL
+        return _GilHoldingSocketCalls()
     except (OSError, AttributeError):
         return None
-    libc_send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    libc_send.restype = ctypes.c_ssize_t
-    flags = getattr(socket, "MSG_DONTWAIT", 0)
-
-    def send(fd: int) -> object:
-        return libc_send(fd, b"\0", 1, flags)
-
-    return send
 
 
-_fast_send = _gil_holding_send()
+_fast_calls = _gil_holding_socket_calls()
 
 
 class _SelectorLoop(asyncio.SelectorEventLoop):
-    """The stock selector loop with a wake-up that does not give away the GIL."""
+    """The stock selector loop whose wake-up socket calls do not give away the GIL.
+
+    Both ends matter under contention: the submitting thread's write (a view
+    would stall 5 ms in ``submit``), and the loop's read after every wake-up
+    (asyncio's ``_read_from_self`` makes two ``recv`` calls, each one a chance
+    to lose the GIL for 5 ms before the loop gets back to its next ``select``).
+    """
+
+    _wake_buf: ctypes.Array[ctypes.c_char] | None = None
 
     def _write_to_self(self) -> None:
         csock = getattr(self, "_csock", None)
-        if csock is None or _fast_send is None:
+        if csock is None or _fast_calls is None:
             super()._write_to_self()  # type: ignore[misc]
             return
-        # A full socket buffer (-1, EAGAIN) means a wake-up is already pending.
-        _fast_send(csock.fileno())
+        _fast_calls.send_byte(csock.fileno())
+
+    def _read_from_self(self) -> None:
+        ssock = getattr(self, "_ssock", None)
+        if ssock is None or _fast_calls is None:
+            super()._read_from_self()  # type: ignore[misc]
+            return
+        if self._wake_buf is None:
+            self._wake_buf = ctypes.create_string_buffer(4096)
+        data = _fast_calls.recv_all(ssock.fileno(), self._wake_buf)
+        if data:
+            self._process_self_data(data)  # type: ignore[attr-defined]
 
 
 def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
