@@ -1,0 +1,74 @@
+"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR] [--chart-copy PATH]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import http, latency, memory, periodic, report, shutdown, throughput
+from .harness import MODES, Section
+
+BENCHMARKS = {
+    "latency": latency.run,
+    "throughput": throughput.run,
+    "periodic": periodic.run,
+    "http": http.run,
+    "shutdown": shutdown.run,
+    "memory": memory.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="fewer trials and items (~3 min)")
+    g.add_argument("--smoke", action="store_true", help="every benchmark, briefly (seconds)")
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="results directory (default: benchmarks/results)",
+    )
+    p.add_argument("--chart-copy", type=Path, help="also copy the chart here (docs/...)")
+    args = p.parse_args(argv)
+    mode = MODES["quick" if args.quick else "smoke" if args.smoke else "full"]
+    # expected warnings (cancelled jobs, items left at stop) would drown the table
+    logging.getLogger("asyncbg").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections: list[Section] = []
+    t0 = time.monotonic()
+    for name in args.only or list(BENCHMARKS):
+        t = time.monotonic()
+        print(f"== {name} ({mode.name})", file=sys.stderr, flush=True)
+        sections.append(BENCHMARKS[name](mode))
+        print(f"   {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    m = report.machine()
+    header = (
+        f"asyncbg benchmarks, {mode.name} mode, {m['date_utc']}: Python {m['python']}, "
+        f"{m['cores']} cores ({m['cpu']}), {time.monotonic() - t0:.0f} s"
+    )
+    text = header + "\n\n" + report.table(sections)
+    print(text)
+    (args.out / f"results-{mode.name}.md").write_text(text + "\n")
+    report.write_json(args.out / f"results-{mode.name}.json", mode.name, sections)
+    png = args.out / f"chart-{mode.name}.png"
+    if report.chart(png, sections, header):
+        print(f"\nwrote {png}", file=sys.stderr)
+        if args.chart_copy:
+            args.chart_copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, args.chart_copy)
+    else:
+        print(
+            "\nmatplotlib is not installed: no chart (pip install 'asyncbg[bench]')",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
