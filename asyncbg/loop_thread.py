@@ -240,6 +240,42 @@ class _SelectorLoop(asyncio.SelectorEventLoop):
             return
         _fast_calls.send_byte(csock.fileno())
 
+    def create_eager_task(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        """Create a task and run its first step now, as 3.12's eager tasks do (3.11).
+
+        ``Task.__init__`` schedules its first step with ``self.call_soon``: an
+        instance attribute shadowing that method for the duration of the call
+        catches the step's handle instead of queueing it, and the step runs
+        here. Other threads are not affected: ``call_soon_threadsafe`` goes
+        through ``_call_soon``. Loop thread only, outside any running task
+        (``Task.__step`` refuses to nest).
+        """
+        captured: list[asyncio.Handle] = []
+
+        def catch_step(
+            callback: Callable[..., object],
+            *args: Any,
+            context: contextvars.Context | None = None,
+        ) -> asyncio.Handle:
+            handle = asyncio.Handle(callback, args, self, context)
+            captured.append(handle)
+            return handle
+
+        self.call_soon = catch_step  # type: ignore[method-assign, assignment]
+        try:
+            task = self.create_task(coro, name=name, context=context)
+        finally:
+            del self.call_soon
+        for handle in captured:
+            handle._run()
+        return task
+
     def _read_from_self(self) -> None:
         ssock = getattr(self, "_ssock", None)
         if ssock is None or _fast_calls is None:
@@ -250,30 +286,6 @@ class _SelectorLoop(asyncio.SelectorEventLoop):
         data = _fast_calls.recv_all(ssock.fileno(), self._wake_buf)
         if data:
             self._process_self_data(data)  # type: ignore[attr-defined]
-
-
-def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
-    """Run ``task``'s first step now instead of on the next loop iteration (3.11).
-
-    ``Task.__init__`` schedules its first step with ``call_soon``: the handle is
-    the last one in the loop's ready queue. Each loop iteration costs a
-    ``select()`` call, which releases the GIL; with another thread busy in the
-    process, getting it back costs a whole switch interval (5 ms), so one
-    iteration fewer halves submit-to-start latency under contention. Running the
-    handle here is what 3.12's eager tasks do. Only outside a running task
-    (``Task.__step`` refuses to nest) and only on loops with a ready deque
-    (asyncio's; uvloop's is internal).
-    """
-    ready = getattr(loop, "_ready", None)
-    if not ready:
-        return
-    handle = ready[-1]
-    if getattr(handle._callback, "__self__", None) is not task:
-        return
-    if asyncio.current_task(loop) is not None:
-        return
-    ready.pop()
-    handle._run()
 
 
 _instances: weakref.WeakSet[LoopThread] = weakref.WeakSet()
@@ -624,8 +636,11 @@ class LoopThread:
 
         The task's first step runs at once (eager start), saving a loop
         iteration before the coroutine's first line: with
-        ``asyncio.eager_task_factory`` on Python 3.12+, by running the step the
-        task just scheduled on 3.11 (asyncio's selector loop, outside any task).
+        ``asyncio.eager_task_factory`` on Python 3.12+, with
+        ``_SelectorLoop.create_eager_task`` on 3.11 (outside any running task;
+        not on uvloop). Each loop iteration costs a ``select()`` call, which
+        releases the GIL: with another thread busy, getting it back costs a
+        whole switch interval (5 ms).
         Callers must expect ``coro`` to have run up to its first suspension, or
         to the end, when this returns.
         """
@@ -633,9 +648,10 @@ class LoopThread:
         task: asyncio.Task[T]
         if _eager_task_factory is not None:
             task = _eager_task_factory(loop, coro, name=name, context=context)
+        elif isinstance(loop, _SelectorLoop) and asyncio.current_task(loop) is None:
+            task = loop.create_eager_task(coro, name=name, context=context)
         else:
             task = loop.create_task(coro, name=name, context=context)
-            _step_now(loop, task)
         if not task.done():
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
