@@ -12,7 +12,16 @@ import time
 from collections.abc import Callable
 
 from .harness import Deadline, Mode, Section, gil_hog, interleaved, median, percentile
-from .subjects import AsyncBGSubject, Body, Pool, RawLoop, SeedPoller, have_uvloop
+from .subjects import (
+    AsyncBGSubject,
+    Body,
+    Pool,
+    RawLoop,
+    SeedPoller,
+    _call,
+    ablated_loop_thread,
+    have_uvloop,
+)
 
 Fire = Callable[[Body], object]
 
@@ -63,6 +72,16 @@ def run(mode: Mode) -> Section:
         fires[f"AsyncBG.submit ({k})"] = (s.bg_submit, False)
         fires[f"Task.submit ({k})"] = (s.task_submit, False)
         fires[f"enqueue->consumer ({k})"] = (s.enqueue, False)
+    # The same LoopThread.submit with one of asyncbg's loop changes undone.
+    ablated = {w: ablated_loop_thread(w) for w in ("eager", "wakeup")}
+    fires["LoopThread.submit (asyncio, without eager start)"] = (
+        lambda body: ablated["eager"].submit(_call(body)),
+        False,
+    )
+    fires["LoopThread.submit (asyncio, stock wake-up socket I/O)"] = (
+        lambda body: ablated["wakeup"].submit(_call(body)),
+        False,
+    )
     try:
         for cond, contended in (("idle", False), ("contended", True)):
             n = mode.contended_samples if contended else mode.latency_samples
@@ -88,9 +107,11 @@ def run(mode: Mode) -> Section:
             )
             for name, trials in res.items():
                 p50 = median([percentile(lat, 50) for lat, _ in trials])
+                p90 = median([percentile(lat, 90) for lat, _ in trials])
                 p99 = median([percentile(lat, 99) for lat, _ in trials])
                 c50 = median([percentile(call, 50) for _, call in trials])
                 sec.add(cond, name, "start p50", p50 * 1e6, "us")
+                sec.add(cond, name, "start p90", p90 * 1e6, "us")
                 sec.add(cond, name, "start p99", p99 * 1e6, "us")
                 sec.add(cond, name, "submit call p50", c50 * 1e6, "us")
                 sec.raw.setdefault(cond, {})[name] = [x for lat, _ in trials for x in lat]
@@ -104,6 +125,8 @@ def run(mode: Mode) -> Section:
                     r.baseline, r.ratio = base_name, r.value / base.value
             _targets(sec, cond, kinds)
     finally:
+        for a in ablated.values():
+            a.stop(5)
         for s in bgs.values():
             s.close()
         for r in raws.values():

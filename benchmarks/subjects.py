@@ -158,3 +158,35 @@ class AsyncBGSubject:
 
     def close(self) -> None:
         self.bg.stop(5)
+
+
+def ablated_loop_thread(without: str) -> Any:
+    """A started LoopThread with one of asyncbg's loop changes undone, to show
+    what each one buys in the same run: ``"eager"`` (the first step of a task
+    waits for the next loop iteration, as in stock asyncio on 3.11) or
+    ``"wakeup"`` (asyncio's own wake-up socket calls, which release the GIL)."""
+    import asyncbg.loop_thread as lt_mod
+
+    base = lt_mod._SelectorLoop
+
+    class NoEager(base):  # type: ignore[misc, valid-type]
+        def create_eager_task(self, coro: Any, *, name: Any = None, context: Any = None) -> Any:
+            return self.create_task(coro, name=name, context=context)
+
+    class StockWakeup(base):  # type: ignore[misc, valid-type]
+        _write_to_self = asyncio.SelectorEventLoop._write_to_self  # type: ignore[attr-defined]
+        _read_from_self = asyncio.SelectorEventLoop._read_from_self  # type: ignore[attr-defined]
+
+    loop_cls = {"eager": NoEager, "wakeup": StockWakeup}[without]
+
+    class Ablated(lt_mod.LoopThread):
+        def _new_loop(self) -> asyncio.AbstractEventLoop:
+            loop = loop_cls()
+            loop.set_default_executor(
+                lt_mod._DaemonExecutor(self.max_workers, f"{self.name}-worker")
+            )
+            return loop  # type: ignore[no-any-return]
+
+    lt = Ablated(f"ablated-{without}")
+    lt.start()
+    return lt

@@ -63,7 +63,9 @@ class _RawQueue:
         self.raw.loop.call_soon_threadsafe(self.q.put_nowait, body)
 
     def close(self) -> None:
-        self.task.cancel()
+        self.task.cancel()  # cancels the consumer task on the loop, soon
+        # let the cancellation run before the loop stops
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.01), self.raw.loop).result(10)
         self.raw.close()
 
 
