@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import ctypes
 import logging
@@ -519,8 +520,12 @@ class LoopThread:
                 # come from a signal handler that interrupted the post() whose
                 # wake-up it is.
                 assert self._loop is not None
-                if self._ident != threading.get_ident():
-                    self._loop.call_soon_threadsafe(self._drain, context=contextvars.Context())
+                if self._ident != threading.get_ident() and not self._loop.is_closed():
+                    # The wake-up _enqueue() sent may already have run the whole
+                    # shutdown and closed the loop (this thread lost the CPU in
+                    # between): then there is nothing left to wake.
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(self._drain, context=contextvars.Context())
             report = self._report
             thread = self._thread
             stopped = self._stopped
