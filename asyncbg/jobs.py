@@ -56,9 +56,9 @@ _current_job: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar(
     "asyncbg_current_job", default=None
 )
 
-# Job ids: 128 random bits as 32 hex digits, like uuid4().hex, but cut from a
-# pool of os.urandom bytes. uuid4() makes a getrandom() system call per job,
-# which releases the GIL: with a busy thread in the process the submitting
+# Job ids: random version-4 UUIDs as 32 hex digits, like uuid4().hex, but cut
+# from a pool of os.urandom bytes. uuid4() makes a getrandom() system call per
+# job, which releases the GIL: with a busy thread in the process the submitting
 # view then waits a whole switch interval (5 ms) to get it back, and the call
 # costs 1.8 us even when idle. list.pop() and extend() are atomic under the
 # GIL, so concurrent submitters need no lock; a fork empties the pool so that
@@ -71,9 +71,13 @@ def _new_job_id() -> str:
     try:
         return _id_pool.pop()
     except IndexError:
-        raw = os.urandom(16 * _ID_BATCH).hex()
-        _id_pool.extend(raw[i : i + 32] for i in range(32, len(raw), 32))
-        return raw[:32]
+        raw = bytearray(os.urandom(16 * _ID_BATCH))
+        for i in range(0, len(raw), 16):
+            raw[i + 6] = (raw[i + 6] & 0x0F) | 0x40  # version 4
+            raw[i + 8] = (raw[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
+        hexed = raw.hex()
+        _id_pool.extend(hexed[i : i + 32] for i in range(32, len(hexed), 32))
+        return hexed[:32]
 
 
 if hasattr(os, "register_at_fork"):
