@@ -1,9 +1,14 @@
 """3. Periodic accuracy: ticks at 20 ms with 5 ms of work per run, idle and
-with a GIL-hungry thread; cumulative drift and p99 start error."""
+with a GIL-hungry thread; cumulative drift and p99 start error.
+
+Every start is compared with the time it was due on the ideal schedule
+(start + k * 20 ms, on the monotonic clock the loops use too).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,18 +27,6 @@ def _work() -> None:
         pass
 
 
-def _slots(starts: list[float]) -> list[int]:
-    """The schedule slot of each start of a fixed-rate scheduler, which never
-    drifts by half a period: a skipped tick leaves a gap instead of shifting the
-    ticks after it by a period."""
-    return [round((s - starts[0]) / PERIOD) for s in starts]
-
-
-def _errors(starts: list[float], slots: list[int]) -> list[float]:
-    # each start against the schedule anchored on the first one
-    return [s - starts[0] - (k - slots[0]) * PERIOD for k, s in zip(slots, starts, strict=True)]
-
-
 def _drift(errors: list[float]) -> float:
     """How far the schedule moved over the run: the median start error of the
     last ticks minus that of the first ones (a single tick's lateness is
@@ -42,18 +35,20 @@ def _drift(errors: list[float]) -> float:
     return median(errors[-k:]) - median(errors[:k])
 
 
-Runner = Callable[[int, Deadline], tuple[list[float], list[int]]]
+# (start, due) of every run, on time.monotonic()
+Runner = Callable[[int, Deadline], list[tuple[float, float]]]
 
 
-def timer_chain(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
+def timer_chain(n: int, deadline: Deadline) -> list[tuple[float, float]]:
     """The seed pattern: a threading.Timer re-armed at the end of each run."""
-    starts: list[float] = []
+    runs: list[tuple[float, float]] = []
     done = threading.Event()
+    t0 = time.monotonic()
 
     def tick() -> None:
-        starts.append(time.monotonic())
+        runs.append((time.monotonic(), t0 + (len(runs) + 1) * PERIOD))
         _work()
-        if len(starts) >= n or deadline.passed():
+        if len(runs) >= n or deadline.passed():
             done.set()
             return
         t = threading.Timer(PERIOD, tick)
@@ -64,13 +59,13 @@ def timer_chain(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
     t.daemon = True
     t.start()
     done.wait(n * (PERIOD + WORK) * 4 + 10)
-    return starts, list(range(len(starts)))  # no schedule: the i-th run is tick i
+    return runs
 
 
-def raw_asyncio(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
+def raw_asyncio(n: int, deadline: Deadline) -> list[tuple[float, float]]:
     """A raw asyncio fixed-rate loop in a thread: sleep until anchor + k * period."""
     raw = RawLoop("asyncio")
-    starts: list[float] = []
+    runs: list[tuple[float, float]] = []
 
     async def ticker() -> None:
         loop = asyncio.get_running_loop()
@@ -78,7 +73,7 @@ def raw_asyncio(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
         for _ in range(n):
             due += PERIOD
             await asyncio.sleep(max(0.0, due - loop.time()))
-            starts.append(time.monotonic())
+            runs.append((loop.time(), due))
             _work()
             if deadline.passed():
                 return
@@ -87,27 +82,31 @@ def raw_asyncio(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
         asyncio.run_coroutine_threadsafe(ticker(), raw.loop).result(n * PERIOD * 4 + 10)
     finally:
         raw.close()
-    return starts, list(range(len(starts)))  # it never skips: the i-th run is tick i
+    return runs
 
 
-def asyncbg_every(n: int, deadline: Deadline) -> tuple[list[float], list[int]]:
+def asyncbg_every(n: int, deadline: Deadline) -> list[tuple[float, float]]:
     """asyncbg: @bg.periodic(every=0.02)."""
-    starts: list[float] = []
+    runs: list[tuple[float, float]] = []
     done = threading.Event()
     _app, bg = make_bg()
 
     @bg.periodic(every=PERIOD)
     async def tick() -> None:
-        starts.append(time.monotonic())
+        now = asyncio.get_running_loop().time()
+        # the slot this run was due in: never early, and never a whole period
+        # late (asyncbg skips those ticks instead)
+        k = math.floor((now - tick._anchor) / PERIOD + 1e-9)
+        runs.append((now, tick._anchor + k * PERIOD))
         _work()
-        if len(starts) >= n or deadline.passed():
+        if len(runs) >= n or deadline.passed():
             done.set()
 
     try:
         done.wait(n * PERIOD * 4 + 10)
     finally:
         bg.stop(2)
-    return starts[:n], _slots(starts[:n])
+    return runs[:n]
 
 
 RUNNERS: dict[str, Runner] = {
@@ -123,8 +122,10 @@ def run(mode: Mode) -> Section:
     for cond, contended in (("idle", False), ("contended", True)):
         deadline = Deadline(mode.time_budget)
 
-        def one(r: Runner, contended: bool = contended, deadline: Deadline = deadline):
-            def go() -> list[float]:
+        def one(
+            r: Runner, contended: bool = contended, deadline: Deadline = deadline
+        ) -> Callable[[], list[tuple[float, float]]]:
+            def go() -> list[tuple[float, float]]:
                 with gil_hog(contended):
                     return r(n, deadline)
 
@@ -133,14 +134,20 @@ def run(mode: Mode) -> Section:
         res = interleaved({k: one(r) for k, r in RUNNERS.items()}, mode.periodic_trials)
         group = f"{n} ticks @20ms, {cond}"
         for name, trials in res.items():
-            errs = [_errors(s, k) for s, k in trials if len(s) > 1]
-            skipped = median([float(k[-1] - k[0] + 1 - len(k)) for s, k in trials if k])
-            drift = median([_drift(e) for e in errs])
-            p99 = median([percentile([abs(x) for x in e], 99) for e in errs])
-            sec.add(group, name, "drift", drift * 1e3, "ms")
-            sec.add(group, name, "p99 error", p99 * 1e3, "ms")
+            errs = [[s - d for s, d in runs] for runs in trials if len(runs) > 1]
+            skipped = median(
+                [
+                    round((runs[-1][1] - runs[0][1]) / PERIOD) + 1 - len(runs)
+                    for runs in trials
+                    if runs
+                ]
+            )
+            sec.add(group, name, "drift", median([_drift(e) for e in errs]) * 1e3, "ms")
+            sec.add(group, name, "p50 error", median([percentile(e, 50) for e in errs]) * 1e3, "ms")
+            sec.add(group, name, "p99 error", median([percentile(e, 99) for e in errs]) * 1e3, "ms")
             sec.add(group, name, "ticks skipped", skipped, "")
             sec.raw.setdefault(cond, {})[name] = errs[0] if errs else []
+        sec.ratio(group, "p50 error", "raw asyncio fixed-rate loop")
         sec.ratio(group, "p99 error", "raw asyncio fixed-rate loop")
         ours = "asyncbg @periodic(every=)"
         if contended:
