@@ -151,9 +151,9 @@ def run(mode: Mode) -> Section:
         sec.ratio(group, "p99 error", "raw asyncio fixed-rate loop")
         ours = "asyncbg @periodic(every=)"
         if contended:
-            sec.target(group, ours, "drift", "|drift| <= 5 ms", lambda r: abs(r.value) <= 5.0)
+            sec.target(group, ours, "drift", "abs(drift) <= 5 ms", lambda r: abs(r.value) <= 5.0)
         else:
-            sec.target(group, ours, "drift", "|drift| <= 1 ms", lambda r: abs(r.value) <= 1.0)
+            sec.target(group, ours, "drift", "abs(drift) <= 1 ms", lambda r: abs(r.value) <= 1.0)
         base = sec.find(group, "raw asyncio fixed-rate loop", "p99 error")
         row = sec.find(group, ours, "p99 error")
         if base is not None and row is not None:
