@@ -543,9 +543,10 @@ class AsyncBG:
             self._signal_stop_started = False
             self._sigint_seen = False
             self.loop_thread.start()
-            self.loop_thread.call(self._start_on_loop, periodic)
             if self.monitor_enabled:
+                # Before the schedules: a run_at_start job that blocks is caught too.
                 self.monitor.start()
+            self.loop_thread.call(self._start_on_loop, periodic)
             self._install_signal_handlers()
         log.debug(
             "asyncbg started: %d periodic jobs, %d queues",

@@ -75,7 +75,7 @@ def list_command(as_json: bool) -> None:
         return
 
     def opt(value: Any) -> str:
-        return "-" if value is None else f"{value:g}s" if isinstance(value, float) else str(value)
+        return "-" if value is None else f"{value:g}s"
 
     sections = [
         (
