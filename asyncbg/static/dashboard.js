@@ -107,11 +107,12 @@
     p.hidden = false;
   }
 
-  async function post(path, what) {
+  // POST a control request; say what came of it (describe(data) on success).
+  async function post(path, what, describe) {
     try {
       const r = await fetch(base + path, { method: "POST", headers: controlHeaders, cache: "no-store" });
       const data = await r.json().catch(() => ({}));
-      if (r.ok) showResult(`${what}: done`, false);
+      if (r.ok) showResult(`${what}: ${describe(data)}`, false);
       else showResult(`${what}: ${data.error || r.status}`, true);
     } catch (e) {
       showResult(`${what}: ${e}`, true);
@@ -151,7 +152,7 @@
         el("td", { "data-field": "actions" }));
       if (canControl) {
         tr.querySelector('[data-field="actions"]').append(
-          actionButton("Run now", "", () => post(`periodic/${encodeURIComponent(p.name)}/run`, `run ${p.name}`)));
+          actionButton("Run now", "", () => post(`periodic/${encodeURIComponent(p.name)}/run`, `run ${p.name}`, () => "started")));
       }
       return tr;
     }, (tr, p) => {
@@ -205,7 +206,8 @@
         el("td", { "data-field": "actions" }));
       if (canControl) {
         tr.querySelector('[data-field="actions"]').append(
-          actionButton("Cancel", "danger", () => post(`jobs/${j.id}/cancel`, `cancel ${j.name} ${shortId(j.id)}`)));
+          actionButton("Cancel", "danger", () => post(`jobs/${j.id}/cancel`, `cancel ${j.name} ${shortId(j.id)}`,
+            (data) => (data.job ? data.job.status : "requested"))));
       }
       return tr;
     }, (tr, j) => {
