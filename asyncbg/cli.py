@@ -137,7 +137,8 @@ def run_command(
 
     ARGS and --kwarg values are passed to a task, each parsed as JSON when it
     is valid JSON (3, true, "text", [1, 2]) and passed as text otherwise. The
-    loop starts without the periodic schedules and stops when the job is done.
+    loop starts without the periodic schedules and stops when the job and the
+    queue items it enqueued are done.
     Exit status: 0 if the job succeeded, 1 otherwise.
     """
     bg = _bg()
@@ -181,6 +182,12 @@ def run_command(
         bg.start(periodic=False)
     try:
         ok = _run_and_report(bg, job, what)
+        if started_here:
+            # Items the job queued for consumers are handled before the loop stops.
+            try:
+                bg.wait_idle(bg.shutdown_timeout)
+            except TimeoutError as exc:
+                click.echo(f"asyncbg: {exc}; stopping anyway", err=True)
     finally:
         if started_here:
             bg.stop()

@@ -159,6 +159,26 @@ def test_run_a_task_that_times_out_exits_1(make_app: MakeApp) -> None:
     assert "task stuck: timed_out after" in result.output
 
 
+def test_run_handles_the_queue_items_the_task_enqueued_before_stopping(make_app: MakeApp) -> None:
+    app, bg = make_app()
+    sent: list[int] = []
+
+    @bg.consumer("outbox", concurrency=2)
+    async def outbox(item: int) -> None:
+        sent.append(item)
+
+    @bg.task
+    async def fan_out(n: int) -> None:
+        for i in range(n):
+            await bg.enqueue_async("outbox", i)
+
+    result = app.test_cli_runner().invoke(args=["asyncbg", "run", "fan_out", "20"])
+    assert result.exit_code == 0, result.output
+    assert sorted(sent) == list(range(20))
+    assert bg.last_report is not None
+    assert bg.last_report.still_queued == 0
+
+
 def test_run_in_a_process_where_asyncbg_already_runs_leaves_it_running(
     make_app: MakeApp,
 ) -> None:
