@@ -49,6 +49,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
 _PLAIN_LABEL = re.compile(r"[\w.:<>\-]{1,120}")
 
 
+_LABEL_CACHE_SIZE = 1000
+
+
 def _label(name: str) -> str:
     return name if _PLAIN_LABEL.fullmatch(name) else "other"
 
@@ -79,16 +82,26 @@ class JobStats:
         self.buckets: tuple[float, ...] = tuple(bounds)
         self.outcomes: dict[tuple[str, str], int] = {}
         self.durations: dict[str, _Histogram] = {}
+        self._labels: dict[str, str] = {}
 
     def record(self, job: Job[Any]) -> None:
         """Count one finished job (its name, final status and run time)."""
-        task = _label(job.name)
-        key = (task, job.status.value)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        # On the loop for every job: kept to a few dict operations.
+        name = job.name
+        task = self._labels.get(name)
+        if task is None:
+            task = _label(name)
+            if len(self._labels) < _LABEL_CACHE_SIZE:
+                self._labels[name] = task
+        key = (task, job.status)  # a StrEnum: hashes and prints as its value
+        outcomes = self.outcomes
+        outcomes[key] = outcomes.get(key, 0) + 1
         started, finished = job.started_at, job.finished_at
         if started is None or finished is None:
             return  # cancelled before it started: no duration
-        duration = max(0.0, finished - started)
+        duration = finished - started
+        if duration < 0.0:  # the wall clock was set back meanwhile
+            duration = 0.0
         hist = self.durations.get(task)
         if hist is None:
             hist = self.durations[task] = _Histogram(len(self.buckets))
@@ -97,7 +110,7 @@ class JobStats:
 
     def outcome_counts(self) -> dict[tuple[str, str], int]:
         """A copy of ``{(task, outcome): count}``."""
-        return dict(self.outcomes)
+        return {(task, str(outcome)): n for (task, outcome), n in list(self.outcomes.items())}
 
     def histograms(self) -> dict[str, tuple[list[int], float]]:
         """``{task: (per-bucket counts, sum of durations)}`` (copies; not cumulative)."""
