@@ -366,6 +366,23 @@ def test_a_periodic_job_blocking_the_loop_is_named_as_periodic(
     assert bg.monitor.blocked_by_offender["asyncbg:periodic:rebuild_index"] == 1
 
 
+def test_a_consumer_blocking_the_loop_is_named_by_its_queue(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncbg")
+    _app, bg = make_app()
+
+    @bg.consumer("thumbnails")
+    async def thumbnails(item: object) -> None:
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop on purpose
+
+    bg.start()
+    bg.enqueue("thumbnails", "cat.png")
+    bg.wait_idle(WAIT)
+    (message,) = wait_for(lambda: blocked_warnings(caplog, "thumbnails"), what="warning")
+    assert "consumer of queue 'thumbnails'" in message
+
+
 def test_a_plain_callback_blocking_the_loop_is_named_by_its_function(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
