@@ -173,7 +173,11 @@ class AsyncBG:
     def init_app(self, app: Flask) -> None:
         """Bind to ``app``: read config, route async views to the loop, maybe start.
 
+        Also mounts the HTTP surface at ``ASYNCBG_DASHBOARD_PREFIX`` and adds
+        the ``flask asyncbg`` commands (see docs/observability.md).
+
         :raises RuntimeError: if this instance is already bound to another app.
+        :raises TypeError: if ``ASYNCBG_AUTH`` is set to something not callable.
         """
         if self.app is not None and self.app is not app:
             raise RuntimeError(
@@ -205,6 +209,8 @@ class AsyncBG:
 
     def _init_observability(self, app: Flask) -> None:
         cfg = app.config
+        if cfg["ASYNCBG_AUTH"] is not None and not callable(cfg["ASYNCBG_AUTH"]):
+            raise TypeError("ASYNCBG_AUTH must be a callable taking the request, or None")
         self.monitor_enabled = bool(cfg["ASYNCBG_MONITOR"])
         self.monitor.configure(
             interval=float(cfg["ASYNCBG_MONITOR_INTERVAL"]),

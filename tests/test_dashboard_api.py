@@ -593,6 +593,13 @@ def test_init_app_twice_mounts_the_blueprint_once(make_app: MakeApp) -> None:
     assert list(app.blueprints) == ["asyncbg"]
 
 
+def test_an_auth_hook_that_is_not_callable_is_refused_at_init() -> None:
+    app = Flask("asyncbg_bad_hook")
+    app.config.update(ASYNCBG_AUTOSTART=False, ASYNCBG_AUTH="admin:secret")
+    with pytest.raises(TypeError, match="ASYNCBG_AUTH"):
+        AsyncBG(app)
+
+
 def test_the_app_keeps_its_own_404_pages(make_app: MakeApp) -> None:
     app, bg = make_app()
 
