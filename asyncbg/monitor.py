@@ -39,6 +39,7 @@ _ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
 _THREADING_FILE = threading.__file__
 _LOOP_THREAD_FILE = os.path.join(os.path.dirname(__file__), "loop_thread.py")
 _LOG_EVERY = 60.0
+_NO_CALLBACK = "(no callback)"
 
 
 def describe_task_name(name: str) -> str:
@@ -114,8 +115,13 @@ class LoopMonitor:
         self._loop_ident: int | None = None
         self._watchdog: threading.Thread | None = None
         self._stop_watchdog = threading.Event()
+        # The watchdog's view of the current stall (watchdog thread only, but
+        # _stall and _stall_since, which the heartbeat closes under the lock).
         self._stall_due: float | None = None  # the heartbeat the current stall delays
-        self._stall: BlockedLoop | None = None
+        self._stall: BlockedLoop | None = None  # its latest event
+        self._stall_since = 0.0  # monotonic time that event's offender took over
+        self._culprit: object = None  # the task or frame blocking the loop
+        self._candidate: tuple[object, float] | None = None  # a new one, since when
         self._last_logged: dict[str, float] = {}
         #: Times the loop was found blocked, in all and by offender.
         self.blocked_total = 0
@@ -223,7 +229,7 @@ class LoopMonitor:
             self._last_lag = lag
             stall = self._stall
             if stall is not None:
-                stall.duration = max(stall.duration, lag)
+                stall.duration = max(stall.duration, now - self._stall_since)
                 self._stall = None
         self._schedule()
 
@@ -274,20 +280,48 @@ class LoopMonitor:
     def _watch(self, stop: threading.Event) -> None:
         # Looks often enough to catch a stall within a quarter of the threshold.
         while not stop.wait(max(0.005, min(self.blocked_threshold / 4, self.interval))):
-            due = self._due
-            overdue = time.monotonic() - due
-            if overdue >= self.blocked_threshold and self._stall_due != due:
-                self._stall_due = due
-                try:
-                    self._report_stall(overdue)
-                except Exception:  # pragma: no cover - never let the watchdog die
-                    log.exception("asyncbg: loop watchdog failed")
+            try:
+                self._look()
+            except Exception:  # pragma: no cover - never let the watchdog die
+                log.exception("asyncbg: loop watchdog failed")
 
-    def _report_stall(self, overdue: float) -> None:
-        offender, description, where = self._identify()
-        event = BlockedLoop(offender, description, where, time.time(), overdue)
+    def _look(self) -> None:
+        due = self._due
+        now = time.monotonic()
+        overdue = now - due
+        threshold = self.blocked_threshold
+        if overdue < threshold:
+            self._culprit = self._candidate = None
+            return
+        identity, offender, description, where = self._identify()
+        if self._stall_due != due:
+            # A new stall: the heartbeat due at `due` has been held up too long.
+            self._stall_due = due
+            self._culprit, self._candidate = identity, None
+            self._report_stall(offender, description, where, overdue, since=due)
+            return
+        # The same stall goes on. Several callbacks can block one after the
+        # other before the heartbeat gets its turn (two jobs started in the
+        # same loop iteration): a new culprit is a new stall once it has held
+        # the loop for the threshold by itself.
+        if identity is self._culprit:
+            return
+        candidate = self._candidate
+        if candidate is None or candidate[0] is not identity:
+            self._candidate = (identity, now)
+        elif now - candidate[1] >= threshold:
+            self._culprit, self._candidate = identity, None
+            self._report_stall(offender, description, where, now - candidate[1], candidate[1])
+
+    def _report_stall(
+        self, offender: str, description: str, where: str | None, duration: float, since: float
+    ) -> None:
+        event = BlockedLoop(offender, description, where, time.time(), duration)
         with self._lock:
-            self._stall = event
+            previous = self._stall
+            if previous is not None:  # superseded within the same stall
+                previous.duration = max(previous.duration, since - self._stall_since)
+            self._stall, self._stall_since = event, since
         self.blocked_total += 1
         self.blocked_by_offender[offender] += 1
         self.last_blocked = event
@@ -300,15 +334,19 @@ class LoopMonitor:
             "nothing else on the loop runs meanwhile: await instead of blocking, or run "
             "blocking code in a sync task (worker thread). Logged at most once a minute "
             "per offender (%d time(s) so far).",
-            overdue,
+            duration,
             self.blocked_threshold,
             description,
             f" at {where}" if where else "",
             self.blocked_by_offender[offender],
         )
 
-    def _identify(self) -> tuple[str, str, str | None]:
-        """(offender, description, innermost frame) of what runs on the loop thread now."""
+    def _identify(self) -> tuple[object, str, str, str | None]:
+        """(identity, offender, description, innermost frame) of what runs on the loop now.
+
+        The identity (the task, or the callback's frame) tells two runs of the
+        same job apart.
+        """
         loop = self._loop
         frame = None
         if self._loop_ident is not None:
@@ -326,13 +364,14 @@ class LoopMonitor:
             if _UNNAMED_TASK.fullmatch(name):
                 coro = task.get_coro()
                 name = getattr(coro, "__qualname__", None) or repr(coro)
-            return name, describe_task_name(name), where
+            return task, name, describe_task_name(name), where
         user = [f for f in stack if not _is_plumbing(f)]
         if not user:
             # Nothing but the loop's own machinery: it is not stuck in a
             # callback, it cannot get the CPU or the GIL.
             return (
-                "(no callback)",
+                _NO_CALLBACK,
+                _NO_CALLBACK,
                 "no callback (the loop thread is starved of CPU or of the GIL by other threads)",
                 where,
             )
@@ -340,7 +379,7 @@ class LoopMonitor:
         name = getattr(code, "co_qualname", code.co_name)
         module = user[0].f_globals.get("__name__", "?")
         qualified = f"{module}.{name}"
-        return qualified, f"callback {qualified!r}", where
+        return user[0], qualified, f"callback {qualified!r}", where
 
 
 def _stack(frame: FrameType | None) -> list[FrameType]:

@@ -433,6 +433,23 @@ def test_the_warning_is_logged_once_per_offender_per_minute_but_every_block_coun
     assert body["loop"]["blocked"]["by_offender"]["asyncbg:job:offender_a"] == 2
 
 
+def test_two_jobs_blocking_back_to_back_are_two_stalls(make_app: MakeApp) -> None:
+    _app, bg = make_app()
+
+    @bg.task
+    async def twin() -> None:
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop on purpose
+
+    bg.start()
+    # One burst: both may start in the same loop iteration, before the
+    # heartbeat gets a turn between them.
+    first, second = twin.submit(), twin.submit()
+    first.result(WAIT)
+    second.result(WAIT)
+    counts = bg.monitor.blocked_by_offender
+    wait_for(lambda: counts["asyncbg:job:twin"] == 2, what="two stalls counted")
+
+
 def test_short_blocks_under_the_threshold_are_not_reported(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
