@@ -27,6 +27,8 @@ from .errors import NotRunning, UnknownQueue
 from .host_lock import HostLock
 from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
 from .loop_thread import LoopThread, ShutdownReport
+from .metrics import JobStats, MetricsExporter
+from .monitor import LoopMonitor
 from .queues import WorkQueue
 from .scheduling import PeriodicJob, Scope
 
@@ -55,6 +57,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_EAGER": False,
     "ASYNCBG_LOCK_DIR": None,
     "ASYNCBG_MAX_WORKERS": None,
+    # observability (docs/observability.md)
+    "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
+    "ASYNCBG_DASHBOARD": False,
+    "ASYNCBG_DASHBOARD_REFRESH": 1.0,
+    "ASYNCBG_CONTROL": False,
+    "ASYNCBG_AUTH": None,
+    "ASYNCBG_SHOW_RESULTS": False,
+    "ASYNCBG_HEALTH_PUBLIC": True,
+    "ASYNCBG_HEALTH_MAX_LAG": 1.0,
+    "ASYNCBG_MONITOR": True,
+    "ASYNCBG_MONITOR_INTERVAL": 0.1,
+    "ASYNCBG_BLOCKED_THRESHOLD": 0.25,
+    "ASYNCBG_METRICS": True,
+    "ASYNCBG_METRICS_REGISTRY": None,
 }
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -128,6 +144,10 @@ class AsyncBG:
         self.lock_dir = tempfile.gettempdir()
         self.handle_signals = True
         self.last_report: ShutdownReport | None = None
+        self.monitor = LoopMonitor(self.loop_thread)
+        self.monitor_enabled = True
+        self.job_stats = JobStats()
+        self.metrics = MetricsExporter(self)
         self._start_lock = threading.RLock()
         self._stopped = False
         self._signal_stop_started = False
@@ -153,7 +173,11 @@ class AsyncBG:
     def init_app(self, app: Flask) -> None:
         """Bind to ``app``: read config, route async views to the loop, maybe start.
 
+        Also mounts the HTTP surface at ``ASYNCBG_DASHBOARD_PREFIX`` and adds
+        the ``flask asyncbg`` commands (see docs/observability.md).
+
         :raises RuntimeError: if this instance is already bound to another app.
+        :raises TypeError: if ``ASYNCBG_AUTH`` is set to something not callable.
         """
         if self.app is not None and self.app is not app:
             raise RuntimeError(
@@ -179,8 +203,32 @@ class AsyncBG:
         if cfg["ASYNCBG_ASYNC_VIEWS"]:
             # Flask documents async_to_sync as the hook to override.
             app.async_to_sync = self._async_to_sync  # type: ignore[method-assign]
+        self._init_observability(app)
         if cfg["ASYNCBG_AUTOSTART"] and _autostart_allowed():
             self.start()
+
+    def _init_observability(self, app: Flask) -> None:
+        cfg = app.config
+        if cfg["ASYNCBG_AUTH"] is not None and not callable(cfg["ASYNCBG_AUTH"]):
+            raise TypeError("ASYNCBG_AUTH must be a callable taking the request, or None")
+        self.monitor_enabled = bool(cfg["ASYNCBG_MONITOR"])
+        self.monitor.configure(
+            interval=float(cfg["ASYNCBG_MONITOR_INTERVAL"]),
+            blocked_threshold=float(cfg["ASYNCBG_BLOCKED_THRESHOLD"]),
+        )
+        hooks = self.runner.finish_hooks
+        if cfg["ASYNCBG_METRICS"] and self.job_stats.record not in hooks:
+            hooks.append(self.job_stats.record)
+        self.metrics = MetricsExporter(self, cfg["ASYNCBG_METRICS_REGISTRY"])
+        prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
+        if prefix and "asyncbg" not in app.blueprints:
+            from .dashboard import create_blueprint
+
+            app.register_blueprint(create_blueprint(self), url_prefix=prefix)
+        from .cli import asyncbg_cli
+
+        if "asyncbg" not in app.cli.commands:
+            app.cli.add_command(asyncbg_cli)
 
     def _require_app(self) -> Flask:
         if self.app is None:
@@ -484,8 +532,12 @@ class AsyncBG:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, periodic: bool = True) -> None:
         """Start the loop, open the queues, begin the periodic schedules. Idempotent.
+
+        With ``periodic=False`` the schedules are not started (``flask asyncbg
+        run`` uses that to run one job alone); a later ``start()`` does not start
+        them either while the loop runs.
 
         :raises RuntimeError: if no app is bound, or uvloop is asked for and missing.
         """
@@ -497,7 +549,10 @@ class AsyncBG:
             self._signal_stop_started = False
             self._sigint_seen = False
             self.loop_thread.start()
-            self.loop_thread.call(self._start_on_loop)
+            if self.monitor_enabled:
+                # Before the schedules: a run_at_start job that blocks is caught too.
+                self.monitor.start()
+            self.loop_thread.call(self._start_on_loop, periodic)
             self._install_signal_handlers()
         log.debug(
             "asyncbg started: %d periodic jobs, %d queues",
@@ -505,11 +560,12 @@ class AsyncBG:
             len(self.queues),
         )
 
-    def _start_on_loop(self) -> None:
+    def _start_on_loop(self, periodic: bool = True) -> None:
         for q in self.queues.values():
             q.open()
-        for pj in self.periodic_jobs.values():
-            self._start_periodic(pj)
+        if periodic:
+            for pj in self.periodic_jobs.values():
+                self._start_periodic(pj)
 
     def _start_periodic(self, pj: PeriodicJob) -> None:
         lock = None
@@ -541,6 +597,7 @@ class AsyncBG:
 
     def _after_stop(self, report: ShutdownReport) -> None:
         # On the loop thread, after the loop closed: no run can be in progress.
+        self.monitor.stop()
         for pj in self.periodic_jobs.values():
             pj.release()
         queued = {name: q.depth for name, q in self.queues.items() if q.depth}

@@ -322,9 +322,20 @@ class Job(Generic[T]):
             return False
         return True
 
-    def to_dict(self, *, include_result: bool = True) -> dict[str, Any]:
+    def to_dict(
+        self,
+        *,
+        include_result: bool = True,
+        include_error: bool | None = None,
+        include_args: bool = False,
+    ) -> dict[str, Any]:
         """A JSON-safe dict of the job's state (results and errors as reprs when
-        they are not plain JSON values; left out with ``include_result=False``)."""
+        they are not plain JSON values; left out with ``include_result=False``).
+
+        ``include_error`` (default: same as ``include_result``) adds the error
+        (``"Type: message"``); ``include_args`` adds ``args`` and ``kwargs``,
+        known only until the job finishes (None afterwards).
+        """
         progress = self.progress
         data: dict[str, Any] = {
             "id": self.id,
@@ -352,8 +363,13 @@ class Job(Generic[T]):
             data["result"] = (
                 _json_safe(self._result) if self.status is JobStatus.SUCCEEDED else None
             )
+        if include_result if include_error is None else include_error:
             exc = self._exception
             data["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
+        if include_args:
+            args, kwargs = self._args, self._kwargs
+            data["args"] = None if args is None else _json_safe(list(args))
+            data["kwargs"] = None if kwargs is None else _json_safe(dict(kwargs))
         return data
 
     # -- loop thread only --------------------------------------------------------
@@ -459,9 +475,17 @@ class JobHistory:
         return job
 
     def jobs(self) -> list[Job[Any]]:
-        """A snapshot of all known jobs, oldest first."""
-        self.trim()
-        return list(self._jobs.values())
+        """A snapshot of all known jobs, oldest first; safe from any thread.
+
+        Jobs past the age bound are left out (they are forgotten by the next
+        :meth:`trim` on the loop; trimming here would race with it).
+        """
+        horizon = time.time() - self.max_age
+        return [
+            job
+            for job in list(self._jobs.values())
+            if job.finished_at is None or job.finished_at >= horizon
+        ]
 
 
 class JobRunner:
