@@ -1,10 +1,15 @@
-"""Helpers for the core tests (loop thread, jobs, fork, exit): gates, not sleeps."""
+"""Helpers shared by the tests: gates and bounded waits, not sleeps."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 #: Upper bound for every wait in these tests: long enough for a loaded 2-core
 #: machine, short enough that a broken behaviour fails instead of hanging.
@@ -57,3 +62,19 @@ class Gate:
             self._waiters.append((loop, fut))
         async with asyncio.timeout(timeout):
             await fut
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = WAIT, what: str = "condition", poll: float = 0.01
+) -> Any:
+    """Poll ``condition`` until it returns something truthy and return that; fail
+    the test after ``timeout``. For state another thread or process changes
+    without telling anyone; prefer a Gate where the test controls both sides."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)

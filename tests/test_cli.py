@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask import Flask, current_app
@@ -22,20 +22,12 @@ MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
 
 @pytest.fixture
-def make_app() -> Iterator[MakeApp]:
-    """``app, bg = make_app(**config)``: not started, as in a ``flask`` command."""
-    made: list[AsyncBG] = []
-
-    def make(**config: Any) -> tuple[Flask, AsyncBG]:
-        app = Flask("asyncbg_cli_test")
-        app.config.update({"ASYNCBG_HANDLE_SIGNALS": False, "ASYNCBG_AUTOSTART": False, **config})
-        bg = AsyncBG(app)
-        made.append(bg)
-        return app, bg
-
-    yield make
-    for bg in made:
-        bg.stop(timeout=1.0)
+def make_app(make_app: MakeApp) -> MakeApp:
+    """conftest's factory, under this file's app name."""
+    return functools.partial(
+        make_app,
+        import_name="asyncbg_cli_test",
+    )
 
 
 def register_examples(bg: AsyncBG) -> dict[str, list[str]]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask, abort
 from flask.testing import FlaskClient
+from helpers_core import wait_for
 
 from asyncbg import AsyncBG, current_job
 
@@ -28,36 +29,17 @@ MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
 
 @pytest.fixture
-def make_app() -> Iterator[MakeApp]:
-    """``app, bg = make_app(**config)``; not started; stopped at teardown."""
-    made: list[AsyncBG] = []
-
-    def make(**config: Any) -> tuple[Flask, AsyncBG]:
-        app = Flask("asyncbg_dashboard_test")
-        app.config.update({"ASYNCBG_HANDLE_SIGNALS": False, "ASYNCBG_AUTOSTART": False, **config})
-        bg = AsyncBG(app)
-        made.append(bg)
-        return app, bg
-
-    yield make
-    for bg in made:
-        bg.stop(timeout=1.0)
+def make_app(make_app: MakeApp) -> MakeApp:
+    """conftest's factory, under this file's app name."""
+    return functools.partial(
+        make_app,
+        import_name="asyncbg_dashboard_test",
+    )
 
 
 def controlled(make_app: MakeApp, **config: Any) -> tuple[Flask, AsyncBG]:
     """An app with the control endpoints on behind a token-checking auth hook."""
     return make_app(ASYNCBG_CONTROL=True, ASYNCBG_AUTH=token_hook, **config)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def json_of(response: Any) -> Any:

@@ -11,13 +11,13 @@ import asyncio
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
+from helpers_core import wait_for
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -147,17 +147,6 @@ def page(browser: Browser) -> Iterator[Page]:
     yield pg
     context.close()
     assert errors == [], errors
-
-
-def wait_for(condition: Any, timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def progress_of(page: Page, job_id: str) -> float:

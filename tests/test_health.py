@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from flask import Flask
+from helpers_core import wait_for
 
 from asyncbg import AsyncBG
 from asyncbg.monitor import LoopMonitor, describe_task_name
@@ -22,40 +23,14 @@ MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
 
 @pytest.fixture
-def make_app() -> Iterator[MakeApp]:
-    """``app, bg = make_app(**config)``; not started; stopped at teardown."""
-    made: list[AsyncBG] = []
-
-    def make(**config: Any) -> tuple[Flask, AsyncBG]:
-        app = Flask("asyncbg_health_test")
-        app.config.update(
-            {
-                "ASYNCBG_HANDLE_SIGNALS": False,
-                "ASYNCBG_AUTOSTART": False,
-                "ASYNCBG_MONITOR_INTERVAL": 0.02,
-                "ASYNCBG_BLOCKED_THRESHOLD": 0.15,
-                **config,
-            }
-        )
-        bg = AsyncBG(app)
-        made.append(bg)
-        return app, bg
-
-    yield make
-    for bg in made:
-        bg.stop(timeout=1.0)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+def make_app(make_app: MakeApp) -> MakeApp:
+    """conftest's factory, with a monitor fast enough for tests."""
+    return functools.partial(
+        make_app,
+        import_name="asyncbg_health_test",
+        ASYNCBG_MONITOR_INTERVAL=0.02,
+        ASYNCBG_BLOCKED_THRESHOLD=0.15,
+    )
 
 
 def blocked_warnings(caplog: pytest.LogCaptureFixture, naming: str) -> list[str]:
