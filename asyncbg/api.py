@@ -6,7 +6,6 @@ queues it wires together do not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import datetime as dt
@@ -14,8 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import signal
-import sys
 import tempfile
 import threading
 import weakref
@@ -31,10 +28,9 @@ from .metrics import JobStats, MetricsExporter
 from .monitor import LoopMonitor
 from .queues import WorkQueue
 from .scheduling import PeriodicJob, Scope
+from .signals import ShutdownSignals
 
 if TYPE_CHECKING:
-    from types import FrameType
-
     from flask import Flask
 
 __all__ = ["DEFAULT_CONFIG", "AsyncBG"]
@@ -73,8 +69,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_METRICS_REGISTRY": None,
 }
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 _instances: weakref.WeakSet[AsyncBG] = weakref.WeakSet()
 
 
@@ -82,12 +76,7 @@ def _reset_locks_after_fork() -> None:
     # Another thread may have held the lock at fork time; it does not exist here.
     for bg in list(_instances):
         bg._start_lock = threading.RLock()
-        bg._signal_stop_started = False
-        # No server runs a forked child (a job's multiprocessing pool): it must
-        # die on SIGTERM again (Pool.terminate() sends it), not wait for one.
-        bg._server_managed = False
-        bg._sigint_seen = False
-        bg._stopping_in_handler = False
+        bg.signals.reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -150,12 +139,9 @@ class AsyncBG:
         self.metrics = MetricsExporter(self)
         self._start_lock = threading.RLock()
         self._stopped = False
-        self._signal_stop_started = False
-        # Set by the ASGI lifespan (asgi_app): the server owns the process's
-        # shutdown and stops us when it is done serving; signals must not.
-        self._server_managed = False
-        self._sigint_seen = False
-        self._stopping_in_handler = False
+        self.signals = ShutdownSignals(
+            self.stop, self.loop_thread, lambda: sum(q.depth for q in self.queues.values())
+        )
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
         self.loop_thread.add_after_stop_hook(self._after_stop)
@@ -527,8 +513,9 @@ class AsyncBG:
         # now on the server decides when we stop. In the main thread (where the
         # server runs its loop) this also puts our handlers in front of the
         # server's, which Hypercorn installed after the app was imported.
-        self._server_managed = True
-        self._install_signal_handlers()
+        self.signals.server_managed = True
+        if self.handle_signals:
+            self.signals.install()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -546,14 +533,14 @@ class AsyncBG:
             if self.loop_thread.running:
                 return
             self._stopped = False
-            self._signal_stop_started = False
-            self._sigint_seen = False
+            self.signals.reset()
             self.loop_thread.start()
             if self.monitor_enabled:
                 # Before the schedules: a run_at_start job that blocks is caught too.
                 self.monitor.start()
             self.loop_thread.call(self._start_on_loop, periodic)
-            self._install_signal_handlers()
+            if self.handle_signals:
+                self.signals.install()
         log.debug(
             "asyncbg started: %d periodic jobs, %d queues",
             len(self.periodic_jobs),
@@ -658,102 +645,6 @@ class AsyncBG:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
-
-    # -- signals ---------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in _SIGNALS:
-            previous = signal.getsignal(sig)
-            if getattr(previous, "__asyncbg__", None) is self:
-                continue
-            signal.signal(sig, self._make_signal_handler(previous))
-
-    def _make_signal_handler(self, previous: Any) -> Callable[[int, FrameType | None], None]:
-        # Under a server (see asgi_app) it never blocks: the server's loop runs
-        # in this same main thread and must go on finishing in-flight requests.
-        def handler(signum: int, frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            draining = self.loop_thread.stopping
-            if signum == signal.SIGINT and (draining or self._sigint_seen):
-                # Ctrl-C while a drain is under way (whoever started it), or a
-                # second one under a server: the user will not wait. Exit now.
-                self._force_exit(signum)
-                return
-            if self._server_managed:
-                # The server shuts down (and sends lifespan shutdown, which stops
-                # us) on its own signal or its supervisor's word. Hand the signal
-                # on to a Python handler only (the server's), never to SIG_DFL:
-                # Hypercorn's supervisor SIGTERMs every worker still running once
-                # the first has exited, and that must not kill one mid-drain.
-                if signum == signal.SIGINT:
-                    self._sigint_seen = True
-                if draining:
-                    log.info("asyncbg: %s received while draining; the drain goes on", name)
-                else:
-                    log.info("asyncbg: %s received; draining once the server stops", name)
-                if callable(previous):
-                    previous(signum, frame)
-                return
-            if not self._signal_stop_started:
-                self._signal_stop_started = True
-                log.info("asyncbg: %s received, stopping gracefully", name)
-                self._stopping_in_handler = True
-                try:
-                    self.stop()
-                finally:
-                    self._stopping_in_handler = False
-            # A second SIGTERM while the first is still draining skips the wait
-            # and goes straight on to the previous handler: a forced, fast exit.
-            _chain_signal(previous, signum, frame)
-
-        handler.__asyncbg__ = self  # type: ignore[attr-defined]
-        return handler
-
-    def _force_exit(self, signum: int) -> None:
-        # Ctrl-C while shutting down: the user will not wait for the drain. The
-        # handler interrupted the main thread anywhere; under a server that may
-        # be inside a lock shared with other processes (Hypercorn's workers poll
-        # a multiprocessing Event), which dying here would leave taken forever
-        # and hang the supervisor. On the server's loop, exit between callbacks.
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is None or self._stopping_in_handler:
-            # No loop, or the first signal's handler blocks it in stop(): now.
-            self._exit_now(signum)
-        else:
-            loop.call_soon_threadsafe(self._exit_now, signum)
-
-    def _exit_now(self, signum: int) -> None:
-        # Say what is abandoned, then leave without running anything else (exit
-        # handlers would wait for the drain again).
-        queued = sum(q.depth for q in self.queues.values())
-        log.warning(
-            "asyncbg: %s while shutting down, exiting now: %d running task(s) abandoned, "
-            "%d item(s) still queued",
-            signal.Signals(signum).name,
-            self.loop_thread.task_count,
-            queued,
-        )
-        for h in logging.getLogger().handlers + log.handlers:
-            with contextlib.suppress(Exception):
-                h.flush()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(128 + signum)
-
-
-def _chain_signal(previous: Any, signum: int, frame: FrameType | None) -> None:
-    if callable(previous):
-        previous(signum, frame)
-    elif previous == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    # SIG_IGN or a handler installed outside Python (None): nothing to hand on
 
 
 def _qualified_name(fn: object) -> str:
