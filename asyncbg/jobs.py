@@ -287,12 +287,12 @@ class Job(Generic[T]):
             waiter: asyncio.Future[None] = loop.create_future()
             lt = self._runner.loop_thread
             if lt.in_loop_thread():
-                self.add_done_callback(lambda _job: _set_if_pending(waiter))
+                self.add_done_callback(lambda _job: set_if_pending(waiter))
             else:
 
                 def wake(_job: Job[T]) -> None:
                     with contextlib.suppress(RuntimeError):  # the caller's loop closed
-                        loop.call_soon_threadsafe(_set_if_pending, waiter)
+                        loop.call_soon_threadsafe(set_if_pending, waiter)
 
                 self.add_done_callback(wake)
             await waiter
@@ -400,7 +400,8 @@ def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
         job._finish(JobStatus.CANCELLED)
 
 
-def _set_if_pending(fut: asyncio.Future[None]) -> None:
+def set_if_pending(fut: asyncio.Future[None]) -> None:
+    """Resolve ``fut`` with None unless it is already done (a waiter's wake-up)."""
     if not fut.done():
         fut.set_result(None)
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRunning, QueueFull
-from .jobs import is_async_callable
+from .jobs import is_async_callable, set_if_pending
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -195,10 +195,10 @@ class WorkQueue:
         while putters:
             loop, waiter = putters.popleft()
             if loop is self.loop_thread._loop and self.loop_thread.in_loop_thread():
-                _set_if_pending(waiter)
+                set_if_pending(waiter)
             else:
                 with contextlib.suppress(RuntimeError):  # that loop is closed
-                    loop.call_soon_threadsafe(_set_if_pending, waiter)
+                    loop.call_soon_threadsafe(set_if_pending, waiter)
             if not all_of_them:
                 break
 
@@ -291,8 +291,3 @@ class WorkQueue:
             "failed": self.failed,
             "last_error": self.last_error,
         }
-
-
-def _set_if_pending(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
