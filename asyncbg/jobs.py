@@ -394,8 +394,9 @@ class Job(Generic[T]):
 
 
 def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
-    # Without eager start (Python 3.11) a task cancelled before its first step
-    # never enters _execute, which would otherwise record the outcome.
+    # Without eager start (uvloop, or a job started from inside a task on 3.11)
+    # a task cancelled before its first step never enters _execute, which
+    # would otherwise record the outcome.
     if not job.done():
         job._finish(JobStatus.CANCELLED)
 
@@ -567,7 +568,10 @@ class JobRunner:
         # The first step may have run eagerly: a job that finished there keeps no task.
         if not task.done():
             job._task = task
-            task.add_done_callback(functools.partial(_finish_if_never_ran, job))
+            if job.status is JobStatus.PENDING:
+                # Not started eagerly: nothing records the outcome if the task
+                # is cancelled before its first step. (Once _execute runs, it does.)
+                task.add_done_callback(functools.partial(_finish_if_never_ran, job))
 
     def _cancel(self, job: Job[Any]) -> None:
         if job.done():
@@ -602,70 +606,84 @@ class JobRunner:
         job.status = JobStatus.RUNNING
         job.started_at = time.time()
         options = job.options
-        with self.context():
-            while True:
-                job.attempts += 1
-                expired = False
-                try:
-                    if options.timeout is None:
-                        result = await self._call(job)
-                    else:
-                        async with asyncio.timeout(options.timeout) as scope:
-                            try:
-                                result = await self._call(job)
-                            finally:
-                                expired = scope.expired()
-                except asyncio.CancelledError:
-                    if not expired:
-                        job._finish(JobStatus.CANCELLED)
-                        raise
-                    exc: BaseException = JobTimedOut(f"timed out after {options.timeout}s")
-                except Exception as error:
-                    exc = error
-                else:
-                    job._finish(JobStatus.SUCCEEDED, result)
-                    return
-                if isinstance(exc, TimeoutError) and expired:
-                    status = JobStatus.TIMED_OUT
-                else:
-                    status = JobStatus.FAILED
-                if job.attempts <= options.retries:
-                    delay = options.backoff(job.attempts)
-                    log.warning(
-                        "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
-                        job.name,
-                        job.id,
-                        job.attempts,
-                        options.retries + 1,
-                        status.value,
-                        exc,
-                        delay,
-                    )
+        try:
+            with self.context():
+                while True:
+                    job.attempts += 1
+                    expired = False
                     try:
-                        await asyncio.sleep(delay)
+                        if options.timeout is None:
+                            result = await self._call(job)
+                        else:
+                            async with asyncio.timeout(options.timeout) as scope:
+                                try:
+                                    result = await self._call(job)
+                                finally:
+                                    expired = scope.expired()
                     except asyncio.CancelledError:
-                        job._finish(JobStatus.CANCELLED)
-                        raise
-                    continue
-                if status is JobStatus.TIMED_OUT:
-                    log.error(
-                        "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
-                        job.name,
-                        job.id,
-                        options.timeout,
-                        job.attempts,
-                    )
-                    job._finish(status, exc=JobTimedOut(str(exc)))
-                else:
-                    log.error(
-                        "asyncbg: job %s %s failed (%d attempt(s))",
-                        job.name,
-                        job.id,
-                        job.attempts,
-                        exc_info=exc,
-                    )
-                    job._finish(status, exc=exc)
-                return
+                        if not expired:
+                            job._finish(JobStatus.CANCELLED)
+                            raise
+                        exc: BaseException = JobTimedOut(f"timed out after {options.timeout}s")
+                    except Exception as error:
+                        exc = error
+                    else:
+                        job._finish(JobStatus.SUCCEEDED, result)
+                        return
+                    if isinstance(exc, TimeoutError) and expired:
+                        status = JobStatus.TIMED_OUT
+                    else:
+                        status = JobStatus.FAILED
+                    if job.attempts <= options.retries:
+                        delay = options.backoff(job.attempts)
+                        log.warning(
+                            "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
+                            job.name,
+                            job.id,
+                            job.attempts,
+                            options.retries + 1,
+                            status.value,
+                            exc,
+                            delay,
+                        )
+                        try:
+                            await asyncio.sleep(delay)
+                        except asyncio.CancelledError:
+                            job._finish(JobStatus.CANCELLED)
+                            raise
+                        continue
+                    if status is JobStatus.TIMED_OUT:
+                        log.error(
+                            "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
+                            job.name,
+                            job.id,
+                            options.timeout,
+                            job.attempts,
+                        )
+                        job._finish(status, exc=JobTimedOut(str(exc)))
+                    else:
+                        log.error(
+                            "asyncbg: job %s %s failed (%d attempt(s))",
+                            job.name,
+                            job.id,
+                            job.attempts,
+                            exc_info=exc,
+                        )
+                        job._finish(status, exc=exc)
+                    return
+        except BaseException as exc:
+            # Outside the attempts: the app context could not be pushed, or its
+            # teardown raised before the job was recorded. Never leave it running.
+            if not job.done():
+                log.error(
+                    "asyncbg: job %s %s failed outside its code", job.name, job.id, exc_info=exc
+                )
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                job._finish(
+                    JobStatus.CANCELLED if cancelled else JobStatus.FAILED,
+                    exc=None if cancelled else exc,
+                )
+            raise
 
     def _call(self, job: Job[Any]) -> Awaitable[Any]:
         fn = job._fn

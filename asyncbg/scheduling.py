@@ -181,7 +181,7 @@ class PeriodicJob:
         if self._run_task is not None or self._lt is None or not self._active:
             return False
         task = self._lt.spawn(self._run(None), name=f"asyncbg:periodic:{self.name}")
-        # Started eagerly (3.12+), a run that never suspends is already over.
+        # Started eagerly, a run that never suspends is already over.
         self._run_task = None if task.done() else task
         return True
 
@@ -242,7 +242,7 @@ class PeriodicJob:
         else:
             started = True
             task = lt.spawn(self._run(due), name=f"asyncbg:periodic:{self.name}")
-            # Started eagerly (3.12+), a run that never suspends is already over.
+            # Started eagerly, a run that never suspends is already over.
             self._run_task = None if task.done() else task
         if self.every is not None:
             self._arm(self._next_rate_due())

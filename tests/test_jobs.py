@@ -917,3 +917,26 @@ def test_wait_idle_raises_timeout_error_while_a_job_hangs(bg: AsyncBG) -> None:
     finally:
         release.set()
     bg.wait_idle(WAIT)  # and once released it returns
+
+
+def test_job_whose_app_context_cannot_be_pushed_is_marked_failed(make_bg: MakeBG) -> None:
+    bg = make_bg()
+    assert bg.app is not None
+    ran = threading.Event()
+
+    def refuse(sender: Flask, **_extra: object) -> None:
+        raise RuntimeError("no database today")
+
+    async def job() -> None:
+        ran.set()
+
+    flask.appcontext_pushed.connect(refuse, bg.app)
+    try:
+        j = bg.submit(job)
+        with pytest.raises(RuntimeError, match="no database today"):
+            j.result(WAIT)
+    finally:
+        flask.appcontext_pushed.disconnect(refuse, bg.app)
+    assert j.status is JobStatus.FAILED
+    assert not ran.is_set()
+    bg.wait_idle(WAIT)  # not left counted as running
