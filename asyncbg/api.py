@@ -76,6 +76,7 @@ def _reset_locks_after_fork() -> None:
     # Another thread may have held the lock at fork time; it does not exist here.
     for bg in list(_instances):
         bg._start_lock = threading.RLock()
+        bg._idle_waiters = []  # futures of the parent's loop
         bg.signals.reset_after_fork()
 
 
@@ -145,6 +146,7 @@ class AsyncBG:
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
         self.loop_thread.add_after_stop_hook(self._after_stop)
+        self.loop_thread.add_gave_up_hook(self._gave_up)
         self.runner.add_idle_hook(self._wake_idle)
         _instances.add(self)
         if app is not None:
@@ -587,16 +589,39 @@ class AsyncBG:
         self.monitor.stop()
         for pj in self.periodic_jobs.values():
             pj.release()
+        # Jobs whose tasks ignored cancellation (counted as abandoned by the
+        # loop), or left by a loop that died: their waiters must not wait forever.
+        self.runner.settle_unfinished("it was still running when the loop closed")
+        self._count_queued(report)
+        self.last_report = report
+        self._log_report(report)
+
+    def _gave_up(self, report: ShutdownReport) -> None:
+        # In the thread that called stop(); the loop is blocked and never got
+        # to its shutdown: everything in flight is abandoned with it.
+        report.blocked_by = self.monitor.describe_blocker()
+        in_hand = sum(q.active for q in self.queues.values())
+        report.abandoned += in_hand + self.runner.settle_unfinished(
+            f"the loop was blocked at stop (by {report.blocked_by})", from_loop=False
+        )
+        self._count_queued(report)
+        self.last_report = report
+
+    def _count_queued(self, report: ShutdownReport) -> None:
         queued = {name: q.depth for name, q in self.queues.items() if q.depth}
         report.queued_by_queue = queued
         report.still_queued = sum(queued.values())
-        self.last_report = report
-        level = logging.WARNING if report.cancelled or report.still_queued else logging.INFO
-        details = "".join(f" {name}={n}" for name, n in queued.items())
+
+    def _log_report(self, report: ShutdownReport) -> None:
+        lost = report.cancelled or report.still_queued or report.abandoned
+        level = logging.WARNING if lost else logging.INFO
+        details = "".join(f" {name}={n}" for name, n in report.queued_by_queue.items())
         log.log(level, "%s%s", report, f" (still queued:{details})" if details else "")
 
     def _stop_at_exit(self) -> None:
-        self.stop()
+        # The interpreter is exiting and stops the loop (with the others at once).
+        with self._start_lock:
+            self._stopped = True
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until every submitted job and queued item is done (for tests).

@@ -17,9 +17,11 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -86,6 +88,21 @@ if hasattr(os, "register_at_fork"):
 # Guards done-callbacks registration against the loop finishing the job; only
 # taken when somebody waits, and once per finish.
 _callbacks_lock = threading.Lock()
+
+_runners: weakref.WeakSet[JobRunner] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # Another thread may have held the lock at fork time; the parent's jobs
+    # are the parent's: the child neither runs nor waits for them.
+    global _callbacks_lock
+    _callbacks_lock = threading.Lock()
+    for runner in list(_runners):
+        runner._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def current_job() -> Job[Any]:
@@ -216,8 +233,18 @@ class Job(Generic[T]):
         """Record progress (``done`` out of ``total``, with an optional message).
 
         Call it from the job's own code, usually as ``current_job().set_progress(...)``.
+        Numbers are stored as plain floats (NumPy and Decimal numbers included);
+        a message longer than 1,000 characters is cut.
+
+        :raises TypeError: if ``done`` or ``total`` is not a real number, or
+            ``message`` is not a string.
+        :raises ValueError: if ``done`` or ``total`` is not finite (NaN, infinity).
         """
-        self.progress = Progress(done, total, message)
+        self.progress = Progress(
+            _finite("done", done),
+            None if total is None else _finite("total", total),
+            _bounded_message(message),
+        )
 
     def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
         """Call ``fn(job)`` once the job is done: at once if it already is (in this
@@ -271,6 +298,8 @@ class Job(Generic[T]):
         if status is JobStatus.SUCCEEDED:
             return self._result  # type: ignore[return-value]
         if status is JobStatus.CANCELLED:
+            if isinstance(self._exception, JobCancelled):  # abandoned: it says why
+                raise self._exception
             raise JobCancelled(f"job {self.name} {self.id} was cancelled")
         if status is JobStatus.TIMED_OUT:
             raise JobTimedOut(
@@ -375,22 +404,60 @@ class Job(Generic[T]):
     # -- loop thread only --------------------------------------------------------
 
     def _finish(
-        self, status: JobStatus, result: Any = None, exc: BaseException | None = None
-    ) -> None:
-        self.status = status
-        self._result = result
-        self._exception = exc
-        self.finished_at = time.time()
+        self,
+        status: JobStatus,
+        result: Any = None,
+        exc: BaseException | None = None,
+        *,
+        count: bool = True,
+    ) -> bool:
+        # The one transition to a final status, taken once: a job abandoned at
+        # stop may still end later, and that second end must change nothing.
+        with _callbacks_lock:
+            callbacks = self._callbacks
+            if callbacks is None:
+                return False
+            self._callbacks = None
+            self.status = status
+            self._result = result
+            self._exception = exc
+            self.finished_at = time.time()
+        fn = self._fn
+        if inspect.iscoroutine(fn) and self.started_at is None:
+            fn.close()  # never awaited: close it rather than leave a warning
         self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
         self._task = None
-        with _callbacks_lock:
-            callbacks, self._callbacks = self._callbacks, None
-        for cb in callbacks or ():
+        for cb in callbacks:
             try:
                 cb(self)
             except Exception:
                 log.exception("asyncbg: done callback %r of %r failed", cb, self)
-        self._runner._finished(self)
+        if count:
+            self._runner._finished(self)
+        return True
+
+
+_MAX_MESSAGE = 1000
+
+
+def _finite(what: str, value: object) -> float:
+    # Progress is served as JSON: only finite plain floats survive that.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"progress {what} must be a real number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"progress {what} must be finite, got {number!r}")
+    return number
+
+
+def _bounded_message(message: object) -> str | None:
+    if message is None:
+        return None
+    if not isinstance(message, str):
+        raise TypeError(f"progress message must be a string, got {type(message).__name__}")
+    if len(message) > _MAX_MESSAGE:
+        return message[: _MAX_MESSAGE - 1] + "\u2026"
+    return message
 
 
 def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
@@ -449,6 +516,12 @@ class JobHistory:
     def add(self, job: Job[Any]) -> None:
         """Record a new job."""
         self._jobs[job.id] = job
+
+    def forget_unfinished(self) -> None:
+        """Drop every job not yet final (in a forked child: they are the parent's)."""
+        for job_id, job in list(self._jobs.items()):
+            if not job.done():
+                self._jobs.pop(job_id, None)
 
     def discard(self, job: Job[Any]) -> None:
         """Forget a job that never ran (its submission was refused)."""
@@ -510,6 +583,12 @@ class JobRunner:
         self.active = 0  # started and not finished; loop thread only
         self.finish_hooks: list[Callable[[Job[Any]], object]] = []
         self._idle_hooks: list[Callable[[], object]] = []
+        loop_thread.on_abandon(self._start, self._abandon_start)
+        _runners.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self.active = 0
+        self.history.forget_unfinished()
 
     def create(
         self,
@@ -589,6 +668,32 @@ class JobRunner:
             self.active += 1  # balanced by _finished
             job._finish(JobStatus.CANCELLED)
 
+    def _abandon_start(self, job: Job[Any]) -> bool:
+        # At stop, for a job still waiting in the loop's inbox: it never starts.
+        if job.done():
+            return False
+        self.active += 1  # balanced by _finished
+        job._finish(JobStatus.CANCELLED)
+        return True
+
+    def settle_unfinished(self, why: str, *, from_loop: bool = True) -> int:
+        """Mark every job not yet final as cancelled (``why`` says how it was
+        abandoned) and wake its waiters; return how many there were.
+
+        For the end of a loop that left jobs behind: a job that ignored
+        cancellation, or whose loop died or is blocked for good. From another
+        thread than the loop's (``from_loop=False``) the runner's counters and
+        hooks are left alone.
+        """
+        settled = 0
+        for job in self.history.jobs():
+            if job.done():
+                continue
+            error = JobCancelled(f"job {job.name} {job.id} was abandoned: {why}")
+            if job._finish(JobStatus.CANCELLED, exc=error, count=from_loop):
+                settled += 1
+        return settled
+
     def _finished(self, job: Job[Any]) -> None:
         self.active -= 1
         self.history.finished(job)
@@ -627,6 +732,18 @@ class JobRunner:
                         exc: BaseException = JobTimedOut(f"timed out after {options.timeout}s")
                     except Exception as error:
                         exc = error
+                    except (SystemExit, KeyboardInterrupt) as error:
+                        # Asyncio would let these end the loop every job shares.
+                        # The code asked to stop, so no retry: a failure, recorded.
+                        log.error(
+                            "asyncbg: job %s %s raised %s; recorded as failed, not retried",
+                            job.name,
+                            job.id,
+                            type(error).__name__,
+                            exc_info=error,
+                        )
+                        job._finish(JobStatus.FAILED, exc=error)
+                        return
                     else:
                         job._finish(JobStatus.SUCCEEDED, result)
                         return
@@ -675,14 +792,20 @@ class JobRunner:
             # Outside the attempts: the app context could not be pushed, or its
             # teardown raised before the job was recorded. Never leave it running.
             if not job.done():
-                log.error(
-                    "asyncbg: job %s %s failed outside its code", job.name, job.id, exc_info=exc
-                )
                 cancelled = isinstance(exc, asyncio.CancelledError)
+                if not cancelled:
+                    log.error(
+                        "asyncbg: job %s %s failed outside its code",
+                        job.name,
+                        job.id,
+                        exc_info=exc,
+                    )
                 job._finish(
                     JobStatus.CANCELLED if cancelled else JobStatus.FAILED,
                     exc=None if cancelled else exc,
                 )
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                return  # recorded; never out into the loop
             raise
 
     def _call(self, job: Job[Any]) -> Awaitable[Any]:

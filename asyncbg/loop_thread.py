@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,21 +51,30 @@ class ShutdownReport:
     ``completed`` counts the tasks that were running at stop and finished within
     the timeout, ``cancelled`` those that had to be cancelled; ``still_queued``
     counts queued items that were never started (filled in by
-    :class:`~asyncbg.AsyncBG`). ``finished`` is false only on a report returned
-    by a ``stop()`` called from the loop thread itself, which cannot wait.
+    :class:`~asyncbg.AsyncBG`). Work accepted but never started (still in the
+    loop's inbox at stop) is cancelled in bulk and counted in ``cancelled``.
+    ``abandoned`` counts what could not be brought to an end: tasks that ignored
+    cancellation, or, when the loop was blocked and never got to its shutdown,
+    everything still in flight (``blocked_by`` then names what held the loop).
+    ``finished`` is false on a report returned by a ``stop()`` that could not
+    wait (called from the loop thread or one of its worker threads), or that
+    gave up on a blocked loop.
     """
 
     completed: int = 0
     cancelled: int = 0
     still_queued: int = 0
+    abandoned: int = 0
     queued_by_queue: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
     finished: bool = True
+    blocked_by: str | None = None
 
     def __str__(self) -> str:
         return (
             f"asyncbg shutdown: {self.completed} completed, {self.cancelled} cancelled, "
-            f"{self.still_queued} still queued, in {self.duration:.3f}s"
+            f"{self.still_queued} still queued, {self.abandoned} abandoned, "
+            f"in {self.duration:.3f}s"
         )
 
 
@@ -76,9 +85,10 @@ class LoopFuture(concurrent.futures.Future[T]):
     raises :class:`RuntimeError` instead.
     """
 
-    def __init__(self, loop_thread_ident: int | None) -> None:
+    def __init__(self, loop_thread_ident: int | None, run: _Run | None = None) -> None:
         super().__init__()
         self._loop_ident = loop_thread_ident
+        self._run = run
 
     def _guard(self) -> None:
         if self._loop_ident == threading.get_ident() and not self.done():
@@ -94,17 +104,68 @@ class LoopFuture(concurrent.futures.Future[T]):
         :raises RuntimeError: if called from the loop thread before the future is done.
         :raises TimeoutError: if the result is not ready within ``timeout``.
         :raises concurrent.futures.CancelledError: if the work was cancelled.
+        :raises NotRunning: if the loop ended (stopped or died) without finishing the
+            work (a coroutine that ignored cancellation was abandoned, say).
         """
         self._guard()
-        return super().result(timeout)
+        run = self._run
+        if run is None or self.done():
+            return super().result(timeout)
+        with run.waiting_on(self):
+            return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Return the exception raised by the work, or ``None``.
 
         :raises RuntimeError: if called from the loop thread before the future is done.
+        :raises NotRunning: if the loop ended without finishing the work.
         """
         self._guard()
-        return super().exception(timeout)
+        run = self._run
+        if run is None or self.done():
+            return super().exception(timeout)
+        with run.waiting_on(self):
+            return super().exception(timeout)
+
+
+class _Run:
+    """One run of a loop (start to close): the futures somebody is blocked on.
+
+    When the loop closes, whatever it never resolved (work abandoned at stop,
+    or a loop that died) is failed with :class:`NotRunning`, so that no wait
+    in another thread outlives the loop.
+    """
+
+    __slots__ = ("closed", "name", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+        self.waiting: set[concurrent.futures.Future[Any]] = set()
+
+    @contextlib.contextmanager
+    def waiting_on(self, fut: concurrent.futures.Future[Any]) -> Iterator[None]:
+        waiting = self.waiting
+        waiting.add(fut)
+        try:
+            # Added before looking: close() either sees this future or has
+            # already set the flag (both under the GIL, in this order).
+            if self.closed:
+                _fail(fut, self.name)
+            yield
+        finally:
+            waiting.discard(fut)
+
+    def close(self) -> None:
+        self.closed = True
+        for fut in list(self.waiting):
+            _fail(fut, self.name)
+
+
+def _fail(fut: concurrent.futures.Future[Any], name: str) -> None:
+    if not fut.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            fut.set_exception(NotRunning(f"the loop of {name!r} ended before this work finished"))
 
 
 class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -141,6 +202,11 @@ class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
                 self._workers.append(t)
                 t.start()
         return fut
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The worker threads started so far."""
+        return self._workers
 
     def _worker(self) -> None:
         while True:
@@ -300,6 +366,11 @@ def _reset_all_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_all_after_fork)
 
+#: Work handed to the loop that never ran, by the function that would have run
+#: it: ``abandon(*args) -> bool`` settles it (True: it was a unit of work, now
+#: counted as cancelled).
+Abandoner = Callable[..., bool]
+
 
 class LoopThread:
     """An asyncio event loop running in its own daemon thread.
@@ -327,9 +398,16 @@ class LoopThread:
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._stop_hooks: list[Callable[[], object]] = []
         self._after_stop_hooks: list[Callable[[ShutdownReport], object]] = []
-        #: What runs at interpreter exit while the loop is running (default: stop()).
-        self.at_exit: Callable[[], object] = self.stop
+        self._gave_up_hooks: list[Callable[[ShutdownReport], object]] = []
+        self._abandoners: dict[Callable[..., object], Abandoner] = {
+            self._start_for_future: _abandon_future_start,
+            _call_into: _abandon_call,
+        }
+        #: Called at interpreter exit, before the stop, while the loop is running.
+        self.at_exit: Callable[[], object] = _nothing
         self._atexit_registered = False
+        #: After a fork in a child: start a fresh loop on first use, as the parent had one.
+        self._restart_on_use = False
         self._init_state()
         _instances.add(self)
 
@@ -339,6 +417,8 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
+        self._executor: _DaemonExecutor | None = None
+        self._run = _Run(self.name)
         self._inbox: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = (
             collections.deque()
         )
@@ -346,12 +426,17 @@ class LoopThread:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._report: ShutdownReport | None = None
         self._stopped = threading.Event()
+        self._counting = False  # from the shutdown's start: count what spawn() starts
+        self._spawned_while_stopping = 0
+        self._loop_done = False  # set by our own shutdown just before loop.stop()
 
     def _reset_after_fork(self) -> None:
         # The parent's loop thread does not exist here, yet its loop still
         # believes it is running and shares file descriptors with the parent:
-        # drop it without closing it; the next start() makes a fresh one.
+        # drop it without closing it; the first use makes a fresh one.
+        was_started = self._state != _IDLE
         self._init_state()
+        self._restart_on_use = was_started
 
     # -- state ---------------------------------------------------------------
 
@@ -379,6 +464,12 @@ class LoopThread:
     def in_loop_thread(self) -> bool:
         """Return True when called from the loop's own thread."""
         return self._ident == threading.get_ident()
+
+    def in_worker_thread(self) -> bool:
+        """Return True when called from one of the loop's worker threads (sync jobs,
+        ``asyncio.to_thread``), which the loop waits on at stop."""
+        executor = self._executor
+        return executor is not None and threading.current_thread() in executor.threads
 
     def check_not_loop_thread(self, what: str) -> None:
         """Raise if the caller is the loop thread, where blocking would deadlock.
@@ -413,9 +504,26 @@ class LoopThread:
         """Register ``hook(report)``, run on the loop thread once the loop has closed.
 
         It completes the report (queued counts, logging) before :meth:`stop`
-        returns it, whichever thread called ``stop``.
+        returns it, whichever thread called ``stop``. It also runs when the loop
+        ends without a stop (it died), with a report of what it left behind.
         """
         self._after_stop_hooks.append(hook)
+
+    def add_gave_up_hook(self, hook: Callable[[ShutdownReport], object]) -> None:
+        """Register ``hook(report)``, run in the caller's thread when :meth:`stop`
+        gives up waiting for a loop that is blocked and never got to its shutdown.
+
+        It counts what is abandoned with the loop (``report.abandoned``,
+        ``still_queued``) and settles what it can, so that nothing accepted goes
+        uncounted.
+        """
+        self._gave_up_hooks.append(hook)
+
+    def on_abandon(self, fn: Callable[..., object], abandon: Abandoner) -> None:
+        """Settle work posted as ``fn(*args)`` that never runs: at stop, the loop
+        calls ``abandon(*args)`` instead (on the loop thread), which returns True
+        when that was a unit of work (counted as cancelled in the report)."""
+        self._abandoners[fn] = abandon
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -432,10 +540,15 @@ class LoopThread:
                 return
             if self._state == _STOPPING:
                 raise NotRunning(f"LoopThread {self.name!r} is stopping")
+            self._restart_on_use = False
             loop = self._new_loop()
             started = threading.Event()
             self._stopped = threading.Event()
             self._report = None
+            self._tasks = set()
+            self._run = _Run(self.name)
+            self._counting = False
+            self._loop_done = False
             thread = threading.Thread(
                 target=self._main, args=(loop, started), name=self.name, daemon=True
             )
@@ -446,7 +559,7 @@ class LoopThread:
             self._state = _RUNNING
             if not self._atexit_registered:
                 self._atexit_registered = True
-                _register_atexit(self)
+                _register_atexit()
         log.debug("loop thread %r started", self.name)
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
@@ -460,7 +573,9 @@ class LoopThread:
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         else:
             loop = _SelectorLoop()
-        loop.set_default_executor(_DaemonExecutor(self.max_workers, f"{self.name}-worker"))
+        executor = _DaemonExecutor(self.max_workers, f"{self.name}-worker")
+        self._executor = executor
+        loop.set_default_executor(executor)
         return loop
 
     def _main(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
@@ -468,8 +583,16 @@ class LoopThread:
         asyncio.set_event_loop(loop)
         loop.call_soon(started.set)
         try:
-            loop.run_forever()
+            self._run_until_shut_down(loop)
+        except BaseException:
+            log.critical(
+                "asyncbg: the event loop of %r died; failing what it left behind",
+                self.name,
+                exc_info=True,
+            )
         finally:
+            if not self._loop_done:
+                self._settle_after_death(loop)
             try:
                 loop.run_until_complete(
                     asyncio.wait_for(loop.shutdown_asyncgens(), self.cancel_grace + 1)
@@ -477,107 +600,273 @@ class LoopThread:
             except BaseException:  # pragma: no cover - best effort at close
                 log.exception("asyncbg: error while closing async generators")
             finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-                report = self._report
-                if report is not None:
-                    for hook in self._after_stop_hooks:
-                        try:
-                            hook(report)
-                        except Exception:
-                            log.exception("asyncbg: after-stop hook %r failed", hook)
-                    report.finished = True
-                self._ident = None
-                # No lock here: a stop() from a signal handler may have interrupted
-                # a post() that holds it in the main thread, waiting for this.
-                if self._loop is loop:
-                    self._state = _IDLE
-                self._stopped.set()
+                self._close(loop)
+
+    def _run_until_shut_down(self, loop: asyncio.AbstractEventLoop) -> None:
+        # SystemExit and KeyboardInterrupt raised in a task or callback leave
+        # run_forever() (asyncio re-raises them on purpose); a loop shared by
+        # every job must not end because one of them did. Nor does a stray
+        # loop.stop() from user code end it: only our own shutdown does.
+        while not self._loop_done:
+            try:
+                loop.run_forever()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                log.error(
+                    "asyncbg: %s escaped a task or callback on the loop of %r, which "
+                    "would have ended the loop; it goes on",
+                    type(exc).__name__,
+                    self.name,
+                    exc_info=exc,
+                )
+                continue
+            if not self._loop_done:
+                log.warning(
+                    "asyncbg: something called loop.stop() on the loop of %r; asyncbg's "
+                    "loop stops only through stop(), so it goes on",
+                    self.name,
+                )
+
+    def _settle_after_death(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop ended without our shutdown: nothing runs any more. Settle
+        # what was handed to it and tell whoever waits.
+        with self._lock:
+            self._state = _STOPPING
+            if self._report is None:
+                self._report = ShutdownReport(finished=False)
+        report = self._report
+        report.cancelled += self._abandon_inbox()
+        left = [t for t in self._tasks if not t.done()]
+        report.abandoned += len(left)
+        for t in left:
+            _forget_task(t)
+        self._tasks.clear()
+
+    def _close(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(None)
+        loop.close()
+        self._run.close()
+        report = self._report
+        if report is not None:
+            for hook in self._after_stop_hooks:
+                try:
+                    hook(report)
+                except Exception:
+                    log.exception("asyncbg: after-stop hook %r failed", hook)
+            report.finished = True
+        self._ident = None
+        # No lock here: a stop() from a signal handler may have interrupted
+        # a post() that holds it in the main thread, waiting for this.
+        if self._loop is loop:
+            self._state = _IDLE
+        self._stopped.set()
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
         """Stop gracefully and return a :class:`ShutdownReport`.
 
         New work is refused at once (:class:`NotRunning`); stop hooks run; tasks
-        already running get ``timeout`` seconds (default ``shutdown_timeout``) to
-        finish, the rest are cancelled and get ``cancel_grace`` seconds for their
-        ``finally`` blocks; then the loop stops, closes and the thread is joined.
+        already running, and work accepted but not started yet, get ``timeout``
+        seconds (default ``shutdown_timeout``) to finish; then work never started
+        is cancelled in bulk, running tasks are cancelled and get ``cancel_grace``
+        seconds for their ``finally`` blocks, and tasks that ignore cancellation
+        are abandoned (counted, their waiters failed); then the loop stops, closes
+        and the thread is joined.
 
         Idempotent and callable from any thread. From a signal handler it waits
-        like any caller. From the loop thread itself (a job stopping its own loop)
-        it cannot wait: it starts the shutdown and returns a report whose
-        ``finished`` is false and which fills in once the loop has stopped.
+        like any caller. From the loop thread itself, or from one of its worker
+        threads (a job stopping its own loop), it cannot wait: it starts the
+        shutdown and returns a report whose ``finished`` is false and which fills
+        in once the loop has stopped. If the loop is blocked and does not get to
+        its shutdown within ``timeout + cancel_grace + 2`` seconds, it gives up
+        waiting: the report it returns counts everything still in flight as
+        abandoned and names what blocks the loop.
+        """
+        if timeout is None:
+            timeout = self.shutdown_timeout
+        requested = self.request_stop(timeout)
+        if requested is None:
+            return self._report or ShutdownReport()
+        if self.in_loop_thread() or self.in_worker_thread():
+            return requested
+        return self.wait_stopped(timeout)
+
+    def request_stop(self, timeout: float | None = None) -> ShutdownReport | None:
+        """Begin a graceful stop (see :meth:`stop`) and return at once.
+
+        Returns the report that fills in as the loop shuts down, or None if the
+        loop is not running or stopping.
         """
         if timeout is None:
             timeout = self.shutdown_timeout
         with self._lock:
             if self._state == _IDLE:
-                return self._report or ShutdownReport()
+                return None
             if self._state == _RUNNING:
                 self._state = _STOPPING
                 self._report = ShutdownReport(finished=False)
-                self._enqueue(self._begin_shutdown, (timeout, self._report))
+                # First in line: a backlog of accepted work must not delay the
+                # start of the shutdown (and its clock) by the time it takes
+                # to start all of it.
+                self._inbox.appendleft((self._begin_shutdown, (timeout, self._report)))
+                self._wake_pending = True
                 # Wake the loop even if a wake-up looks pending: this stop() may
                 # come from a signal handler that interrupted the post() whose
                 # wake-up it is.
                 assert self._loop is not None
-                if self._ident != threading.get_ident() and not self._loop.is_closed():
-                    # The wake-up _enqueue() sent may already have run the whole
-                    # shutdown and closed the loop (this thread lost the CPU in
-                    # between): then there is nothing left to wake.
+                if self._ident == threading.get_ident():
+                    self._loop.call_soon(self._drain, context=contextvars.Context())
+                elif not self._loop.is_closed():
+                    # The loop may have closed already (it died meanwhile).
                     with contextlib.suppress(RuntimeError):
                         self._loop.call_soon_threadsafe(self._drain, context=contextvars.Context())
-            report = self._report
-            thread = self._thread
-            stopped = self._stopped
-        assert report is not None
-        assert thread is not None
-        if thread.ident == threading.get_ident():
-            return report
+            return self._report
+
+    def wait_stopped(self, timeout: float | None = None) -> ShutdownReport:
+        """Wait for a stop begun by :meth:`request_stop` and return its report.
+
+        Gives up on a blocked loop as :meth:`stop` does.
+
+        :raises RuntimeError: if called from the loop thread.
+        """
+        if timeout is None:
+            timeout = self.shutdown_timeout
+        self.check_not_loop_thread("wait_stopped()")
+        with self._lock:
+            report, thread, stopped = self._report, self._thread, self._stopped
+        if report is None or thread is None:
+            return report or ShutdownReport()
         # Bounded: a job that blocks the loop without ever yielding cannot hang
         # the caller (the thread is a daemon and is left behind).
-        if not stopped.wait(timeout + self.cancel_grace + 2.0):
-            log.error(
-                "asyncbg: loop thread %r did not stop within %.1fs; something is "
-                "blocking the event loop; leaving the daemon thread behind",
-                self.name,
-                timeout + self.cancel_grace + 2.0,
-            )
-            return report
+        bound = timeout + self.cancel_grace + 2.0
+        if not stopped.wait(bound):
+            return self._give_up(report, bound)
         thread.join()
         return report
 
-    def _begin_shutdown(self, timeout: float, report: ShutdownReport) -> None:
-        task = self.loop.create_task(self._shutdown(timeout, report), name="asyncbg:shutdown")
-        # keep a reference: the loop holds tasks weakly
-        self._shutdown_task = task
+    def _give_up(self, report: ShutdownReport, waited: float) -> ShutdownReport:
+        # The loop never got to (or through) its shutdown: whatever is still in
+        # flight is abandoned with it. Should the loop wake up after all, its
+        # own shutdown writes the true counts over these.
+        gave_up = report
+        gave_up.duration = waited
+        for hook in self._gave_up_hooks:
+            try:
+                hook(gave_up)
+            except Exception:
+                log.exception("asyncbg: gave-up hook %r failed", hook)
+        gave_up.cancelled += self._abandon_inbox_from_outside()
+        log.error(
+            "asyncbg: the loop of %r did not stop within %.1fs: it is blocked%s. "
+            "Leaving its daemon thread behind. %s",
+            self.name,
+            waited,
+            f" by {gave_up.blocked_by}" if gave_up.blocked_by else "",
+            gave_up,
+        )
+        self._run.close()
+        return gave_up
 
-    async def _shutdown(self, timeout: float, report: ShutdownReport) -> None:
-        loop = asyncio.get_running_loop()
+    def _begin_shutdown(self, timeout: float, report: ShutdownReport) -> None:
+        loop = self.loop
         t0 = loop.time()
         for hook in self._stop_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("asyncbg: stop hook %r failed", hook)
+        # From here on spawn() counts what it starts, so the report can say
+        # what finished during the drain, eager starts included.
+        self._counting = True
+        self._spawned_while_stopping = 0
+        initial = len(self._tasks)
+        task = loop.create_task(
+            self._shutdown(t0 + max(0.0, timeout), report, initial, t0),
+            name="asyncbg:shutdown",
+        )
+        # keep a reference: the loop holds tasks weakly
+        self._shutdown_task = task
+
+    async def _shutdown(
+        self, deadline: float, report: ShutdownReport, initial: int, t0: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
         me = asyncio.current_task()
-        pending = {t for t in self._tasks if t is not me}
-        done: set[asyncio.Task[Any]] = set()
-        if pending:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, timeout))
+        # The grace period: running tasks finish, accepted work still in the
+        # inbox starts (the drain goes on between our waits).
+        while True:
+            live = {t for t in self._tasks if t is not me}
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (not live and not self._inbox):
+                break
+            if live:
+                await asyncio.wait(live, timeout=remaining)
+            else:
+                await asyncio.sleep(0)
+        # Work never started is settled in bulk: no task, no step each.
+        never_started = self._abandon_inbox()
+        live = {t for t in self._tasks if t is not me}
         # Anything else still alive (tasks users created themselves) goes too, as
-        # asyncio.run() would do.
-        others = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - pending
-        for t in pending | others:
+        # asyncio.run() would do; it is not counted.
+        others = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - live
+        for t in live | others:
             t.cancel()
-        if pending or others:
-            await asyncio.wait(pending | others, timeout=self.cancel_grace)
-        report.completed = len(done)
-        report.cancelled = len(pending)
-        executor = getattr(loop, "_default_executor", None)
-        if isinstance(executor, concurrent.futures.Executor):
+        if live or others:
+            await asyncio.wait(live | others, timeout=self.cancel_grace)
+        stubborn = [t for t in live if not t.done()]
+        for t in stubborn:
+            # It ignored cancellation: abandoned with the loop. A restart must
+            # not find it; its owner (the job runner) settles its waiters.
+            self._tasks.discard(t)
+            _forget_task(t)
+        if stubborn:
+            log.warning(
+                "asyncbg: %d task(s) ignored cancellation and were abandoned: %s",
+                len(stubborn),
+                ", ".join(sorted({t.get_name() for t in stubborn})[:10]),
+            )
+        self._counting = False
+        report.completed = initial + self._spawned_while_stopping - len(live)
+        report.cancelled = len(live) - len(stubborn) + never_started
+        report.abandoned = len(stubborn)
+        executor = self._executor
+        if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         report.duration = loop.time() - t0
+        self._loop_done = True
         loop.stop()
+
+    def _abandon_inbox(self) -> int:
+        # Loop thread (or a dead loop's thread): settle every posted callback
+        # that will never run; return how many were units of work.
+        inbox = self._inbox
+        settled = 0
+        abandoners = self._abandoners
+        while inbox:
+            try:
+                fn, args = inbox.popleft()
+            except IndexError:  # pragma: no cover - emptied meanwhile
+                break
+            abandon = abandoners.get(fn)
+            if abandon is None:
+                continue
+            try:
+                if abandon(*args):
+                    settled += 1
+            except Exception:
+                log.exception("asyncbg: settling never-run %r failed", fn)
+        return settled
+
+    def _abandon_inbox_from_outside(self) -> int:
+        # The loop is blocked: only futures whose owners are blocked in other
+        # threads are worth settling now; jobs are settled by gave-up hooks.
+        with self._lock:
+            entries = list(self._inbox)
+        settled = 0
+        for fn, args in entries:
+            if fn == self._start_for_future or fn is _call_into:
+                fut = args[1] if fn == self._start_for_future else args[0]
+                _fail(fut, self.name)
+                settled += 1
+        return settled
 
     # -- hand-off --------------------------------------------------------------
 
@@ -602,13 +891,16 @@ class LoopThread:
         """Schedule ``fn(*args)`` to run on the loop thread soon; return at once.
 
         Thread-safe and cheap: a burst of posts costs the loop one wake-up.
-        Exceptions raised by ``fn`` are logged.
+        Exceptions raised by ``fn`` are logged. In a forked child whose parent
+        had started this loop, the first post starts a fresh loop.
 
         :raises NotRunning: if the loop is not running or is stopping.
         """
         with self._lock:
             if self._state != _RUNNING:
-                raise self._not_running()
+                if not self._restart_on_use:
+                    raise self._not_running()
+                self.start()
             self._enqueue(fn, args)
 
     def _not_running(self) -> NotRunning:
@@ -620,10 +912,13 @@ class LoopThread:
         self._wake_pending = False
         inbox = self._inbox
         for _ in range(min(len(inbox), _DRAIN_BATCH)):
-            fn, args = inbox.popleft()
+            try:
+                fn, args = inbox.popleft()
+            except IndexError:  # the shutdown settled the rest
+                break
             try:
                 fn(*args)
-            except Exception:
+            except (Exception, SystemExit, KeyboardInterrupt):
                 log.exception("asyncbg: callback %r failed on the loop", fn)
         if inbox and not self._wake_pending:
             # A huge burst: let timers and I/O run between batches.
@@ -648,6 +943,9 @@ class LoopThread:
         whole switch interval (5 ms).
         Callers must expect ``coro`` to have run up to its first suspension, or
         to the end, when this returns.
+
+        :raises SystemExit, KeyboardInterrupt: if the eager first step raised it
+            (asyncio lets these two through); the task then holds it too.
         """
         loop = self.loop
         task: asyncio.Task[T]
@@ -660,6 +958,8 @@ class LoopThread:
         if not task.done():
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._counting:
+            self._spawned_while_stopping += 1
         return task
 
     def submit(
@@ -673,16 +973,20 @@ class LoopThread:
 
         Cancelling the returned future cancels the task on the loop. Waiting on
         it from the loop thread raises :class:`RuntimeError` instead of deadlocking.
+        If the loop ends without finishing ``coro`` (it ignored cancellation at
+        stop, or the loop died), waiters get :class:`NotRunning`.
 
         :raises NotRunning: if the loop is not running or is stopping (``coro``
             is closed, not left un-awaited).
         """
-        fut: LoopFuture[T] = LoopFuture(self._ident)
+        fut: LoopFuture[T] = LoopFuture(self._ident, self._run)
         try:
             self.post(self._start_for_future, coro, fut, name, context)
         except NotRunning:
             coro.close()
             raise
+        if fut._run is not self._run:  # post() started a fresh loop (forked child)
+            fut._loop_ident, fut._run = self._ident, self._run
         return fut
 
     def _start_for_future(
@@ -697,7 +1001,13 @@ class LoopThread:
         if fut.cancelled():
             coro.close()
             return
-        task = self.spawn(coro, name=name, context=context)
+        try:
+            task = self.spawn(coro, name=name, context=context)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # The eager first step raised it: the caller gets it, the loop lives.
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(exc)
+            return
         loop = self.loop
 
         def to_future(t: asyncio.Task[T]) -> None:
@@ -727,20 +1037,23 @@ class LoopThread:
         The way to read or change state the loop owns without a lock. ``fn`` must
         not block. Called from the loop thread, it simply calls ``fn``.
 
-        :raises NotRunning: if the loop is not running or is stopping.
+        :raises NotRunning: if the loop is not running or is stopping, or stops
+            before it gets to ``fn``.
         :raises TimeoutError: if the loop does not get to it within ``timeout``.
         :raises BaseException: whatever ``fn`` raises.
         """
         if self._ident == threading.get_ident():
             return fn(*args)
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        run = self._run
         self.post(_call_into, fut, fn, args)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            if fut.cancel():  # not started: it never will
-                raise
-            return fut.result()
+        with run.waiting_on(fut):
+            try:
+                return fut.result(timeout)
+            except TimeoutError:
+                if fut.cancel():  # not started: it never will
+                    raise
+                return fut.result()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on this loop from any event loop; return its result.
@@ -758,12 +1071,42 @@ class LoopThread:
         """Run ``coro`` on the loop and block this (non-loop) thread for its result.
 
         :raises RuntimeError: if called from the loop thread.
-        :raises NotRunning: if the loop is not running or is stopping.
+        :raises NotRunning: if the loop is not running or is stopping, or ends
+            before ``coro`` does.
         """
         if self._ident == threading.get_ident():
             coro.close()
             self.check_not_loop_thread("run_sync()")
         return self.submit(coro, context=context).result()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _forget_task(task: asyncio.Task[Any]) -> None:
+    # An abandoned task stays pending forever; asyncio would log "Task was
+    # destroyed but it is pending" when it is collected. It was reported already.
+    with contextlib.suppress(AttributeError):
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
+
+
+def _abandon_future_start(
+    coro: Coroutine[Any, Any, Any],
+    fut: concurrent.futures.Future[Any],
+    name: str | None,
+    context: contextvars.Context | None,
+) -> bool:
+    coro.close()
+    fut.cancel()
+    return True
+
+
+def _abandon_call(
+    fut: concurrent.futures.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]
+) -> bool:
+    _fail(fut, getattr(fn, "__qualname__", "call"))
+    return False
 
 
 def _call_into(
@@ -777,28 +1120,48 @@ def _call_into(
         fut.set_exception(exc)
 
 
-def _register_atexit(lt: LoopThread) -> None:
-    """Stop ``lt`` gracefully when the interpreter exits.
+_atexit_lock = threading.Lock()
+_atexit_done = False
+
+
+def _stop_all_at_exit() -> None:
+    """Stop every running loop when the interpreter exits, all at the same time.
+
+    Each loop gets its own shutdown timeout, but they drain concurrently: three
+    apps left running cost about one timeout at exit, not three.
+    """
+    running = [lt for lt in list(_instances) if lt.running]
+    for lt in running:
+        log.debug("asyncbg: interpreter exiting, stopping loop thread %r", lt.name)
+        try:
+            lt.at_exit()
+        except Exception:
+            log.exception("asyncbg: exit hook of %r failed", lt.name)
+        lt.request_stop()
+    for lt in running:
+        if not lt.in_loop_thread():
+            lt.wait_stopped()
+
+
+def _register_atexit() -> None:
+    """Stop the loops gracefully when the interpreter exits (registered once).
 
     ``threading._register_atexit`` callbacks run before non-daemon threads are
     joined and while ``asyncio.to_thread`` still works (what ``concurrent.futures``
     uses); plain ``atexit`` would run too late for that.
     """
-    ref = weakref.ref(lt)
-
-    def at_exit() -> None:
-        target = ref()
-        if target is not None and target.running:
-            log.debug("asyncbg: interpreter exiting, stopping loop thread %r", target.name)
-            target.at_exit()
-
+    global _atexit_done
+    with _atexit_lock:
+        if _atexit_done:
+            return
+        _atexit_done = True
     register = getattr(threading, "_register_atexit", None)
     if register is not None:
         try:
-            register(at_exit)
+            register(_stop_all_at_exit)
             return
         except RuntimeError:  # interpreter already shutting down
             pass
     import atexit
 
-    atexit.register(at_exit)
+    atexit.register(_stop_all_at_exit)

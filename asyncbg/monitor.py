@@ -341,16 +341,31 @@ class LoopMonitor:
             self.blocked_by_offender[offender],
         )
 
-    def _identify(self) -> tuple[object, str, str, str | None]:
+    def describe_blocker(self) -> str:
+        """Say what runs on the loop right now (the job, the view or the callback
+        that blocks it, and where), for a log line. Safe from any thread."""
+        lt = self.loop_thread
+        try:
+            _identity, _offender, description, where = self._identify(lt._loop, lt._ident)
+        except Exception:  # pragma: no cover - the loop went away meanwhile
+            return "something unknown"
+        return f"{description} at {where}" if where else description
+
+    def _identify(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        loop_ident: int | None = None,
+    ) -> tuple[object, str, str, str | None]:
         """(identity, offender, description, innermost frame) of what runs on the loop now.
 
         The identity (the task, or the callback's frame) tells two runs of the
         same job apart.
         """
-        loop = self._loop
+        loop = loop or self._loop
+        loop_ident = loop_ident or self._loop_ident
         frame = None
-        if self._loop_ident is not None:
-            frame = sys._current_frames().get(self._loop_ident)
+        if loop_ident is not None:
+            frame = sys._current_frames().get(loop_ident)
         stack = _stack(frame)
         where = _frame_where(stack[-1]) if stack else None
         task = None

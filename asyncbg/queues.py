@@ -12,8 +12,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,17 @@ if TYPE_CHECKING:
 __all__ = ["WorkQueue"]
 
 log = logging.getLogger("asyncbg")
+
+_instances: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
+
+
+def _reset_all_after_fork() -> None:
+    for q in list(_instances):
+        q._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_all_after_fork)
 
 # A worker that never suspends would starve the loop; it yields every so often.
 _YIELD_EVERY = 32
@@ -75,6 +88,19 @@ class WorkQueue:
         self.processed = 0
         self.failed = 0
         self.last_error: str | None = None
+        _instances.add(self)
+
+    def _reset_after_fork(self) -> None:
+        # In a forked child: another thread may have held the lock at fork time
+        # (it does not exist here, so the lock would stay taken forever), and
+        # the parent's items and workers are the parent's to handle.
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._items = collections.deque()
+        self._active = 0
+        self._kick_pending = False
+        self._thread_putters = 0
+        self._async_putters = collections.deque()
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} {len(self._items)}/{self.maxsize} active={self._active}>"
