@@ -17,7 +17,7 @@ import pytest
 from flask import Flask, current_app
 from helpers_core import WAIT
 
-from asyncbg import AsyncBG, LoopThread, NotRunning
+from asyncbg import AsyncBG, LoopThread
 
 
 @pytest.fixture
