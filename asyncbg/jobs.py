@@ -468,6 +468,33 @@ def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
         job._finish(JobStatus.CANCELLED)
 
 
+class CloseTolerant:
+    """Wrap a context manager a coroutine holds across awaits, so that the
+    coroutine can be closed from anywhere.
+
+    A task abandoned at stop (it ignored cancellation) is closed later by the
+    garbage collector, in another :mod:`contextvars` context than the one its
+    context manager was entered in: Flask's app context then fails to pop
+    (``LookupError``) and the interpreter prints a traceback at exit. On
+    ``GeneratorExit`` that failure is dropped; everything else passes through.
+    """
+
+    __slots__ = ("_cm",)
+
+    def __init__(self, cm: contextlib.AbstractContextManager[Any]) -> None:
+        self._cm = cm
+
+    def __enter__(self) -> Any:
+        return self._cm.__enter__()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: Any) -> Any:
+        if et is GeneratorExit:
+            with contextlib.suppress(Exception):
+                return self._cm.__exit__(et, ev, tb)
+            return False
+        return self._cm.__exit__(et, ev, tb)
+
+
 def set_if_pending(fut: asyncio.Future[None]) -> None:
     """Resolve ``fut`` with None unless it is already done (a waiter's wake-up)."""
     if not fut.done():
@@ -712,7 +739,7 @@ class JobRunner:
         job.started_at = time.time()
         options = job.options
         try:
-            with self.context():
+            with CloseTolerant(self.context()):
                 while True:
                     job.attempts += 1
                     expired = False

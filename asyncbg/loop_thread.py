@@ -591,14 +591,16 @@ class LoopThread:
                 exc_info=True,
             )
         finally:
-            if not self._loop_done:
-                self._settle_after_death(loop)
             try:
-                loop.run_until_complete(
-                    asyncio.wait_for(loop.shutdown_asyncgens(), self.cancel_grace + 1)
-                )
+                if not self._loop_done:
+                    # It died: it cannot run anything more, async generators included.
+                    self._settle_after_death(loop)
+                else:
+                    loop.run_until_complete(
+                        asyncio.wait_for(loop.shutdown_asyncgens(), self.cancel_grace + 1)
+                    )
             except BaseException:  # pragma: no cover - best effort at close
-                log.exception("asyncbg: error while closing async generators")
+                log.exception("asyncbg: error while closing the loop of %r", self.name)
             finally:
                 self._close(loop)
 
@@ -778,15 +780,23 @@ class LoopThread:
         self._counting = True
         self._spawned_while_stopping = 0
         initial = len(self._tasks)
+        # No grace at all: what has not started does not start (the rest of
+        # this drain's batch included).
+        never_started = self._abandon_inbox() if timeout <= 0 else 0
         task = loop.create_task(
-            self._shutdown(t0 + max(0.0, timeout), report, initial, t0),
+            self._shutdown(t0 + max(0.0, timeout), report, initial, t0, never_started),
             name="asyncbg:shutdown",
         )
         # keep a reference: the loop holds tasks weakly
         self._shutdown_task = task
 
     async def _shutdown(
-        self, deadline: float, report: ShutdownReport, initial: int, t0: float
+        self,
+        deadline: float,
+        report: ShutdownReport,
+        initial: int,
+        t0: float,
+        never_started: int,
     ) -> None:
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
@@ -802,15 +812,14 @@ class LoopThread:
             else:
                 await asyncio.sleep(0)
         # Work never started is settled in bulk: no task, no step each.
-        never_started = self._abandon_inbox()
+        never_started += self._abandon_inbox()
         live = {t for t in self._tasks if t is not me}
         # Anything else still alive (tasks users created themselves) goes too, as
         # asyncio.run() would do; it is not counted.
         others = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - live
         for t in live | others:
             t.cancel()
-        if live or others:
-            await asyncio.wait(live | others, timeout=self.cancel_grace)
+        await _settle_cancelled(live | others, self.cancel_grace)
         stubborn = [t for t in live if not t.done()]
         for t in stubborn:
             # It ignored cancellation: abandoned with the loop. A restart must
@@ -1078,6 +1087,26 @@ class LoopThread:
             coro.close()
             self.check_not_loop_thread("run_sync()")
         return self.submit(coro, context=context).result()
+
+
+async def _settle_cancelled(tasks: set[asyncio.Task[Any]], grace: float) -> None:
+    """Let cancelled ``tasks`` end: first every loop turn they need while they
+    keep ending (a big backlog takes many steps, not a long grace), then
+    ``grace`` seconds for the slow ones."""
+    remaining = tasks
+    for _ in range(_SETTLE_TURNS):
+        if not remaining:
+            return
+        before = len(remaining)
+        await asyncio.sleep(0)
+        remaining = {t for t in remaining if not t.done()}
+        if len(remaining) == before:
+            break
+    if remaining:
+        await asyncio.wait(remaining, timeout=grace)
+
+
+_SETTLE_TURNS = 100
 
 
 def _nothing() -> None:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRunning, QueueFull
-from .jobs import is_async_callable, set_if_pending
+from .jobs import CloseTolerant, is_async_callable, set_if_pending
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -281,16 +281,22 @@ class WorkQueue:
         Loop thread only. With ``propagate`` the exception is re-raised too.
         """
         try:
-            with self.context():
+            with CloseTolerant(self.context()):
                 if self._is_async:
                     await self.handler(item)
                 else:
                     await asyncio.get_running_loop().run_in_executor(None, self.handler, item)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit and KeyboardInterrupt too: out of a task they would end
+            # the loop that every job and queue shares.
             self.failed += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("asyncbg: consumer %r failed on item %r", self.name, item, exc_info=exc)
             if propagate:
+                if not isinstance(exc, Exception):
+                    raise RuntimeError(
+                        f"consumer {self.name!r} raised {type(exc).__name__}"
+                    ) from exc
                 raise
         else:
             self.processed += 1

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -78,3 +83,41 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(poll)
+
+
+def in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork; run ``body()`` in the child, send back its dict (or its error) through a
+    pipe and leave with ``os._exit``; return the dict in the parent."""
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():
+        # 3.12+ warns that forking a multi-threaded process is risky: that is
+        # exactly the situation under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            # A child that hangs is killed, which closes the pipe: the parent fails
+            # instead of waiting forever.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(int(WAIT * 3))
+            os.close(read_fd)
+            try:
+                out: dict[str, Any] = body()
+            except BaseException:
+                out = {"error": traceback.format_exc()}
+                code = 1
+            with os.fdopen(write_fd, "w") as pipe:
+                json.dump(out, pipe)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        # The child's timeouts are bounded; a crashed child closes the pipe.
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert data, f"child sent nothing (wait status {status})"
+    result: dict[str, Any] = json.loads(data)
+    assert "error" not in result, result.get("error")
+    assert os.waitstatus_to_exitcode(status) == 0
+    return result

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import signal
 import threading
-import traceback
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask import Flask, current_app
-from helpers_core import WAIT
+from helpers_core import WAIT, in_child
 
 from asyncbg import AsyncBG, LoopThread
 
@@ -36,44 +32,6 @@ async def _where() -> dict[str, int]:
     return {"pid": os.getpid(), "loop": id(asyncio.get_running_loop())}
 
 
-def _in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Fork; run ``body()`` in the child, send back its dict (or its error) through a
-    pipe and leave with ``os._exit``; return the dict in the parent."""
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():
-        # 3.12+ warns that forking a multi-threaded process is risky: that is
-        # exactly the situation under test.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            # A child that hangs is killed, which closes the pipe: the parent fails
-            # instead of waiting forever.
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(int(WAIT * 3))
-            os.close(read_fd)
-            try:
-                out: dict[str, Any] = body()
-            except BaseException:
-                out = {"error": traceback.format_exc()}
-                code = 1
-            with os.fdopen(write_fd, "w") as pipe:
-                json.dump(out, pipe)
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        # The child's timeouts are bounded; a crashed child closes the pipe.
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert data, f"child sent nothing (wait status {status})"
-    result: dict[str, Any] = json.loads(data)
-    assert "error" not in result, result.get("error")
-    assert os.waitstatus_to_exitcode(status) == 0
-    return result
-
-
 def test_child_does_not_inherit_a_running_loop_thread(lt: LoopThread) -> None:
     parent_thread: int = lt.call(threading.get_native_id)
 
@@ -83,7 +41,7 @@ def test_child_does_not_inherit_a_running_loop_thread(lt: LoopThread) -> None:
         ident = lt.submit(_thread_ident()).result(WAIT)
         return {"inherited": inherited, "running": lt.running, "same": ident == parent_thread}
 
-    assert _in_child(child) == {"inherited": False, "running": True, "same": False}
+    assert in_child(child) == {"inherited": False, "running": True, "same": False}
 
 
 def test_child_starts_its_own_loop_on_a_new_thread(lt: LoopThread) -> None:
@@ -100,7 +58,7 @@ def test_child_starts_its_own_loop_on_a_new_thread(lt: LoopThread) -> None:
             "new_thread": child_thread is not parent_thread and child_thread.is_alive(),
         }
 
-    result = _in_child(child)
+    result = in_child(child)
     assert result["pid"] != os.getpid()
     assert result["new_loop"] is True
     assert result["new_thread"] is True
@@ -113,7 +71,7 @@ def test_child_can_stop_its_own_loop(lt: LoopThread) -> None:
         report = lt.stop(timeout=2.0)
         return {"finished": report.finished, "running": lt.running}
 
-    assert _in_child(child) == {"finished": True, "running": False}
+    assert in_child(child) == {"finished": True, "running": False}
 
 
 def test_child_leaves_the_parents_loop_open(lt: LoopThread) -> None:
@@ -125,7 +83,7 @@ def test_child_leaves_the_parents_loop_open(lt: LoopThread) -> None:
         # The inherited loop object (and its file descriptors) is never closed here.
         return {"parent_loop_closed": parent_loop.is_closed()}
 
-    assert _in_child(child) == {"parent_loop_closed": False}
+    assert in_child(child) == {"parent_loop_closed": False}
 
 
 def test_parent_loop_still_works_after_a_fork(lt: LoopThread) -> None:
@@ -137,7 +95,7 @@ def test_parent_loop_still_works_after_a_fork(lt: LoopThread) -> None:
         lt.stop(timeout=2.0)
         return {}
 
-    _in_child(child)
+    in_child(child)
     assert lt.running
     assert lt.loop is loop
     assert lt.submit(_where()).result(WAIT) == {"pid": os.getpid(), "loop": id(loop)}
@@ -160,7 +118,7 @@ def test_asyncbg_in_a_child_runs_jobs_on_its_own_loop() -> None:
                 bg.stop(timeout=2.0)
             return out
 
-        result = _in_child(child)
+        result = in_child(child)
         assert result["pid"] != os.getpid()
         assert result["app"] == "fork_app"
         assert result["new_loop"] is True
