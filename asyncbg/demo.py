@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import math
 import os
@@ -129,12 +130,36 @@ def _json_object(*, required: bool) -> dict[str, Any]:
         return {}
     if not request.is_json:
         raise BadInput("expected Content-Type: application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise BadInput("malformed JSON body")
+    try:
+        data = json.loads(request.get_data(cache=True))
+    except (ValueError, RecursionError):  # RecursionError: a few KiB of [[[[...]]]]
+        raise BadInput("malformed JSON body") from None
     if not isinstance(data, dict):
         raise BadInput("the JSON body must be an object")
+    if _nested_deeper_than(data, _MAX_JSON_DEPTH):
+        # What is stored comes back out through jsonify, which recurses too.
+        raise BadInput(f"the JSON body is nested deeper than {_MAX_JSON_DEPTH} levels")
     return data
+
+
+_MAX_JSON_DEPTH = 32
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if ``value`` has containers nested more than ``limit`` deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _error(status: int, message: str, **headers: str) -> Response:
