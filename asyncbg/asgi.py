@@ -204,8 +204,8 @@ class WSGIBridge:
     otherwise read as ``X-Forwarded-For``). WebSocket connections are refused.
 
     :param threads: pool threads running the app (views).
-    :param is_probe: ``(method, path) -> bool``; true requests run on a separate
-        pool of ``probe_threads`` threads.
+    :param is_probe: ``(method, PATH_INFO) -> bool``; true requests run on a
+        separate pool of ``probe_threads`` threads.
     :raises ValueError: if a thread count is below 1 or ``max_body_size`` below 0.
     """
 
@@ -289,7 +289,8 @@ class WSGIBridge:
             await _send_json(send, 404, f"nothing at {scope.get('path')!r}")
             return
         method = environ["REQUEST_METHOD"]
-        lane = "probe" if self._is_probe and self._is_probe(method, scope["path"]) else "views"
+        probe = self._is_probe is not None and self._is_probe(method, environ["PATH_INFO"])
+        lane = "probe" if probe else "views"
         loop = asyncio.get_running_loop()
         exchange = _Exchange(loop, send, method)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange.gone))

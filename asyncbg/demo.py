@@ -4,9 +4,10 @@ Serve it under Hypercorn (the recommended way: the server starts and stops async
 
     hypercorn --config hypercorn.toml asyncbg.demo:asgi_app
 
-``asyncbg.demo:app`` (the plain Flask app) works too: asyncbg then starts when
-the module is imported and drains when the process exits. So does
-``flask --app asyncbg.demo run --debug``.
+``asyncbg.demo:app`` (the plain Flask app) is not supported under Hypercorn:
+asyncbg then only starts at import and drains at exit, and Hypercorn 0.18's WSGI
+wrapper answers every HEAD, 204 and 304 with a 500 (docs/deploy.md).
+``flask --app asyncbg.demo run --debug`` works.
 
 Endpoints (all answer JSON)::
 
@@ -16,6 +17,9 @@ Endpoints (all answer JSON)::
     POST /jobs         {"steps": 10, "step_seconds": 0.5}  -> a slow job with progress
     GET  /jobs/<id>                                 -> its status, progress and result
     GET  /compute?n=30                              -> an async view awaiting bg.run()
+
+``/compute?delay=`` holds a view thread for up to 60 s: views run on
+``ASYNCBG_ASGI_THREADS`` threads (32), the health probe on two of its own.
 
 Every ``DEMO_*`` and ``ASYNCBG_*`` setting below can be set from the
 environment with a ``FLASK_`` prefix (``FLASK_DEMO_TICK_SECONDS=0.2``), as
