@@ -358,6 +358,10 @@ class _Exchange:
 
     def run(self, app: WSGIApp, environ: dict[str, Any]) -> None:
         """Run ``app`` for ``environ`` and send its answer (in a pool thread)."""
+        if self.gone.is_set():
+            # The client left while the request waited for a thread: nobody reads the answer.
+            log.debug("asyncbg: client gone before %s started", _describe(environ))
+            return
         try:
             iterable = app(environ, self.start_response)
         except Exception:

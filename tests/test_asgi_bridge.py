@@ -487,3 +487,49 @@ def test_the_thread_count_is_a_knob(make_app):
     assert other_bg.asgi_app().bridge.threads == DEFAULT_THREADS
     with pytest.raises(ValueError, match="at least 1"):
         AsyncBGASGI(bg, app, threads=0)
+
+
+async def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_run(make_app):
+    app, bg = make_app()
+    release = threading.Event()
+    holding = threading.Event()
+    ran: list[str] = []
+
+    @app.get("/hold")
+    def hold() -> str:
+        ran.append("hold")
+        holding.set()
+        release.wait(WAIT)
+        return "held"
+
+    @app.get("/late")
+    def late() -> str:
+        ran.append("late")
+        return "late"
+
+    asgi = AsyncBGASGI(bg, app, threads=1)
+    first = asyncio.ensure_future(call(asgi, "GET", "/hold"))
+    assert await asyncio.to_thread(holding.wait, WAIT)  # the only thread is taken
+    messages = [{"type": "http.request", "body": b""}, {"type": "http.disconnect"}]
+    disconnect_seen = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not messages:
+            await asyncio.Event().wait()  # nothing more: the watcher is cancelled
+        message = messages.pop(0)
+        if message["type"] == "http.disconnect":
+            disconnect_seen.set()  # gone while /hold has the only thread
+        return message
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "http", "method": "GET", "path": "/late", "query_string": b"", "headers": []}
+    second = asyncio.ensure_future(asgi(scope, receive, send))
+    await asyncio.wait_for(disconnect_seen.wait(), WAIT)
+    release.set()
+    assert assert_well_ordered(await asyncio.wait_for(first, WAIT)) == b"held"
+    await asyncio.wait_for(second, WAIT)
+    assert ran == ["hold"]
+    assert sent == []
