@@ -11,22 +11,33 @@ the extension mounts it at ``ASYNCBG_DASHBOARD_PREFIX``. Safe by default:
   header ``X-Requested-With: asyncbg`` (which a cross-site form cannot send).
 
 A client is trusted when the auth hook (``ASYNCBG_AUTH``, a callable taking the
-request) returns true; without a hook, when it connects from a loopback address
-with no proxy forwarding headers. Every refusal and every bad input is a 4xx
-JSON answer; wrong methods get 405 JSON with an ``Allow`` header.
+request) returns ``True`` (a response object it returns is sent as the answer;
+anything else refuses); without a hook, when it connects from a loopback
+address, names a loopback host (``Host: localhost``, ``127.0.0.1`` or ``[::1]``:
+a DNS-rebinding page sends its own name) and sends no proxy forwarding header.
+Every refusal and every bad input is a 4xx JSON answer; wrong methods get 405
+JSON with an ``Allow`` header. Every JSON answer parses: values JSON cannot hold
+(NaN, numpy scalars, arbitrary objects) are turned into ones it can.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import ipaddress
 import json
 import logging
+import math
+import numbers
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
+from flask import Blueprint, Response, current_app, render_template, request, url_for
 from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .errors import NotRunning
 from .health import health_report
@@ -48,7 +59,30 @@ CSRF_VALUE = "asyncbg"
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-_FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-Ip")
+# Headers a proxy adds to say who the client really is: a request with any of
+# them came through a proxy, and its loopback peer address means nothing.
+_FORWARDING_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Port",
+    "X-Forwarded-Server",
+    "X-Forwarded-Prefix",
+    "X-Original-Forwarded-For",
+    "X-Real-Ip",
+    "X-Client-Ip",
+    "X-Cluster-Client-Ip",
+    "Client-Ip",
+    "True-Client-Ip",
+    "Cf-Connecting-Ip",
+    "Fastly-Client-Ip",
+    "Via",
+)
+_LOOPBACK_HOST = re.compile(r"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
+#: Nesting deeper than this in a JSON answer is cut (a job result may be cyclic).
+_MAX_JSON_DEPTH = 32
+_MAX_REPR = 200
 _MAX_BODY = 64 * 1024
 _MAX_LIMIT = 500
 _CANCEL_WAIT = 1.0
@@ -62,19 +96,97 @@ _CSP = (
 )
 
 
+def _bounded_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object (repr failed)>"
+    return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` made of what JSON holds: dicts with string keys, lists, strings,
+    finite numbers, booleans and None. Never raises.
+
+    NaN and infinities become None; numbers of other types (``numpy.int64``,
+    ``Decimal``...) become ints or floats; dates become ISO strings, enums their
+    value, dataclasses dicts; anything else, and anything nested deeper than
+    32 levels, becomes a repr of at most 200 characters.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)  # IntEnum and friends: a plain int serialises as a number
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if depth >= _MAX_JSON_DEPTH:
+        return _bounded_repr(value)
+    if isinstance(value, Mapping):
+        return {_json_key(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v, depth + 1) for v in value]
+    if isinstance(value, enum.Enum):
+        return json_safe(value.value, depth + 1)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        try:
+            return json_safe(dataclasses.asdict(value), depth + 1)
+        except Exception:
+            return _bounded_repr(value)
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        try:  # a numpy scalar (numpy.bool_, numpy.str_...): its Python value
+            return json_safe(value.item(), depth + 1)
+        except Exception:
+            return _bounded_repr(value)
+    if isinstance(value, numbers.Number):
+        try:
+            if isinstance(value, numbers.Integral):
+                return int(value)
+            number = float(value)  # type: ignore[arg-type]
+        except Exception:
+            return _bounded_repr(value)
+        return number if math.isfinite(number) else None
+    return _bounded_repr(value)
+
+
+def _json_key(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    safe = json_safe(key, _MAX_JSON_DEPTH)  # scalars only: containers are not keys
+    return safe if isinstance(safe, str) else json.dumps(safe)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    """A JSON answer that always parses (``allow_nan=False`` holds after :func:`json_safe`)."""
+    body = json.dumps(json_safe(payload), allow_nan=False, sort_keys=True)
+    return Response(body + "\n", status=status, mimetype="application/json")
+
+
 def _error(status: int, message: str, **extra: Any) -> Response:
-    response = jsonify({"error": message, "status": status, **extra})
-    response.status_code = status
-    return response
+    return _json({"error": message, "status": status, **extra}, status)
+
+
+def _loopback_host() -> bool:
+    # request.host falls back to SERVER_NAME when the header is absent: read the header.
+    host = request.headers.get("Host")
+    return host is not None and _LOOPBACK_HOST.fullmatch(host.strip()) is not None
 
 
 def _is_loopback() -> bool:
-    """True if the client connects from a loopback address and not through a proxy.
+    """True if the client connects from a loopback address, to a loopback host, not via a proxy.
 
     A reverse proxy on the same host makes every client look local; its
-    forwarding headers give it away, and then the client is not trusted.
+    forwarding headers give it away, and then the client is not trusted (a
+    plain nginx ``proxy_pass`` adds none: behind a proxy, use an auth hook). A
+    page on another site that a DNS-rebinding attack points at 127.0.0.1 still
+    sends its own name as ``Host``, so only loopback names are trusted.
     """
     if any(h in request.headers for h in _FORWARDING_HEADERS):
+        return False
+    if not _loopback_host():
         return False
     try:
         ip = ipaddress.ip_address(request.remote_addr or "")
@@ -92,8 +204,15 @@ def _auth_hook() -> Callable[[Any], Any] | None:
     return hook  # type: ignore[no-any-return]
 
 
-def _trusted() -> bool:
+def _trust() -> bool | WerkzeugResponse:
     """Ask the auth hook about this request; without one, trust loopback clients.
+
+    Only ``True`` grants. A response object the hook returns (say Flask-Login's
+    redirect to the login page) is the answer to send. Anything else refuses:
+    ``False`` and ``None`` quietly, other values (1, "yes", a dict) with a
+    warning logged once per type, since they are most likely a mistake. A hook
+    that raises refuses too, with the traceback logged: a client sending
+    malformed credentials must not get a 500, and a broken hook fails closed.
 
     :raises HTTPException: whatever the hook raises to answer itself (e.g. 401).
     """
@@ -101,12 +220,32 @@ def _trusted() -> bool:
     if hook is None:
         return _is_loopback()
     try:
-        return bool(hook(request))
+        answer = hook(request)
     except HTTPException:
         raise
     except Exception:
         log.exception("asyncbg: the ASYNCBG_AUTH hook failed; refusing the request")
         return False
+    if answer is True:
+        return True
+    if isinstance(answer, WerkzeugResponse):
+        return answer
+    if answer is not False and answer is not None:
+        kind = type(answer).__name__
+        warned: set[str] = current_app.extensions.setdefault("asyncbg.odd_hook_answers", set())
+        if kind not in warned:  # once per type and app: not a log line per request
+            warned.add(kind)
+            log.warning(
+                "asyncbg: the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
+                "refusing (only True allows)",
+                _bounded_repr(answer),
+            )
+    return False
+
+
+def _trusted() -> bool:
+    """:func:`_trust` as a yes or no (a response from the hook is a no)."""
+    return _trust() is True
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -151,7 +290,7 @@ def _check_empty_body() -> None:
         return
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # [[[[...]]]] of a few KiB exhausts the stack
         raise BadRequest("the body must be empty or a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be empty or a JSON object")
@@ -227,10 +366,16 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
                 )
             if request.headers.get(CSRF_HEADER) != CSRF_VALUE:
                 return _error(403, f"control requests must send the header {CSRF_HEADER}: asyncbg")
-        if not _trusted():
+        verdict = _trust()
+        if isinstance(verdict, WerkzeugResponse):
+            return verdict
+        if not verdict:
             if _auth_hook() is None:
                 return _error(
-                    403, "only loopback clients are allowed without an auth hook (ASYNCBG_AUTH)"
+                    403,
+                    "without an auth hook (ASYNCBG_AUTH) only direct loopback clients are "
+                    "allowed: a loopback address, Host localhost, 127.0.0.1 or [::1], "
+                    "and no proxy forwarding header",
                 )
             return _error(403, "refused by the auth hook")
         return None
@@ -271,7 +416,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
         healthy, report = health_report(
             bg, max_lag=None if max_lag is None else float(max_lag), detailed=detailed
         )
-        return jsonify(report), 200 if healthy else 503
+        return _json(report, 200 if healthy else 503)
 
     @route("/jobs", "jobs", ["GET"], _READ)
     def jobs() -> ResponseReturnValue:
@@ -286,7 +431,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
         ]
         page = selected[offset : offset + limit]
         more = offset + limit < len(selected)
-        return jsonify(
+        return _json(
             {
                 "jobs": [job_json(job) for job in page],
                 "total": len(selected),
@@ -298,7 +443,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
 
     @route("/jobs/<job_id>", "job", ["GET"], _READ)
     def job(job_id: str) -> ResponseReturnValue:
-        return jsonify(job_json(find_job(job_id)))
+        return _json(job_json(find_job(job_id)))
 
     @route("/metrics", "metrics", ["GET"], _READ)
     def metrics() -> ResponseReturnValue:
@@ -324,7 +469,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
             return _error(503, "the event loop is not running")
         # Usually a moment: answer with the final state when it comes quickly.
         done = job.wait(_CANCEL_WAIT)
-        return jsonify({"cancel_requested": True, "job": job_json(job)}), 200 if done else 202
+        return _json({"cancel_requested": True, "job": job_json(job)}, 200 if done else 202)
 
     @route("/periodic/<name>/run", "run_periodic", ["POST"], _CONTROL)
     def run_periodic(name: str) -> ResponseReturnValue:
@@ -346,7 +491,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
         if not started:
             why = "a run is already in progress" if pj.running else "its schedule is not started"
             return _error(409, f"periodic job {name!r} not started: {why}", periodic=pj.snapshot())
-        return jsonify({"started": True, "periodic": pj.snapshot()}), 202
+        return _json({"started": True, "periodic": pj.snapshot()}, 202)
 
     # -- the page ----------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ Serve it under Hypercorn (the recommended way: the server starts and stops async
 
     hypercorn --config hypercorn.toml asyncbg.demo:asgi_app
 
-``asyncbg.demo:app`` (the plain Flask app) works too: asyncbg then starts when
-the module is imported and drains when the process exits. So does
-``flask --app asyncbg.demo run --debug``.
+``asyncbg.demo:app`` (the plain Flask app) is not supported under Hypercorn:
+asyncbg then only starts at import and drains at exit, and Hypercorn 0.18's WSGI
+wrapper answers every HEAD, 204 and 304 with a 500 (docs/deploy.md).
+``flask --app asyncbg.demo run --debug`` works.
 
 Endpoints (all answer JSON)::
 
@@ -16,6 +17,9 @@ Endpoints (all answer JSON)::
     POST /jobs         {"steps": 10, "step_seconds": 0.5}  -> a slow job with progress
     GET  /jobs/<id>                                 -> its status, progress and result
     GET  /compute?n=30                              -> an async view awaiting bg.run()
+
+``/compute?delay=`` holds a view thread for up to 60 s: views run on
+``ASYNCBG_ASGI_THREADS`` threads (32), the health probe on two of its own.
 
 Every ``DEMO_*`` and ``ASYNCBG_*`` setting below can be set from the
 environment with a ``FLASK_`` prefix (``FLASK_DEMO_TICK_SECONDS=0.2``), as
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import math
 import os
@@ -129,12 +134,36 @@ def _json_object(*, required: bool) -> dict[str, Any]:
         return {}
     if not request.is_json:
         raise BadInput("expected Content-Type: application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise BadInput("malformed JSON body")
+    try:
+        data = json.loads(request.get_data(cache=True))
+    except (ValueError, RecursionError):  # RecursionError: a few KiB of [[[[...]]]]
+        raise BadInput("malformed JSON body") from None
     if not isinstance(data, dict):
         raise BadInput("the JSON body must be an object")
+    if _nested_deeper_than(data, _MAX_JSON_DEPTH):
+        # What is stored comes back out through jsonify, which recurses too.
+        raise BadInput(f"the JSON body is nested deeper than {_MAX_JSON_DEPTH} levels")
     return data
+
+
+_MAX_JSON_DEPTH = 32
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if ``value`` has containers nested more than ``limit`` deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _error(status: int, message: str, **headers: str) -> Response:
