@@ -53,6 +53,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_EAGER": False,
     "ASYNCBG_LOCK_DIR": None,
     "ASYNCBG_MAX_WORKERS": None,
+    "ASYNCBG_ASGI_THREADS": None,
     # observability (docs/observability.md)
     "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
     "ASYNCBG_DASHBOARD": False,
@@ -496,19 +497,24 @@ class AsyncBG:
 
     # -- serving -------------------------------------------------------------------------
 
-    def asgi_app(self, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> AsyncBGASGI:
+    def asgi_app(
+        self, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE, threads: int | None = None
+    ) -> AsyncBGASGI:
         """An ASGI app serving the bound Flask app, with asyncbg's life tied to the server's.
 
         Run it with ``hypercorn module:asgi_app``. Lifespan startup starts the
         loop (periodic jobs run before the first request); lifespan shutdown,
         which Hypercorn sends once in-flight requests are done, drains and stops
-        it. HTTP goes to Hypercorn's own WSGI middleware, so views keep running
-        on the server's thread pool. ``max_body_size`` caps request bodies (larger
-        ones get a 400), as Hypercorn's ``wsgi_max_body_size`` does.
+        it. HTTP goes to asyncbg's own WSGI bridge (:class:`~asyncbg.asgi.WSGIBridge`),
+        which runs views on a pool of ``threads`` threads (default
+        ``ASYNCBG_ASGI_THREADS``, 32) and answers the health probe on two of its
+        own. ``max_body_size`` caps request bodies (larger ones get a 400 JSON
+        answer), as Hypercorn's ``wsgi_max_body_size`` does.
 
         :raises RuntimeError: if no app is bound yet.
+        :raises ValueError: if ``threads`` is below 1 or ``max_body_size`` below 0.
         """
-        return AsyncBGASGI(self, self._require_app(), max_body_size=max_body_size)
+        return AsyncBGASGI(self, self._require_app(), max_body_size=max_body_size, threads=threads)
 
     def _serve_under_server(self) -> None:
         # Called by AsyncBGASGI on the server's loop once start() has run: from

@@ -22,17 +22,11 @@ JSON with an ``Allow`` header. Every JSON answer parses: values JSON cannot hold
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import enum
 import ipaddress
 import json
 import logging
-import math
-import numbers
 import re
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, render_template, request, url_for
@@ -42,6 +36,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from .errors import NotRunning
 from .health import health_report
 from .jobs import Job, JobStatus
+from .jsonsafe import bounded_repr, json_safe
 from .metrics import MetricsUnavailable
 
 if TYPE_CHECKING:
@@ -81,8 +76,6 @@ _FORWARDING_HEADERS = (
 )
 _LOOPBACK_HOST = re.compile(r"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
 #: Nesting deeper than this in a JSON answer is cut (a job result may be cyclic).
-_MAX_JSON_DEPTH = 32
-_MAX_REPR = 200
 _MAX_BODY = 64 * 1024
 _MAX_LIMIT = 500
 _CANCEL_WAIT = 1.0
@@ -94,69 +87,6 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-def _bounded_repr(value: object) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__} object (repr failed)>"
-    return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
-
-
-def json_safe(value: Any, depth: int = 0) -> Any:
-    """``value`` made of what JSON holds: dicts with string keys, lists, strings,
-    finite numbers, booleans and None. Never raises.
-
-    NaN and infinities become None; numbers of other types (``numpy.int64``,
-    ``Decimal``...) become ints or floats; dates become ISO strings, enums their
-    value, dataclasses dicts; anything else, and anything nested deeper than
-    32 levels, becomes a repr of at most 200 characters.
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)  # IntEnum and friends: a plain int serialises as a number
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if depth >= _MAX_JSON_DEPTH:
-        return _bounded_repr(value)
-    if isinstance(value, Mapping):
-        return {_json_key(k): json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [json_safe(v, depth + 1) for v in value]
-    if isinstance(value, enum.Enum):
-        return json_safe(value.value, depth + 1)
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        try:
-            return json_safe(dataclasses.asdict(value), depth + 1)
-        except Exception:
-            return _bounded_repr(value)
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        try:  # a numpy scalar (numpy.bool_, numpy.str_...): its Python value
-            return json_safe(value.item(), depth + 1)
-        except Exception:
-            return _bounded_repr(value)
-    if isinstance(value, numbers.Number):
-        try:
-            if isinstance(value, numbers.Integral):
-                return int(value)
-            number = float(value)  # type: ignore[arg-type]
-        except Exception:
-            return _bounded_repr(value)
-        return number if math.isfinite(number) else None
-    return _bounded_repr(value)
-
-
-def _json_key(key: object) -> str:
-    if isinstance(key, str):
-        return key
-    safe = json_safe(key, _MAX_JSON_DEPTH)  # scalars only: containers are not keys
-    return safe if isinstance(safe, str) else json.dumps(safe)
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -238,7 +168,7 @@ def _trust() -> bool | WerkzeugResponse:
             log.warning(
                 "asyncbg: the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
                 "refusing (only True allows)",
-                _bounded_repr(answer),
+                bounded_repr(answer),
             )
     return False
 

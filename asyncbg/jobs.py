@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import JobCancelled, JobTimedOut, NotRunning
+from .jsonsafe import json_safe
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -389,16 +390,14 @@ class Job(Generic[T]):
             },
         }
         if include_result:
-            data["result"] = (
-                _json_safe(self._result) if self.status is JobStatus.SUCCEEDED else None
-            )
+            data["result"] = json_safe(self._result) if self.status is JobStatus.SUCCEEDED else None
         if include_result if include_error is None else include_error:
             exc = self._exception
             data["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
         if include_args:
             args, kwargs = self._args, self._kwargs
-            data["args"] = None if args is None else _json_safe(list(args))
-            data["kwargs"] = None if kwargs is None else _json_safe(dict(kwargs))
+            data["args"] = None if args is None else json_safe(list(args))
+            data["kwargs"] = None if kwargs is None else json_safe(dict(kwargs))
         return data
 
     # -- loop thread only --------------------------------------------------------
@@ -499,18 +498,6 @@ def set_if_pending(fut: asyncio.Future[None]) -> None:
     """Resolve ``fut`` with None unless it is already done (a waiter's wake-up)."""
     if not fut.done():
         fut.set_result(None)
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if depth < 8 and isinstance(value, (list, tuple)):
-        return [_json_safe(v, depth + 1) for v in value]
-    if depth < 8 and isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _json_safe(v, depth + 1) for k, v in value.items()}
-    return repr(value)
 
 
 def is_async_callable(fn: object) -> bool:
