@@ -117,6 +117,7 @@ class Server:
     :param workers: overrides ``workers`` of the toml when not None (so do
         ``graceful_timeout`` and ``worker_class``).
     :param config: ``DEMO_*``/``ASYNCBG_*`` settings, passed as ``FLASK_<KEY>``.
+    :param env: more environment variables for the server.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class Server:
         graceful_timeout: int | None = None,
         worker_class: str | None = None,
         config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workers = workers
         args = [*hypercorn_command(), "--config", str(HYPERCORN_TOML), "--bind", "127.0.0.1:0"]
@@ -138,7 +140,7 @@ class Server:
         if worker_class is not None:
             args += ["--worker-class", worker_class]
         args.append(app)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("WERKZEUG_RUN_MAIN", None)
         settings = {"ASYNCBG_LOCK_DIR": str(tmp_path / "locks"), **(config or {})}
         for key, value in settings.items():

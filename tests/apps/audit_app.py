@@ -13,12 +13,18 @@ Kinds: ``trivial`` (returns at once), ``sleep`` (``JOB_SECONDS`` on the loop).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 from flask import Flask, jsonify, request
 
 from asyncbg import AsyncBG, NotRunning
+
+_handler = logging.StreamHandler()
+_handler.setFormatter(logging.Formatter("[%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+logging.getLogger("asyncbg").addHandler(_handler)
+logging.getLogger("asyncbg").setLevel(logging.INFO)
 
 app = Flask(__name__)
 app.config.from_prefixed_env()
