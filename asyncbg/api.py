@@ -580,7 +580,9 @@ class AsyncBG:
         """
         with self._start_lock:
             self._stopped = True
-        return self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+        report = self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+        self.signals.uninstall()
+        return report
 
     def _after_stop(self, report: ShutdownReport) -> None:
         # On the loop thread, after the loop closed: no run can be in progress.
