@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .errors import NotRunning, UnknownQueue
-from .host_lock import HostLock
+from .host_lock import HostLock, default_lock_dir
 from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
 from .loop_thread import LoopThread, ShutdownReport
 from .metrics import JobStats, MetricsExporter
@@ -130,7 +129,7 @@ class AsyncBG:
         self.eager = False
         self.shutdown_timeout = float(DEFAULT_CONFIG["ASYNCBG_SHUTDOWN_TIMEOUT"])
         self.queue_maxsize = int(DEFAULT_CONFIG["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = tempfile.gettempdir()
+        self.lock_dir = default_lock_dir()
         self.handle_signals = True
         self.last_report: ShutdownReport | None = None
         self.monitor = LoopMonitor(self.loop_thread)
@@ -183,7 +182,7 @@ class AsyncBG:
         self.history.max_size = int(cfg["ASYNCBG_JOB_HISTORY_SIZE"])
         self.history.max_age = float(cfg["ASYNCBG_JOB_HISTORY_AGE"])
         self.queue_maxsize = int(cfg["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or tempfile.gettempdir()
+        self.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or default_lock_dir()
         self.handle_signals = bool(cfg["ASYNCBG_HANDLE_SIGNALS"])
         self.eager = bool(cfg["ASYNCBG_EAGER"])
         if cfg["ASYNCBG_ASYNC_VIEWS"]:
