@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .errors import NotRunning, UnknownQueue
-from .host_lock import HostLock
+from .host_lock import HostLock, default_lock_dir
 from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
 from .loop_thread import LoopThread, ShutdownReport
 from .metrics import JobStats, MetricsExporter
@@ -132,7 +131,7 @@ class AsyncBG:
         self.eager = False
         self.shutdown_timeout = float(DEFAULT_CONFIG["ASYNCBG_SHUTDOWN_TIMEOUT"])
         self.queue_maxsize = int(DEFAULT_CONFIG["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = tempfile.gettempdir()
+        self.lock_dir = default_lock_dir()
         self.handle_signals = True
         self.last_report: ShutdownReport | None = None
         self.monitor = LoopMonitor(self.loop_thread)
@@ -186,7 +185,7 @@ class AsyncBG:
         self.history.max_size = int(cfg["ASYNCBG_JOB_HISTORY_SIZE"])
         self.history.max_age = float(cfg["ASYNCBG_JOB_HISTORY_AGE"])
         self.queue_maxsize = int(cfg["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or tempfile.gettempdir()
+        self.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or default_lock_dir()
         self.handle_signals = bool(cfg["ASYNCBG_HANDLE_SIGNALS"])
         self.eager = bool(cfg["ASYNCBG_EAGER"])
         if cfg["ASYNCBG_ASYNC_VIEWS"]:
@@ -588,7 +587,9 @@ class AsyncBG:
         """
         with self._start_lock:
             self._stopped = True
-        return self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+        report = self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+        self.signals.uninstall()
+        return report
 
     def _after_stop(self, report: ShutdownReport) -> None:
         # On the loop thread, after the loop closed: no run can be in progress.

@@ -26,10 +26,14 @@ def health_report(
     """Return ``(healthy, report)`` for ``bg``.
 
     Unhealthy when the loop is not running, or when its lag right now is over
-    ``max_lag`` seconds (None: lag never makes it unhealthy). The short report
-    (``detailed=False``) says only that and why; the detailed one adds lag
-    percentiles, blocked-loop counts, running jobs, queues and periodic jobs.
-    Results and arguments of jobs are never in it.
+    ``max_lag`` seconds (None: lag never makes it unhealthy). Degraded (status
+    ``"degraded"``, still healthy) when a host-scoped periodic job cannot take
+    its host lock: that job stops running on this host, but the process can
+    serve, so a load balancer must not take it out. The short report
+    (``detailed=False``) says only the status and why it is unhealthy; the
+    detailed one adds ``warnings`` (what degrades it), lag percentiles,
+    blocked-loop counts, running jobs, queues and periodic jobs. Results and
+    arguments of jobs are never in it. Never raises for a job's state.
     """
     lt = bg.loop_thread
     monitor = bg.monitor
@@ -41,14 +45,20 @@ def health_report(
     if lag is not None and max_lag is not None and lag > max_lag:
         problems.append(f"event loop lag {lag:.3f}s is over {max_lag:g}s")
     healthy = not problems
+    warnings = [
+        f"periodic job {name} cannot take its host lock: {pj.lock_error}"
+        for name, pj in sorted(bg.periodic_jobs.items())
+        if pj.lock_error is not None
+    ]
     report: dict[str, Any] = {
-        "status": "ok" if healthy else "unhealthy",
+        "status": "unhealthy" if not healthy else "degraded" if warnings else "ok",
         "problems": problems,
         "loop": {"alive": alive, "lag": lag},
         "time": time.time(),
     }
     if not detailed:
         return healthy, report
+    report["warnings"] = warnings
 
     lag_stats = monitor.lag_stats() if alive else {"current": None}
     report["loop"].update(

@@ -21,6 +21,7 @@ from croniter import croniter
 
 from .host_lock import HostLock
 from .jobs import is_async_callable
+from .logthrottle import LogThrottle, describe_exception
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -32,6 +33,13 @@ log = logging.getLogger("asyncbg")
 Scope = Literal["process", "host"]
 
 _SKIP_LOG_INTERVAL = 60.0
+
+#: A failing job logs one failure in full with its traceback, then at most one
+#: summary line, per this many seconds (every failure is still counted).
+FAILURE_LOG_INTERVAL = 60.0
+
+#: Longest ``last_error`` / ``lock_error`` kept: they go into health reports.
+_ERROR_TEXT_LIMIT = 500
 
 
 def _seconds(value: float | dt.timedelta | None, what: str) -> float | None:
@@ -100,6 +108,8 @@ class PeriodicJob:
         self.last_start: float | None = None
         self.last_duration: float | None = None
         self.last_error: str | None = None
+        #: Why the last attempt to take the host lock failed; None once one works.
+        self.lock_error: str | None = None
         self.last_start_lateness: float | None = None
         self.next_due: float | None = None
         self._lt: LoopThread | None = None
@@ -112,6 +122,9 @@ class PeriodicJob:
         self._cron_iter: Any = None
         self._active = False
         self._last_skip_log = -math.inf
+        #: Decides which failures are logged in full; replace it to change the interval.
+        self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<PeriodicJob {self.name} {self.schedule}>"
@@ -149,6 +162,7 @@ class PeriodicJob:
         self._context = context
         self._lock = lock
         self._active = True
+        self._flush_handle = None  # any left belonged to a previous, closed loop
         loop = loop_thread.loop
         now = loop.time()
         if self.cron is not None:
@@ -169,12 +183,21 @@ class PeriodicJob:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # release() logs what is left
+            self._flush_handle = None
         self.next_due = None
 
     def release(self) -> None:
-        """Release the host lock, if held (once no run can be in progress)."""
+        """Release the host lock, if held (once no run can be in progress).
+
+        Also logs the summary of failures counted but not logged yet, so none
+        goes unsaid at shutdown.
+        """
         if self._lock is not None:
             self._lock.release()
+        self._flush_handle = None
+        self.log_throttle.flush(force=True)
 
     def run_now(self) -> bool:
         """Start one run now, outside the schedule, unless one is running. Loop thread only."""
@@ -235,7 +258,7 @@ class PeriodicJob:
         lt = self._lt
         assert lt is not None
         started = False
-        if self._lock is not None and not self._lock.try_acquire():
+        if self._lock is not None and not self._try_lock():
             pass  # another process on this host runs it; stay ready to take over
         elif self._run_task is not None:
             self._count_skip("the previous run was still going")
@@ -254,6 +277,48 @@ class PeriodicJob:
             assert self.delay is not None
             self._arm(lt.loop.time() + self.delay)
 
+    def _try_lock(self) -> bool:
+        assert self._lock is not None
+        try:
+            held = self._lock.try_acquire()
+        except Exception as exc:
+            # Raised out of this timer callback it would end the schedule for
+            # good (the next tick is armed after this): count it, retry next tick.
+            self.lock_error = describe_exception(exc, _ERROR_TEXT_LIMIT)
+            self.failures += 1
+            self.last_error = f"host lock: {self.lock_error}"
+            self._log_failure(
+                "host lock of periodic job",
+                exc,
+                "asyncbg: periodic job %s could not take its host lock %s; "
+                "it will try again on its next tick",
+                self.name,
+                self._lock.path,
+            )
+            return False
+        self.lock_error = None
+        return held
+
+    def _log_failure(self, kind: str, exc: BaseException, msg: str, *args: object) -> None:
+        if not self.log_throttle.failure(log, kind, self.name, exc, msg, *args):
+            self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        # The throttle's summary is due when its interval ends even if the job
+        # stops failing, so a timer logs it rather than the next failure.
+        if self._flush_handle is not None or self._lt is None or not self._active:
+            return
+        at = self.log_throttle.next_flush_at()
+        if at is None:
+            return
+        delay = max(at - self.log_throttle.clock(), 0.0)
+        self._flush_handle = self._lt.loop.call_later(delay, self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._flush_handle = None
+        self.log_throttle.flush()
+        self._arm_flush()
+
     async def _run(self, due: float | None) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -267,10 +332,14 @@ class PeriodicJob:
                 else:
                     async with asyncio.timeout(self.timeout):
                         await self.fn()
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit and KeyboardInterrupt escaping a task end the loop
+            # thread with it (asyncio re-raises them); here they only end this
+            # run. Real signals never reach this thread, so they come from the
+            # job. CancelledError (stop, a timeout) is not caught.
             self.failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("asyncbg: periodic job %s failed", self.name, exc_info=exc)
+            self.last_error = describe_exception(exc, _ERROR_TEXT_LIMIT)
+            self._log_failure("periodic job", exc, "asyncbg: periodic job %s failed", self.name)
         else:
             self.last_error = None
         finally:
@@ -281,7 +350,8 @@ class PeriodicJob:
                 self._arm(loop.time() + self.delay)
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-safe summary: schedule, counts, last start/duration/error, next due."""
+        """A JSON-safe summary: schedule, counts, last start/duration/error, next due,
+        and for host-scoped jobs whether the lock is held and why taking it failed."""
         return {
             "name": self.name,
             "schedule": self.schedule,
@@ -295,4 +365,5 @@ class PeriodicJob:
             "last_error": self.last_error,
             "next_due": self.next_due,
             "holds_lock": self.holds_lock,
+            "lock_error": self.lock_error,
         }

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ class ShutdownSignals:
         self._still_queued = still_queued
         #: Set once a server drives start and stop through ASGI lifespan.
         self.server_managed = False
+        self._handlers: list[tuple[int, _Handler]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -64,55 +66,77 @@ class ShutdownSignals:
         self.reset()
 
     def install(self) -> None:
-        """Put the handlers in front of the current ones (main thread only; else a no-op)."""
+        """Put the handlers in front of the current ones (main thread only; else a no-op).
+
+        Each handler hands the signal on to the one it replaced. It holds only
+        a weak reference to this object, so an instance dropped without
+        :meth:`uninstall` is not kept alive by it; its handler then hands
+        every signal straight on. Dead or retired asyncbg handlers found in
+        the way are skipped, so restarting instances never grows a chain.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in SIGNALS:
-            previous = signal.getsignal(sig)
-            if getattr(previous, "__asyncbg__", None) is self:
+            current = signal.getsignal(sig)
+            if isinstance(current, _Handler) and current.owner() is self:
                 continue
-            signal.signal(sig, self._make_handler(previous))
+            handler = _Handler(self, _skip_dead(current))
+            signal.signal(sig, handler)
+            self._handlers.append((sig, handler))
 
-    def _make_handler(self, previous: Any) -> Callable[[int, FrameType | None], None]:
+    def uninstall(self) -> None:
+        """Take the handlers out again, once the stop is over.
+
+        Where a handler is still the installed one, the one it replaced comes
+        back (this works in the main thread only; elsewhere, and where another
+        handler was installed on top, the handler stays but hands signals
+        straight on from now on, and the main thread takes it out when a
+        signal next comes). Idempotent; never raises.
+        """
+        handlers, self._handlers = self._handlers, []
+        for _sig, handler in handlers:
+            handler.retired = True
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in reversed(handlers):
+            _take_out(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None, previous: Any) -> None:
         # Under a server it never blocks: the server's loop runs in this same
         # main thread and must go on finishing in-flight requests.
-        def handler(signum: int, frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            draining = self._loop_thread.stopping
-            if signum == signal.SIGINT and (draining or self._sigint_seen):
-                # Ctrl-C while a drain is under way (whoever started it), or a
-                # second one under a server: the user will not wait. Exit now.
-                self._force_exit(signum)
-                return
-            if self.server_managed:
-                # The server shuts down (and sends lifespan shutdown, which stops
-                # us) on its own signal or its supervisor's word. Hand the signal
-                # on to a Python handler only (the server's), never to SIG_DFL:
-                # Hypercorn's supervisor SIGTERMs every worker still running once
-                # the first has exited, and that must not kill one mid-drain.
-                if signum == signal.SIGINT:
-                    self._sigint_seen = True
-                if draining:
-                    log.info("asyncbg: %s received while draining; the drain goes on", name)
-                else:
-                    log.info("asyncbg: %s received; draining once the server stops", name)
-                if callable(previous):
-                    previous(signum, frame)
-                return
-            if not self._stop_started:
-                self._stop_started = True
-                log.info("asyncbg: %s received, stopping gracefully", name)
-                self._stopping_in_handler = True
-                try:
-                    self._stop()
-                finally:
-                    self._stopping_in_handler = False
-            # A second SIGTERM while the first is still draining skips the wait
-            # and goes straight on to the previous handler: a forced, fast exit.
-            _chain(previous, signum, frame)
-
-        handler.__asyncbg__ = self  # type: ignore[attr-defined]
-        return handler
+        name = signal.Signals(signum).name
+        draining = self._loop_thread.stopping
+        if signum == signal.SIGINT and (draining or self._sigint_seen):
+            # Ctrl-C while a drain is under way (whoever started it), or a
+            # second one under a server: the user will not wait. Exit now.
+            self._force_exit(signum)
+            return
+        if self.server_managed:
+            # The server shuts down (and sends lifespan shutdown, which stops
+            # us) on its own signal or its supervisor's word. Hand the signal
+            # on to a Python handler only (the server's), never to SIG_DFL:
+            # Hypercorn's supervisor SIGTERMs every worker still running once
+            # the first has exited, and that must not kill one mid-drain.
+            if signum == signal.SIGINT:
+                self._sigint_seen = True
+            if draining:
+                log.info("asyncbg: %s received while draining; the drain goes on", name)
+            else:
+                log.info("asyncbg: %s received; draining once the server stops", name)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        if not self._stop_started:
+            self._stop_started = True
+            log.info("asyncbg: %s received, stopping gracefully", name)
+            self._stopping_in_handler = True
+            try:
+                self._stop()
+            finally:
+                self._stopping_in_handler = False
+        # A second SIGTERM while the first is still draining skips the wait
+        # and goes straight on to the previous handler: a forced, fast exit.
+        _chain(previous, signum, frame)
 
     def _force_exit(self, signum: int) -> None:
         # The handler interrupted the main thread anywhere; under a server that
@@ -147,6 +171,56 @@ class ShutdownSignals:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(128 + signum)
+
+
+class _Handler:
+    """One installed handler: its owner's while the owner is in service, else a pass-through.
+
+    An owner is out of service once it is gone (garbage collected) or has
+    uninstalled (retired) and is not draining; a Ctrl-C during a drain started
+    from another thread must still exit at once.
+    """
+
+    __slots__ = ("_owner", "previous", "retired")
+
+    def __init__(self, owner: ShutdownSignals, previous: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self.previous = previous
+        self.retired = False
+
+    def owner(self) -> ShutdownSignals | None:
+        owner = self._owner()
+        if owner is None or (self.retired and not owner._loop_thread.stopping):
+            return None
+        return owner
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        previous = _skip_dead(self.previous)
+        owner = self.owner()
+        if owner is not None:
+            owner._handle(signum, frame, previous)
+            return
+        # Signal handlers run in the main thread: the one place this handler
+        # can take itself out of the chain.
+        _take_out(signum, self)
+        _chain(previous, signum, frame)
+
+
+def _skip_dead(handler: Any) -> Any:
+    """The first handler from ``handler`` down the chain that is not one of ours out of service."""
+    while isinstance(handler, _Handler) and handler.owner() is None:
+        handler = handler.previous
+    return handler
+
+
+def _take_out(signum: int, handler: _Handler) -> None:
+    # Only if nobody installed another handler on top, and the one it replaced
+    # can be put back (None: installed outside Python, which signal() cannot).
+    previous = _skip_dead(handler.previous)
+    if previous is None or signal.getsignal(signum) is not handler:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signum, previous)
 
 
 def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
