@@ -599,6 +599,9 @@ class AsyncBG:
         # Jobs whose tasks ignored cancellation (counted as abandoned by the
         # loop), or left by a loop that died: their waiters must not wait forever.
         self.runner.settle_unfinished("it was still running when the loop closed")
+        self.runner.flush_logs()
+        for q in self.queues.values():
+            q.flush_logs()
         self._count_queued(report)
         self.last_report = report
         self._log_report(report)

@@ -36,7 +36,8 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from .errors import NotRunning
 from .health import health_report
 from .jobs import Job, JobStatus
-from .jsonsafe import bounded_repr, json_safe
+from .jsonsafe import json_safe
+from .logthrottle import short_repr
 from .metrics import MetricsUnavailable
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ def _trust() -> bool | WerkzeugResponse:
             log.warning(
                 "asyncbg: the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
                 "refusing (only True allows)",
-                bounded_repr(answer),
+                short_repr(answer),
             )
     return False
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
+from .logthrottle import FlushTimer, LogThrottle, describe_exception
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -438,6 +439,9 @@ class Job(Generic[T]):
 
 _MAX_MESSAGE = 1000
 
+#: Seconds during which further failures of one task are counted, not logged.
+FAILURE_LOG_INTERVAL = 60.0
+
 
 def _finite(what: str, value: object) -> float:
     # Progress is served as JSON: only finite plain floats survive that.
@@ -597,6 +601,9 @@ class JobRunner:
         self.active = 0  # started and not finished; loop thread only
         self.finish_hooks: list[Callable[[Job[Any]], object]] = []
         self._idle_hooks: list[Callable[[], object]] = []
+        #: Which failures of a task are logged in full (the first per minute).
+        self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
+        self._flush_timer = FlushTimer(self.log_throttle)
         loop_thread.on_abandon(self._start, self._abandon_start)
         _runners.add(self)
 
@@ -690,6 +697,21 @@ class JobRunner:
         job._finish(JobStatus.CANCELLED)
         return True
 
+    def log_failure(
+        self, kind: str, name: str, exc: BaseException, msg: str, *args: object, level: int = 40
+    ) -> None:
+        """Log a failure of ``name`` through the throttle: the first in full, then
+        a count per interval. Loop thread only."""
+        self._flush_timer.throttle = self.log_throttle  # it may have been replaced
+        if not self.log_throttle.failure(log, kind, name, exc, msg, *args, level=level):
+            with contextlib.suppress(RuntimeError):  # no loop: a coroutine closed late
+                self._flush_timer.arm(asyncio.get_running_loop())
+
+    def flush_logs(self) -> None:
+        """Say every failure count not logged yet (at stop)."""
+        self._flush_timer.close()
+        self.log_throttle.flush(force=True)
+
     def settle_unfinished(self, why: str, *, from_loop: bool = True) -> int:
         """Mark every job not yet final as cancelled (``why`` says how it was
         abandoned) and wake its waiters; return how many there were.
@@ -749,12 +771,14 @@ class JobRunner:
                     except (SystemExit, KeyboardInterrupt) as error:
                         # Asyncio would let these end the loop every job shares.
                         # The code asked to stop, so no retry: a failure, recorded.
-                        log.error(
+                        self.log_failure(
+                            "job",
+                            job.name,
+                            error,
                             "asyncbg: job %s %s raised %s; recorded as failed, not retried",
                             job.name,
                             job.id,
                             type(error).__name__,
-                            exc_info=error,
                         )
                         job._finish(JobStatus.FAILED, exc=error)
                         return
@@ -767,15 +791,19 @@ class JobRunner:
                         status = JobStatus.FAILED
                     if job.attempts <= options.retries:
                         delay = options.backoff(job.attempts)
-                        log.warning(
+                        self.log_failure(
+                            "job attempt",
+                            job.name,
+                            exc,
                             "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
                             job.name,
                             job.id,
                             job.attempts,
                             options.retries + 1,
                             status.value,
-                            exc,
+                            describe_exception(exc),
                             delay,
+                            level=logging.WARNING,
                         )
                         try:
                             await asyncio.sleep(delay)
@@ -784,21 +812,27 @@ class JobRunner:
                             raise
                         continue
                     if status is JobStatus.TIMED_OUT:
-                        log.error(
+                        timed_out = JobTimedOut(str(exc))
+                        self.log_failure(
+                            "job",
+                            job.name,
+                            timed_out,
                             "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
                             job.name,
                             job.id,
                             options.timeout,
                             job.attempts,
                         )
-                        job._finish(status, exc=JobTimedOut(str(exc)))
+                        job._finish(status, exc=timed_out)
                     else:
-                        log.error(
+                        self.log_failure(
+                            "job",
+                            job.name,
+                            exc,
                             "asyncbg: job %s %s failed (%d attempt(s))",
                             job.name,
                             job.id,
                             job.attempts,
-                            exc_info=exc,
                         )
                         job._finish(status, exc=exc)
                     return
@@ -808,11 +842,13 @@ class JobRunner:
             if not job.done():
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 if not cancelled:
-                    log.error(
+                    self.log_failure(
+                        "job",
+                        job.name,
+                        exc,
                         "asyncbg: job %s %s failed outside its code",
                         job.name,
                         job.id,
-                        exc_info=exc,
                     )
                 job._finish(
                     JobStatus.CANCELLED if cancelled else JobStatus.FAILED,

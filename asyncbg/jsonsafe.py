@@ -18,19 +18,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["bounded_repr", "json_safe"]
+from .logthrottle import short_repr
+
+__all__ = ["json_safe"]
 
 _MAX_JSON_DEPTH = 32
-_MAX_REPR = 200
-
-
-def bounded_repr(value: object, limit: int = _MAX_REPR) -> str:
-    """``repr(value)`` cut to ``limit`` characters; never raises."""
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__} object (repr failed)>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_safe(value: Any, depth: int = 0) -> Any:
@@ -49,7 +41,7 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else None
     if depth >= _MAX_JSON_DEPTH:
-        return bounded_repr(value)
+        return short_repr(value)
     if isinstance(value, Mapping):
         return {_json_key(k): json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -64,21 +56,21 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         try:
             return json_safe(dataclasses.asdict(value), depth + 1)
         except Exception:
-            return bounded_repr(value)
+            return short_repr(value)
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
         try:  # a numpy scalar (numpy.bool_, numpy.str_...): its Python value
             return json_safe(value.item(), depth + 1)
         except Exception:
-            return bounded_repr(value)
+            return short_repr(value)
     if isinstance(value, numbers.Number):
         try:
             if isinstance(value, numbers.Integral):
                 return int(value)
             number = float(value)  # type: ignore[arg-type]
         except Exception:
-            return bounded_repr(value)
+            return short_repr(value)
         return number if math.isfinite(number) else None
-    return bounded_repr(value)
+    return short_repr(value)
 
 
 def _json_key(key: object) -> str:

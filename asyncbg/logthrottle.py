@@ -26,6 +26,7 @@ every failure in their statistics and metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import reprlib
 import threading
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["LogThrottle", "describe_exception", "short_repr"]
+__all__ = ["FlushTimer", "LogThrottle", "describe_exception", "short_repr"]
 
 #: Sources idle for a whole interval are forgotten once there are more than this
 #: many, so a stream of distinct names cannot grow the throttle without bound.
@@ -254,3 +255,41 @@ class LogThrottle:
         ]
         for key in idle:
             del self._sources[key]
+
+
+class FlushTimer:
+    """Logs a :class:`LogThrottle`'s summaries on an event loop when their
+    interval ends, so a count is said even if the failures stop.
+
+    Loop thread only. :meth:`arm` after a failure the throttle suppressed;
+    :meth:`close` at stop (then ``throttle.flush(force=True)`` says the rest).
+    """
+
+    def __init__(self, throttle: LogThrottle) -> None:
+        self.throttle = throttle
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Schedule the next summary on ``loop`` unless one is scheduled there."""
+        if self._handle is not None and self._loop is loop:
+            return  # one left on a previous, closed loop is forgotten below
+        at = self.throttle.next_flush_at()
+        if at is None:
+            self._handle = None
+            return
+        delay = max(at - self.throttle.clock(), 0.0)
+        self._loop = loop
+        self._handle = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.throttle.flush()
+        if self._loop is not None and not self._loop.is_closed():
+            self.arm(self._loop)
+
+    def close(self) -> None:
+        """Cancel the scheduled summary (the caller flushes what is left)."""
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRunning, QueueFull
-from .jobs import CloseTolerant, is_async_callable, set_if_pending
+from .jobs import FAILURE_LOG_INTERVAL, CloseTolerant, is_async_callable, set_if_pending
+from .logthrottle import FlushTimer, LogThrottle, describe_exception, short_repr
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -88,6 +89,9 @@ class WorkQueue:
         self.processed = 0
         self.failed = 0
         self.last_error: str | None = None
+        #: Which failures are logged in full (the first per minute); items as short reprs.
+        self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
+        self._flush_timer = FlushTimer(self.log_throttle)
         _instances.add(self)
 
     def _reset_after_fork(self) -> None:
@@ -290,8 +294,8 @@ class WorkQueue:
             # SystemExit and KeyboardInterrupt too: out of a task they would end
             # the loop that every job and queue shares.
             self.failed += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("asyncbg: consumer %r failed on item %r", self.name, item, exc_info=exc)
+            self.last_error = describe_exception(exc, 500)
+            self._log_failure(exc, item)
             if propagate:
                 if not isinstance(exc, Exception):
                     raise RuntimeError(
@@ -300,6 +304,26 @@ class WorkQueue:
                 raise
         else:
             self.processed += 1
+
+    def _log_failure(self, exc: BaseException, item: Any) -> None:
+        self._flush_timer.throttle = self.log_throttle  # it may have been replaced
+        logged = self.log_throttle.failure(
+            log,
+            "consumer",
+            self.name,
+            exc,
+            "asyncbg: consumer %r failed on item %s",
+            self.name,
+            short_repr(item),
+        )
+        if not logged:
+            with contextlib.suppress(RuntimeError):  # no running loop
+                self._flush_timer.arm(asyncio.get_running_loop())
+
+    def flush_logs(self) -> None:
+        """Say every failure count not logged yet (at stop)."""
+        self._flush_timer.close()
+        self.log_throttle.flush(force=True)
 
     def close(self) -> int:
         """Stop handing out items; wake blocked producers; return how many are left.

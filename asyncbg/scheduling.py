@@ -21,7 +21,7 @@ from croniter import croniter
 
 from .host_lock import HostLock
 from .jobs import is_async_callable
-from .logthrottle import LogThrottle, describe_exception
+from .logthrottle import FlushTimer, LogThrottle, describe_exception
 
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
@@ -124,7 +124,7 @@ class PeriodicJob:
         self._last_skip_log = -math.inf
         #: Decides which failures are logged in full; replace it to change the interval.
         self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
-        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_timer = FlushTimer(self.log_throttle)
 
     def __repr__(self) -> str:
         return f"<PeriodicJob {self.name} {self.schedule}>"
@@ -162,7 +162,6 @@ class PeriodicJob:
         self._context = context
         self._lock = lock
         self._active = True
-        self._flush_handle = None  # any left belonged to a previous, closed loop
         loop = loop_thread.loop
         now = loop.time()
         if self.cron is not None:
@@ -183,9 +182,7 @@ class PeriodicJob:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()  # release() logs what is left
-            self._flush_handle = None
+        self._flush_timer.close()  # release() logs what is left
         self.next_due = None
 
     def release(self) -> None:
@@ -196,7 +193,7 @@ class PeriodicJob:
         """
         if self._lock is not None:
             self._lock.release()
-        self._flush_handle = None
+        self._flush_timer.close()
         self.log_throttle.flush(force=True)
 
     def run_now(self) -> bool:
@@ -300,24 +297,10 @@ class PeriodicJob:
         return held
 
     def _log_failure(self, kind: str, exc: BaseException, msg: str, *args: object) -> None:
-        if not self.log_throttle.failure(log, kind, self.name, exc, msg, *args):
-            self._arm_flush()
-
-    def _arm_flush(self) -> None:
-        # The throttle's summary is due when its interval ends even if the job
-        # stops failing, so a timer logs it rather than the next failure.
-        if self._flush_handle is not None or self._lt is None or not self._active:
-            return
-        at = self.log_throttle.next_flush_at()
-        if at is None:
-            return
-        delay = max(at - self.log_throttle.clock(), 0.0)
-        self._flush_handle = self._lt.loop.call_later(delay, self._flush_log)
-
-    def _flush_log(self) -> None:
-        self._flush_handle = None
-        self.log_throttle.flush()
-        self._arm_flush()
+        throttled = not self.log_throttle.failure(log, kind, self.name, exc, msg, *args)
+        if throttled and self._lt is not None and self._active:
+            self._flush_timer.throttle = self.log_throttle  # it may have been replaced
+            self._flush_timer.arm(self._lt.loop)
 
     async def _run(self, due: float | None) -> None:
         loop = asyncio.get_running_loop()

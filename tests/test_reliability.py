@@ -614,3 +614,81 @@ def test_current_app_is_kept_in_sync_jobs_across_a_restart(make_app: Any) -> Non
     bg.stop(timeout=1.0)
     bg.start()
     assert bg.submit(name).result(WAIT) == app.name
+
+
+# -- 13. failures that repeat do not flood the log --------------------------------------
+
+
+def _asyncbg_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "asyncbg"]
+
+
+def test_a_consumer_failing_on_every_item_logs_short_lines_and_one_traceback(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _app, bg = make_app()
+
+    @bg.consumer("q", maxsize=200)
+    async def always_fails(item: Any) -> None:
+        raise ValueError("no")
+
+    bg.start()
+    q = bg.get_queue("q")
+    big = "x" * 5_000_000
+    with caplog.at_level(logging.ERROR, logger="asyncbg"):
+        for _ in range(100):
+            bg.enqueue("q", big)
+        bg.wait_idle(WAIT)
+        bg.stop(timeout=1.0)
+    assert q.failed == 100  # every failure counted, whatever was logged
+    records = [r for r in _asyncbg_records(caplog) if "consumer" in r.getMessage()]
+    with_traceback = [r for r in records if r.exc_info]
+    assert len(with_traceback) == 1
+    # The first in full (a short repr of the item), the other 99 in one summary line.
+    assert any("99 more failures of consumer q" in r.getMessage() for r in records)
+    assert len(records) == 2
+    assert all(len(r.getMessage()) < 1_000 for r in records)
+
+
+def test_a_task_failing_again_and_again_logs_one_traceback_then_counts(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _app, bg = make_app()
+
+    @bg.task
+    async def flaky() -> None:
+        raise RuntimeError("again")
+
+    bg.start()
+    with caplog.at_level(logging.ERROR, logger="asyncbg"):
+        jobs = [flaky.submit() for _ in range(50)]
+        for job in jobs:
+            job.wait(WAIT)
+        bg.stop(timeout=1.0)
+    assert all(job.status is JobStatus.FAILED for job in jobs)
+    records = _asyncbg_records(caplog)
+    assert sum(1 for r in records if r.exc_info) == 1
+    assert any("49 more failures of job flaky" in r.getMessage() for r in records)
+
+
+def test_the_failure_summary_is_logged_when_its_interval_ends(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asyncbg.logthrottle import LogThrottle
+
+    _app, bg = make_app()
+
+    @bg.consumer("q")
+    async def always_fails(item: Any) -> None:
+        raise ValueError(item)
+
+    q = bg.get_queue("q")
+    q.log_throttle = LogThrottle(interval=0.2)
+    bg.start()
+    with caplog.at_level(logging.ERROR, logger="asyncbg"):
+        for i in range(3):
+            bg.enqueue("q", i)
+        wait_for(
+            lambda: any("2 more failures" in r.getMessage() for r in caplog.records),
+            what="the summary line, without a stop or another failure",
+        )
