@@ -6,21 +6,25 @@ queues it wires together do not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime as dt
 import functools
-import inspect
 import logging
 import os
+import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from flask import current_app, has_app_context
+from flask.logging import has_level_handler
+
+from .appstate import AppState, in_job_context_transition
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
-from .errors import NotRunning, UnknownQueue
-from .host_lock import HostLock, default_lock_dir
+from .host_lock import default_lock_dir
 from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
 from .loop_thread import LoopThread, ShutdownReport
 from .metrics import JobStats, MetricsExporter
@@ -53,6 +57,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_LOCK_DIR": None,
     "ASYNCBG_MAX_WORKERS": None,
     "ASYNCBG_ASGI_THREADS": None,
+    "ASYNCBG_LOG_HANDLER": True,
     # observability (docs/observability.md)
     "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
     "ASYNCBG_DASHBOARD": False,
@@ -68,20 +73,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_METRICS": True,
     "ASYNCBG_METRICS_REGISTRY": None,
 }
-
-_instances: weakref.WeakSet[AsyncBG] = weakref.WeakSet()
-
-
-def _reset_locks_after_fork() -> None:
-    # Another thread may have held the lock at fork time; it does not exist here.
-    for bg in list(_instances):
-        bg._start_lock = threading.RLock()
-        bg._idle_waiters = []  # futures of the parent's loop
-        bg.signals.reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 def _autostart_allowed() -> bool:
@@ -112,119 +103,272 @@ def _autostart_allowed() -> bool:
 
 
 class AsyncBG:
-    """A background asyncio loop for a Flask app: jobs, periodic jobs, queue consumers.
+    """A background asyncio loop for Flask apps: jobs, periodic jobs, queue consumers.
 
-    ``bg = AsyncBG(app)`` or ``bg = AsyncBG()`` then ``bg.init_app(app)``. The
-    decorators can be used before ``init_app``. See the README for config keys.
+    ``bg = AsyncBG(app)``, or ``bg = AsyncBG()`` at module level and
+    ``bg.init_app(app)`` in an app factory: one instance serves any number of
+    apps, each with a loop of its own (its state lives in ``app.extensions``
+    and in the instance, keyed weakly by app). The decorators register once
+    and serve every app, before or after ``init_app``. Calls are routed to the
+    app of the current app context, or to the only app bound when there is no
+    context. See the README for config keys.
     """
 
     def __init__(self, app: Flask | None = None, *, name: str = "asyncbg") -> None:
         self.name = name
-        self.app: Flask | None = None
-        self.loop_thread = LoopThread(name)
-        self.loop_thread.at_exit = self._stop_at_exit
-        self.history = JobHistory()
-        self.runner = JobRunner(self.loop_thread, self.history, context=self._app_context)
         self.tasks: dict[str, Task[Any, Any]] = {}
-        self.periodic_jobs: dict[str, PeriodicJob] = {}
-        self.queues: dict[str, WorkQueue] = {}
-        self.eager = False
-        self.shutdown_timeout = float(DEFAULT_CONFIG["ASYNCBG_SHUTDOWN_TIMEOUT"])
-        self.queue_maxsize = int(DEFAULT_CONFIG["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = default_lock_dir()
-        self.handle_signals = True
-        self.last_report: ShutdownReport | None = None
-        self.monitor = LoopMonitor(self.loop_thread)
-        self.monitor_enabled = True
-        self.job_stats = JobStats()
-        self.metrics = MetricsExporter(self)
-        self._start_lock = threading.RLock()
-        self._stopped = False
-        self.signals = ShutdownSignals(
-            self.stop, self.loop_thread, lambda: sum(q.depth for q in self.queues.values())
-        )
-        self._idle_waiters: list[Any] = []
-        self.loop_thread.add_stop_hook(self._on_stop)
-        self.loop_thread.add_after_stop_hook(self._after_stop)
-        self.loop_thread.add_gave_up_hook(self._gave_up)
-        self.runner.add_idle_hook(self._wake_idle)
-        _instances.add(self)
+        self._periodic_defs: dict[str, dict[str, Any]] = {}
+        self._consumer_defs: dict[str, dict[str, Any]] = {}
+        self._startup_hooks: list[Callable[[], Awaitable[Any]]] = []
+        self._shutdown_hooks: list[Callable[[], Awaitable[Any]]] = []
+        self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
+        # The state the next init_app takes: made now, so that the objects the
+        # decorators return before init_app are the first app's own.
+        self._spare: AppState | None = AppState(self)
         if app is not None:
             self.init_app(app)
 
     def __repr__(self) -> str:
-        state = "running" if self.loop_thread.running else "stopped"
-        return f"<AsyncBG {self.name} {state}>"
+        apps = ", ".join(sorted(app.name for app in list(self._states.keys()))) or "no app"
+        return f"<AsyncBG {self.name} serving {apps}>"
+
+    # -- which app -----------------------------------------------------------------
+
+    def _state(self) -> AppState:
+        if has_app_context():
+            st = self._states.get(current_app._get_current_object())  # type: ignore[attr-defined]
+            if st is not None:
+                return st
+        states = list(self._states.values())
+        if len(states) == 1:
+            return states[0]
+        if not states:
+            if self._spare is None:
+                self._spare = AppState(self)
+            return self._spare
+        names = ", ".join(sorted(repr(st.app.name) for st in states if st.app is not None))
+        raise RuntimeError(
+            f"this AsyncBG serves {len(states)} apps ({names}) and there is no app context "
+            "to tell which one: call it inside 'with app.app_context():' (views, jobs and "
+            "CLI commands have one already)"
+        )
+
+    def state_for(self, app: Flask) -> AppState:
+        """The state this extension keeps for ``app``.
+
+        :raises RuntimeError: if ``app`` is not bound to this extension.
+        """
+        st = self._states.get(app)
+        if st is None:
+            raise RuntimeError(f"app {app.name!r} is not bound to this AsyncBG: call init_app(app)")
+        return st
+
+    def _pinned(self, st: AppState) -> AsyncBG:
+        # The same extension, seen from one app only: for the HTTP surface,
+        # metrics and the ASGI entry of that app, which must not depend on
+        # an app context to find their state.
+        view = object.__new__(_PinnedAsyncBG)
+        view.__dict__.update(self.__dict__)
+        view._pinned_state = st
+        return view
+
+    # the state of the current app, for the surfaces and for tests
+    @property
+    def app(self) -> Flask | None:
+        """The current app (see the class docstring), or None before ``init_app``."""
+        return self._state().app
+
+    @property
+    def loop_thread(self) -> LoopThread:
+        """The current app's :class:`LoopThread`."""
+        return self._state().loop_thread
+
+    @property
+    def runner(self) -> JobRunner:
+        """The current app's job runner."""
+        return self._state().runner
+
+    @property
+    def history(self) -> JobHistory:
+        """The current app's job history."""
+        return self._state().history
+
+    @property
+    def queues(self) -> dict[str, WorkQueue]:
+        """The current app's queues, by name."""
+        return self._state().queues
+
+    @property
+    def periodic_jobs(self) -> dict[str, PeriodicJob]:
+        """The current app's periodic jobs, by name."""
+        return self._state().periodic_jobs
+
+    @property
+    def monitor(self) -> LoopMonitor:
+        """The current app's loop monitor."""
+        return self._state().monitor
+
+    @property
+    def job_stats(self) -> JobStats:
+        """The current app's job statistics."""
+        return self._state().job_stats
+
+    @property
+    def metrics(self) -> MetricsExporter:
+        """The current app's metrics exporter."""
+        st = self._state()
+        if st.metrics is None:
+            st.metrics = MetricsExporter(self._pinned(st))
+        return st.metrics
+
+    @property
+    def signals(self) -> ShutdownSignals:
+        """The current app's signal handlers."""
+        return self._state().signals
+
+    @property
+    def last_report(self) -> ShutdownReport | None:
+        """The current app's last shutdown report."""
+        return self._state().last_report
+
+    @property
+    def eager(self) -> bool:
+        """The current app's ``ASYNCBG_EAGER``, read each time work is handed over."""
+        return self._state().eager
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """The current app's ``ASYNCBG_SHUTDOWN_TIMEOUT``."""
+        return self._state().shutdown_timeout
+
+    @property
+    def queue_maxsize(self) -> int:
+        """The current app's ``ASYNCBG_QUEUE_MAXSIZE``."""
+        return self._state().queue_maxsize
+
+    @property
+    def lock_dir(self) -> str:
+        """The current app's ``ASYNCBG_LOCK_DIR``."""
+        return self._state().lock_dir
+
+    @property
+    def monitor_enabled(self) -> bool:
+        """The current app's ``ASYNCBG_MONITOR``."""
+        return self._state().monitor_enabled
 
     # -- setup -----------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
-        """Bind to ``app``: read config, route async views to the loop, maybe start.
+        """Bind to ``app``: read its config, route async views to its loop, maybe start.
 
-        Also mounts the HTTP surface at ``ASYNCBG_DASHBOARD_PREFIX`` and adds
-        the ``flask asyncbg`` commands (see docs/observability.md).
+        Any number of apps can be bound, each with its own loop; binding the
+        same app again does nothing. Also mounts the HTTP surface at
+        ``ASYNCBG_DASHBOARD_PREFIX`` and adds the ``flask asyncbg`` commands
+        (see docs/observability.md).
 
-        :raises RuntimeError: if this instance is already bound to another app.
+        :raises RuntimeError: if another AsyncBG is already bound to ``app``.
         :raises TypeError: if ``ASYNCBG_AUTH`` is set to something not callable.
         """
-        if self.app is not None and self.app is not app:
+        other = app.extensions.get("asyncbg")
+        if other is self and app in self._states:
+            return
+        if other is not None and other is not self:
             raise RuntimeError(
-                "this AsyncBG is already bound to another app; create one AsyncBG per app"
+                f"app {app.name!r} already has an AsyncBG ({other!r}); one app takes one "
+                "AsyncBG (one AsyncBG can serve many apps)"
             )
         for key, value in DEFAULT_CONFIG.items():
             app.config.setdefault(key, value)
-        cfg = app.config
-        self.app = app
+        st = self._spare if self._spare is not None else AppState(self)
+        self._spare = None
+        st.bind(app)
+        self._states[app] = st
         app.extensions["asyncbg"] = self
-        lt = self.loop_thread
+        self._configure(st, app)
+        self._instantiate(st)
+        # No reference back to the app (Flask frees an app on refcount alone).
+        app.async_to_sync = functools.partial(  # type: ignore[method-assign]
+            self._async_to_sync_for, weakref.ref(app)
+        )
+        self._init_observability(app)
+        _configure_logging(app)
+        if app.config["ASYNCBG_AUTOSTART"] and _autostart_allowed():
+            self._start_state(st)
+        elif _is_reloader_parent() and st.handle_signals:
+            _wait_for_the_reloaded_child_on_ctrl_c()
+
+    def _configure(self, st: AppState, app: Flask) -> None:
+        cfg = app.config
+        lt = st.loop_thread
         lt.use_uvloop = bool(cfg["ASYNCBG_UVLOOP"])
-        self.shutdown_timeout = float(cfg["ASYNCBG_SHUTDOWN_TIMEOUT"])
-        lt.shutdown_timeout = self.shutdown_timeout
+        st.shutdown_timeout = float(cfg["ASYNCBG_SHUTDOWN_TIMEOUT"])
+        lt.shutdown_timeout = st.shutdown_timeout
         if cfg["ASYNCBG_MAX_WORKERS"]:
             lt.max_workers = int(cfg["ASYNCBG_MAX_WORKERS"])
-        self.history.max_size = int(cfg["ASYNCBG_JOB_HISTORY_SIZE"])
-        self.history.max_age = float(cfg["ASYNCBG_JOB_HISTORY_AGE"])
-        self.queue_maxsize = int(cfg["ASYNCBG_QUEUE_MAXSIZE"])
-        self.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or default_lock_dir()
-        self.handle_signals = bool(cfg["ASYNCBG_HANDLE_SIGNALS"])
-        self.eager = bool(cfg["ASYNCBG_EAGER"])
-        if cfg["ASYNCBG_ASYNC_VIEWS"]:
-            # Flask documents async_to_sync as the hook to override.
-            app.async_to_sync = self._async_to_sync  # type: ignore[method-assign]
-        self._init_observability(app)
-        if cfg["ASYNCBG_AUTOSTART"] and _autostart_allowed():
-            self.start()
+        st.history.max_size = int(cfg["ASYNCBG_JOB_HISTORY_SIZE"])
+        st.history.max_age = float(cfg["ASYNCBG_JOB_HISTORY_AGE"])
+        st.queue_maxsize = int(cfg["ASYNCBG_QUEUE_MAXSIZE"])
+        st.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or default_lock_dir()
+        st.handle_signals = bool(cfg["ASYNCBG_HANDLE_SIGNALS"])
+
+    def _instantiate(self, st: AppState) -> None:
+        # Every definition made so far gets this app's own instance (the first
+        # app keeps those the decorators returned); a consumer without its own
+        # maxsize takes this app's ASYNCBG_QUEUE_MAXSIZE.
+        for name, spec in self._periodic_defs.items():
+            if name not in st.periodic_jobs:
+                st.add_periodic(PeriodicJob(spec["fn"], name=name, **spec["options"]))
+        for name, spec in self._consumer_defs.items():
+            q = st.queues.get(name)
+            if q is None:
+                st.add_queue(self._new_queue(st, name, spec))
+            elif spec["maxsize"] is None:
+                q.maxsize = st.queue_maxsize
+
+    def _new_queue(self, st: AppState, name: str, spec: dict[str, Any]) -> WorkQueue:
+        return WorkQueue(
+            name,
+            spec["fn"],
+            st.loop_thread,
+            concurrency=spec["concurrency"],
+            maxsize=spec["maxsize"] or st.queue_maxsize,
+            context=st.app_context,
+        )
+
+    def _every_state(self) -> list[AppState]:
+        states = list(self._states.values())
+        return states if states else [self._spare or self._state()]
 
     def _init_observability(self, app: Flask) -> None:
         cfg = app.config
+        st = self.state_for(app)
         if cfg["ASYNCBG_AUTH"] is not None and not callable(cfg["ASYNCBG_AUTH"]):
             raise TypeError("ASYNCBG_AUTH must be a callable taking the request, or None")
-        self.monitor_enabled = bool(cfg["ASYNCBG_MONITOR"])
-        self.monitor.configure(
+        st.monitor_enabled = bool(cfg["ASYNCBG_MONITOR"])
+        st.monitor.configure(
             interval=float(cfg["ASYNCBG_MONITOR_INTERVAL"]),
             blocked_threshold=float(cfg["ASYNCBG_BLOCKED_THRESHOLD"]),
         )
-        hooks = self.runner.finish_hooks
-        if cfg["ASYNCBG_METRICS"] and self.job_stats.record not in hooks:
-            hooks.append(self.job_stats.record)
-        self.metrics = MetricsExporter(self, cfg["ASYNCBG_METRICS_REGISTRY"])
+        hooks = st.runner.finish_hooks
+        if cfg["ASYNCBG_METRICS"] and st.job_stats.record not in hooks:
+            hooks.append(st.job_stats.record)
+        view = self._pinned(st)
+        st.metrics = MetricsExporter(view, cfg["ASYNCBG_METRICS_REGISTRY"])
         prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
         if prefix and "asyncbg" not in app.blueprints:
             from .dashboard import create_blueprint
 
-            app.register_blueprint(create_blueprint(self), url_prefix=prefix)
+            app.register_blueprint(create_blueprint(view), url_prefix=prefix)
         from .cli import asyncbg_cli
 
         if "asyncbg" not in app.cli.commands:
             app.cli.add_command(asyncbg_cli)
 
     def _require_app(self) -> Flask:
-        if self.app is None:
-            raise RuntimeError("AsyncBG has no app yet: call AsyncBG(app) or bg.init_app(app)")
-        return self.app
+        return self._state().require_app()
 
     def _app_context(self) -> contextlib.AbstractContextManager[Any]:
-        return self._require_app().app_context()
+        return self._state().app_context()
 
     # -- decorators ---------------------------------------------------------------
 
@@ -291,32 +435,32 @@ class AsyncBG:
         ``every=`` fixed rate (run N at start + N * period), ``delay=`` fixed
         delay after each run ends, or ``cron=`` (5 fields, ``tz`` for its time
         zone). ``scope="host"`` runs it in one process per host at a time (a
-        file lock in ``ASYNCBG_LOCK_DIR``). Returns the :class:`PeriodicJob`.
+        file lock in ``ASYNCBG_LOCK_DIR``). Returns the :class:`PeriodicJob` of
+        the first app (each app bound has its own, with its own statistics).
 
         :raises ValueError: on a bad schedule or a name already taken.
         :raises TypeError: if the function is not async.
         """
+        options: dict[str, Any] = {
+            "every": every,
+            "delay": delay,
+            "cron": cron,
+            "jitter": jitter,
+            "run_at_start": run_at_start,
+            "timeout": timeout,
+            "scope": scope,
+            "tz": tz,
+        }
 
         def decorate(fn: Callable[[], Coroutine[Any, Any, Any]]) -> PeriodicJob:
             job_name = name or _qualified_name(fn)
-            if job_name in self.periodic_jobs:
+            if job_name in self._periodic_defs:
                 raise ValueError(f"a periodic job named {job_name!r} is already registered")
-            pj = PeriodicJob(
-                fn,
-                name=job_name,
-                every=every,
-                delay=delay,
-                cron=cron,
-                jitter=jitter,
-                run_at_start=run_at_start,
-                timeout=timeout,
-                scope=scope,
-                tz=tz,
-            )
-            self.periodic_jobs[job_name] = pj
-            if self.loop_thread.running:
-                self.loop_thread.post(self._start_periodic, pj)
-            return pj
+            first = PeriodicJob(fn, name=job_name, **options)  # validates the options
+            self._periodic_defs[job_name] = {"fn": fn, "options": options}
+            for i, st in enumerate(self._every_state()):
+                st.add_periodic(first if i == 0 else PeriodicJob(fn, name=job_name, **options))
+            return first
 
         return decorate
 
@@ -325,60 +469,74 @@ class AsyncBG:
     ) -> Callable[[Callable[[Any], Awaitable[Any]]], WorkQueue]:
         """Consume the named queue with ``concurrency`` workers on the loop.
 
-        ``maxsize`` defaults to ``ASYNCBG_QUEUE_MAXSIZE``. An item whose handler
-        raises is logged and the workers go on. Returns the :class:`WorkQueue`.
+        ``maxsize`` defaults to ``ASYNCBG_QUEUE_MAXSIZE`` of each app (read at
+        ``init_app``, whether the consumer is declared before or after it). An
+        item whose handler raises is logged and the workers go on. Plain
+        functions run in a worker thread, in the app context like async ones.
+        Returns the :class:`WorkQueue` of the first app (each app has its own).
 
         :raises ValueError: if the queue already has a consumer, or on bad sizes.
         """
+        spec: dict[str, Any] = {"concurrency": concurrency, "maxsize": maxsize}
 
         def decorate(fn: Callable[[Any], Awaitable[Any]]) -> WorkQueue:
-            if queue in self.queues:
+            if queue in self._consumer_defs:
                 raise ValueError(f"queue {queue!r} already has a consumer")
-            q = WorkQueue(
-                queue,
-                fn,
-                self.loop_thread,
-                concurrency=concurrency,
-                maxsize=maxsize or self.queue_maxsize,
-                context=self._app_context,
-            )
-            q.add_idle_hook(self._wake_idle)
-            self.queues[queue] = q
-            return q
+            spec["fn"] = fn
+            made = [self._new_queue(st, queue, spec) for st in self._every_state()]
+            self._consumer_defs[queue] = spec
+            for st, q in zip(self._every_state(), made, strict=True):
+                st.add_queue(q)
+            return made[0]
 
         return decorate
+
+    def on_startup(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Run ``await fn()`` on the loop each time it starts, before any periodic
+        job or consumer (open a client or pool the views and jobs share).
+
+        Hooks run in the order declared, in the app context. If one raises,
+        the error is logged and ``start()`` (or the server's lifespan startup)
+        fails with it. Returns ``fn``.
+
+        :raises TypeError: if ``fn`` is not an async function.
+        """
+        if not is_async_callable(fn):
+            raise TypeError(f"on_startup needs an async function, got {fn!r}")
+        self._startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Run ``await fn()`` on the loop at each stop, after the drain (every job
+        and item has ended or was cancelled) and before the loop closes.
+
+        Hooks run in reverse order of declaration; errors are logged, not
+        raised; together they get ``LoopThread.shutdown_hooks_timeout`` (5 s).
+        Returns ``fn``.
+
+        :raises TypeError: if ``fn`` is not an async function.
+        """
+        if not is_async_callable(fn):
+            raise TypeError(f"on_shutdown needs an async function, got {fn!r}")
+        self._shutdown_hooks.append(fn)
+        return fn
 
     # -- handing work over ----------------------------------------------------------
 
     def _ensure_started(self) -> None:
-        if not self.loop_thread.running:
-            with self._start_lock:
-                if self.loop_thread.running:
-                    return
-                if self._stopped:
-                    raise NotRunning(f"{self.name} has been stopped; call start() to restart it")
-                self.start()
+        self._state().ensure_started()
 
     def _dispatch(self, job: Job[T]) -> Job[T]:
-        try:
-            self._ensure_started()
-            self.runner.submit(job)
-        except NotRunning:
-            fn = job._fn
-            if inspect.iscoroutine(fn):
-                fn.close()
-            raise
-        if self.eager and not self.loop_thread.in_loop_thread():
-            job.wait()
-        return job
+        return self._state().dispatch(job)
 
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Job[T]:
-        job = self.runner.create(
+        st = self._state()
+        job = st.runner.create(
             task.fn, args, kwargs, name=task.name, options=task.options, is_async=task.is_async
         )
-        return self._dispatch(job)
+        return st.dispatch(job)
 
     def submit(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
@@ -394,7 +552,8 @@ class AsyncBG:
         """
         if isinstance(fn, Task):
             return self._submit_task(fn, args, kwargs)
-        return self._dispatch(self.runner.create(fn, args, kwargs))
+        st = self._state()
+        return st.dispatch(st.runner.create(fn, args, kwargs))
 
     async def run(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
@@ -421,12 +580,7 @@ class AsyncBG:
         :raises QueueFull: if the queue stayed full for ``timeout``.
         :raises NotRunning: if asyncbg has been stopped or is stopping.
         """
-        q = self.get_queue(queue)
-        self._ensure_started()
-        if self.eager and not self.loop_thread.in_loop_thread():
-            self.loop_thread.run_sync(q.handle(item, propagate=True), context=None)
-            return
-        q.put(item, timeout)
+        self._state().enqueue(queue, item, timeout)
 
     async def enqueue_async(self, queue: str, item: Any, timeout: float | None = None) -> None:
         """Put ``item`` on the named queue from any event loop, waiting for room.
@@ -435,12 +589,7 @@ class AsyncBG:
         :raises QueueFull: if the queue stayed full for ``timeout`` seconds.
         :raises NotRunning: if asyncbg has been stopped or is stopping.
         """
-        q = self.get_queue(queue)
-        self._ensure_started()
-        if self.eager:
-            await self.loop_thread.run(q.handle(item, propagate=True))
-            return
-        await q.put_async(item, timeout)
+        await self._state().enqueue_async(queue, item, timeout)
 
     def call(self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None) -> T:
         """Run the plain callable ``fn(*args)`` on the loop thread and return its value.
@@ -456,27 +605,54 @@ class AsyncBG:
             raise TypeError(
                 f"bg.call() runs plain callables; await bg.run({_qualified_name(fn)}) instead"
             )
-        self._ensure_started()
-        return self.loop_thread.call(fn, *args, timeout=timeout)
+        st = self._state()
+        st.ensure_started()
+        return st.loop_thread.call(fn, *args, timeout=timeout)
 
     def get_job(self, job_id: str) -> Job[Any] | None:
         """The job with this id if it is live or still in the history, else None."""
         if not isinstance(job_id, str):
             return None
-        return self.history.get(job_id)
+        return self._state().history.get(job_id)
 
     def get_queue(self, name: str) -> WorkQueue:
         """The :class:`WorkQueue` consumed under ``name``.
 
         :raises UnknownQueue: if no consumer is registered for it.
         """
-        try:
-            return self.queues[name]
-        except KeyError:
-            known = ", ".join(sorted(self.queues)) or "none"
-            raise UnknownQueue(f"no consumer for queue {name!r} (known queues: {known})") from None
+        return self._state().get_queue(name)
 
     # -- async views on the shared loop -------------------------------------------------
+
+    def _async_to_sync_for(
+        self,
+        app_ref: weakref.ReferenceType[Flask],
+        func: Callable[..., Coroutine[Any, Any, T]],
+    ) -> Callable[..., T]:
+        # Flask calls app.async_to_sync for async views, async hooks, signal
+        # receivers and teardown functions.
+        app = app_ref()
+        if app is None:
+            raise RuntimeError("the Flask app this AsyncBG served has been garbage-collected")
+        original = functools.partial(type(app).async_to_sync, app)
+        st = self._states.get(app)
+        if st is None:
+            return original(func)
+        lt = st.loop_thread
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> T:
+            if lt.in_loop_thread() and in_job_context_transition():
+                # A background job's app context is being pushed or popped on
+                # the loop, which cannot wait for itself: the async receiver or
+                # teardown runs as stock Flask runs it for sync code, on a
+                # short-lived loop of its own (in the job's context).
+                return _run_on_a_private_loop(func, args, kwargs)
+            if st.app is not None and st.app.config["ASYNCBG_ASYNC_VIEWS"]:
+                return self._async_to_sync(func)(*args, **kwargs)
+            return original(func)(*args, **kwargs)  # type: ignore[no-any-return]
+
+        return run
 
     def _async_to_sync(self, func: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
         lt = self.loop_thread
@@ -508,72 +684,38 @@ class AsyncBG:
         which runs views on a pool of ``threads`` threads (default
         ``ASYNCBG_ASGI_THREADS``, 32) and answers the health probe on two of its
         own. ``max_body_size`` caps request bodies (larger ones get a 400 JSON
-        answer), as Hypercorn's ``wsgi_max_body_size`` does.
+        answer), as Hypercorn's ``wsgi_max_body_size`` does. With several apps
+        bound, call it in the app context of the one to serve.
 
         :raises RuntimeError: if no app is bound yet.
         :raises ValueError: if ``threads`` is below 1 or ``max_body_size`` below 0.
         """
-        return AsyncBGASGI(self, self._require_app(), max_body_size=max_body_size, threads=threads)
+        st = self._state()
+        return AsyncBGASGI(
+            self._pinned(st), st.require_app(), max_body_size=max_body_size, threads=threads
+        )
 
     def _serve_under_server(self) -> None:
-        # Called by AsyncBGASGI on the server's loop once start() has run: from
-        # now on the server decides when we stop. In the main thread (where the
-        # server runs its loop) this also puts our handlers in front of the
-        # server's, which Hypercorn installed after the app was imported.
-        self.signals.server_managed = True
-        if self.handle_signals:
-            self.signals.install()
+        # Called by AsyncBGASGI on the server's loop once start() has run.
+        self._state().serve_under_server()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, *, periodic: bool = True) -> None:
-        """Start the loop, open the queues, begin the periodic schedules. Idempotent.
+        """Start the loop, run the ``on_startup`` hooks, open the queues, begin the
+        periodic schedules. Idempotent.
 
         With ``periodic=False`` the schedules are not started (``flask asyncbg
         run`` uses that to run one job alone); a later ``start()`` does not start
         them either while the loop runs.
 
         :raises RuntimeError: if no app is bound, or uvloop is asked for and missing.
+        :raises Exception: whatever an ``on_startup`` hook raised (the loop is stopped).
         """
-        with self._start_lock:
-            self._require_app()
-            if self.loop_thread.running:
-                return
-            self._stopped = False
-            self.signals.reset()
-            self.loop_thread.start()
-            if self.monitor_enabled:
-                # Before the schedules: a run_at_start job that blocks is caught too.
-                self.monitor.start()
-            self.loop_thread.call(self._start_on_loop, periodic)
-            if self.handle_signals:
-                self.signals.install()
-        log.debug(
-            "asyncbg started: %d periodic jobs, %d queues",
-            len(self.periodic_jobs),
-            len(self.queues),
-        )
+        self._start_state(self._state(), periodic=periodic)
 
-    def _start_on_loop(self, periodic: bool = True) -> None:
-        for q in self.queues.values():
-            q.open()
-        if periodic:
-            for pj in self.periodic_jobs.values():
-                self._start_periodic(pj)
-
-    def _start_periodic(self, pj: PeriodicJob) -> None:
-        lock = None
-        if pj.scope == "host":
-            app = self._require_app()
-            lock = HostLock(self.lock_dir, f"asyncbg-{app.import_name}-{pj.name}")
-        pj.start(self.loop_thread, context=self._app_context, lock=lock)
-
-    def _on_stop(self) -> None:
-        # On the loop, first thing at stop: no new runs, no new items handed out.
-        for pj in self.periodic_jobs.values():
-            pj.stop()
-        for q in self.queues.values():
-            q.close()
+    def _start_state(self, st: AppState, *, periodic: bool = True) -> None:
+        st.start(periodic=periodic)
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
         """Stop gracefully and return what happened (see :class:`ShutdownReport`).
@@ -581,57 +723,35 @@ class AsyncBG:
         New work is refused at once with :class:`NotRunning`; schedules stop;
         running jobs and consumer items in hand get ``timeout`` seconds
         (default ``ASYNCBG_SHUTDOWN_TIMEOUT``) to finish, then are cancelled;
-        items still queued are counted in the report and logged. Idempotent,
-        callable from any thread, a signal handler or a job (see
-        :meth:`LoopThread.stop`).
+        items still queued are counted in the report and logged; then the
+        ``on_shutdown`` hooks run. Idempotent, callable from any thread, a
+        signal handler or a job (see :meth:`LoopThread.stop`). Outside an app
+        context with several apps bound, it stops all of them (concurrently)
+        and returns the sum of their reports.
         """
-        with self._start_lock:
-            self._stopped = True
-        report = self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
-        self.signals.uninstall()
-        return report
+        if not has_app_context() and len(self._states) > 1:
+            return self._stop_every_app(timeout)
+        return self._state().stop(timeout)
 
-    def _after_stop(self, report: ShutdownReport) -> None:
-        # On the loop thread, after the loop closed: no run can be in progress.
-        self.monitor.stop()
-        for pj in self.periodic_jobs.values():
-            pj.release()
-        # Jobs whose tasks ignored cancellation (counted as abandoned by the
-        # loop), or left by a loop that died: their waiters must not wait forever.
-        self.runner.settle_unfinished("it was still running when the loop closed")
-        self.runner.flush_logs()
-        for q in self.queues.values():
-            q.flush_logs()
-        self._count_queued(report)
-        self.last_report = report
-        self._log_report(report)
-
-    def _gave_up(self, report: ShutdownReport) -> None:
-        # In the thread that called stop(); the loop is blocked and never got
-        # to its shutdown: everything in flight is abandoned with it.
-        report.blocked_by = self.monitor.describe_blocker()
-        in_hand = sum(q.active for q in self.queues.values())
-        report.abandoned += in_hand + self.runner.settle_unfinished(
-            f"the loop was blocked at stop (by {report.blocked_by})", from_loop=False
-        )
-        self._count_queued(report)
-        self.last_report = report
-
-    def _count_queued(self, report: ShutdownReport) -> None:
-        queued = {name: q.depth for name, q in self.queues.items() if q.depth}
-        report.queued_by_queue = queued
-        report.still_queued = sum(queued.values())
-
-    def _log_report(self, report: ShutdownReport) -> None:
-        lost = report.cancelled or report.still_queued or report.abandoned
-        level = logging.WARNING if lost else logging.INFO
-        details = "".join(f" {name}={n}" for name, n in report.queued_by_queue.items())
-        log.log(level, "%s%s", report, f" (still queued:{details})" if details else "")
-
-    def _stop_at_exit(self) -> None:
-        # The interpreter is exiting and stops the loop (with the others at once).
-        with self._start_lock:
-            self._stopped = True
+    def _stop_every_app(self, timeout: float | None) -> ShutdownReport:
+        # Outside an app context with several apps: stop them all, at once.
+        states = list(self._states.values())
+        for st in states:
+            with st._start_lock:
+                st._stopped = True
+            st.loop_thread.request_stop(st.shutdown_timeout if timeout is None else timeout)
+        total = ShutdownReport()
+        for st in states:
+            report = st.stop(timeout)
+            total.completed += report.completed
+            total.cancelled += report.cancelled
+            total.still_queued += report.still_queued
+            total.abandoned += report.abandoned
+            for name, n in report.queued_by_queue.items():
+                total.queued_by_queue[name] = total.queued_by_queue.get(name, 0) + n
+            total.duration = max(total.duration, report.duration)
+            total.finished = total.finished and report.finished
+        return total
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until every submitted job and queued item is done (for tests).
@@ -639,47 +759,102 @@ class AsyncBG:
         :raises TimeoutError: if work is still going after ``timeout`` seconds.
         :raises RuntimeError: if called from the loop thread.
         """
-        lt = self.loop_thread
-        lt.check_not_loop_thread("wait_idle()")
-        if not lt.running:
-            return
-        fut = lt.submit(self._until_idle())
+        self._state().wait_idle(timeout)
+
+
+class _PinnedAsyncBG(AsyncBG):
+    """An :class:`AsyncBG` that always means one app (see ``AsyncBG._pinned``)."""
+
+    _pinned_state: AppState
+
+    def _state(self) -> AppState:
+        return self._pinned_state
+
+
+def _run_on_a_private_loop(
+    func: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    context = contextvars.copy_context()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
         try:
-            fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise TimeoutError(
-                f"asyncbg still busy after {timeout}s: {self._busy_summary()}"
-            ) from None
+            result.append(context.run(asyncio.run, func(*args, **kwargs)))
+        except BaseException as exc:
+            error.append(exc)
 
-    def _busy_summary(self) -> str:
-        parts = [f"{self.runner.active} job(s) running"]
-        parts += [
-            f"queue {q.name}: {q.depth} queued, {q.active} in hand"
-            for q in self.queues.values()
-            if not q.idle
-        ]
-        return "; ".join(parts)
+    thread = threading.Thread(target=target, name="asyncbg-app-context-hook")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
-    def _is_idle(self) -> bool:
-        return (
-            not self.runner.active
-            and not self.loop_thread.pending_posts
-            and all(q.idle for q in self.queues.values())
-        )
 
-    async def _until_idle(self) -> None:
-        loop = self.loop_thread.loop
-        while not self._is_idle():
-            waiter = loop.create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
+def _configure_logging(app: Flask) -> None:
+    """Make asyncbg's own lines (the shutdown report, warnings) visible without setup.
 
-    def _wake_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+    As Flask does for ``app.logger``: when nothing would handle asyncbg's INFO
+    records, add a handler on stderr. ``ASYNCBG_LOG_HANDLER = False`` turns it off;
+    logging configured by the app (``basicConfig``, ``dictConfig``) wins.
+    """
+    if not app.config.get("ASYNCBG_LOG_HANDLER", True):
+        return
+    logger = logging.getLogger("asyncbg")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if _default_handler in logger.handlers or has_level_handler(logger):
+        return
+    logger.addHandler(_default_handler)
+
+
+_default_handler = logging.StreamHandler()
+_default_handler.setFormatter(
+    logging.Formatter("[%(asctime)s] [%(process)d] %(levelname)s in %(name)s: %(message)s")
+)
+
+
+def _is_reloader_parent() -> bool:
+    # `flask run --debug`: the reloader's parent watches files and restarts
+    # its child, which serves the app (WERKZEUG_RUN_MAIN=true there).
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+        return False
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name != "run":
+        return False
+    return not _autostart_allowed()
+
+
+_parent_handler_installed = False
+
+
+def _wait_for_the_reloaded_child_on_ctrl_c() -> None:
+    """In the reloader's parent: let the child drain on the first Ctrl-C.
+
+    The terminal sends Ctrl-C to both processes. Python's default handler
+    makes the parent kill the child within about a second, mid-drain. This
+    one lets the parent wait for its child (which drains for up to
+    ``ASYNCBG_SHUTDOWN_TIMEOUT`` and exits), and a second Ctrl-C stops both
+    at once. SIGTERM to the parent cannot be helped: Werkzeug's own handler
+    kills the child at once (see docs/deploy.md).
+    """
+    global _parent_handler_installed
+    if _parent_handler_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _parent_handler_installed = True
+    seen = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal seen
+        if seen:
+            raise KeyboardInterrupt
+        seen = True
+        log.info("Ctrl-C: waiting for the app process to drain its jobs (Ctrl-C again to stop now)")
+
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 def _qualified_name(fn: object) -> str:

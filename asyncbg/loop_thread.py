@@ -399,6 +399,9 @@ class LoopThread:
         self._stop_hooks: list[Callable[[], object]] = []
         self._after_stop_hooks: list[Callable[[ShutdownReport], object]] = []
         self._gave_up_hooks: list[Callable[[ShutdownReport], object]] = []
+        self._async_shutdown_hooks: list[Callable[[], Coroutine[Any, Any, object]]] = []
+        #: Bound on the async shutdown hooks, together (they close clients, not drain).
+        self.shutdown_hooks_timeout = 5.0
         self._abandoners: dict[Callable[..., object], Abandoner] = {
             self._start_for_future: _abandon_future_start,
             _call_into: _abandon_call,
@@ -508,6 +511,13 @@ class LoopThread:
         ends without a stop (it died), with a report of what it left behind.
         """
         self._after_stop_hooks.append(hook)
+
+    def add_async_shutdown_hook(self, hook: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Register ``await hook()``, run on the loop after the drain (every job
+        and item has ended or was cancelled) and before the loop closes: where
+        clients and connections the jobs shared are closed. Bounded by
+        :attr:`shutdown_hooks_timeout` in all; errors are logged."""
+        self._async_shutdown_hooks.append(hook)
 
     def add_gave_up_hook(self, hook: Callable[[ShutdownReport], object]) -> None:
         """Register ``hook(report)``, run in the caller's thread when :meth:`stop`
@@ -833,6 +843,7 @@ class LoopThread:
                 ", ".join(sorted({t.get_name() for t in stubborn})[:10]),
             )
         self._counting = False
+        await self._run_async_shutdown_hooks()
         report.completed = initial + self._spawned_while_stopping - len(live)
         report.cancelled = len(live) - len(stubborn) + never_started
         report.abandoned = len(stubborn)
@@ -842,6 +853,24 @@ class LoopThread:
         report.duration = loop.time() - t0
         self._loop_done = True
         loop.stop()
+
+    async def _run_async_shutdown_hooks(self) -> None:
+        hooks = self._async_shutdown_hooks
+        if not hooks:
+            return
+        try:
+            async with asyncio.timeout(self.shutdown_hooks_timeout):
+                for hook in hooks:
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("asyncbg: shutdown hook %r failed", hook)
+        except TimeoutError:
+            log.error(
+                "asyncbg: shutdown hooks of %r took longer than %.1fs; closing the loop anyway",
+                self.name,
+                self.shutdown_hooks_timeout,
+            )
 
     def _abandon_inbox(self) -> int:
         # Loop thread (or a dead loop's thread): settle every posted callback

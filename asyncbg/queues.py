@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -289,7 +290,9 @@ class WorkQueue:
                 if self._is_async:
                     await self.handler(item)
                 else:
-                    await asyncio.get_running_loop().run_in_executor(None, self.handler, item)
+                    # In a worker thread, with the item's context (the app context).
+                    run = contextvars.copy_context().run
+                    await asyncio.get_running_loop().run_in_executor(None, run, self.handler, item)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             # SystemExit and KeyboardInterrupt too: out of a task they would end
             # the loop that every job and queue shares.

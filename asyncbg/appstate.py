@@ -1,0 +1,435 @@
+"""What one :class:`~asyncbg.AsyncBG` keeps for each Flask app it serves.
+
+One extension object serves any number of apps (the app-factory pattern, a
+fresh app per test): the decorators register *definitions* once on the
+extension, and each app bound with ``init_app`` gets an :class:`AppState` of
+its own: its loop thread, job history and runner, its queue and periodic-job
+instances, its monitor, metrics and signal handlers, and the settings read
+from its config. The state holds its app through a weak reference only, so
+that dropping (and stopping) an app frees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import NotRunning, UnknownQueue
+from .host_lock import HostLock, default_lock_dir
+from .jobs import Job, JobHistory, JobRunner
+from .loop_thread import LoopThread, ShutdownReport
+from .metrics import JobStats, MetricsExporter
+from .monitor import LoopMonitor
+from .queues import WorkQueue
+from .scheduling import PeriodicJob
+from .signals import ShutdownSignals
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .api import AsyncBG
+
+__all__ = ["AppState", "in_job_context_transition"]
+
+log = logging.getLogger("asyncbg")
+
+T = TypeVar("T")
+
+_states: weakref.WeakSet[AppState] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # Another thread may have held the lock at fork time; it does not exist here.
+    for st in list(_states):
+        st._start_lock = threading.RLock()
+        st._idle_waiters = []  # futures of the parent's loop
+        st.signals.reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+# True while a job's (or a consumer item's, a periodic run's) app context is
+# pushed or popped on the loop thread: Flask then calls async
+# ``appcontext_pushed`` receivers and async ``teardown_appcontext`` functions
+# through ``app.async_to_sync``, which cannot run them on the loop it blocks.
+_transition: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncbg_app_context_transition", default=False
+)
+
+
+def in_job_context_transition() -> bool:
+    """True while asyncbg pushes or pops a background job's app context."""
+    return _transition.get()
+
+
+class _JobAppContext:
+    """The app context a background job, item or periodic run runs in.
+
+    Pushing and popping mark the transition (see :func:`in_job_context_transition`)
+    so that the extension's ``async_to_sync`` can run async signal receivers
+    and teardown functions, as stock Flask runs them for sync code.
+    """
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, app: Flask) -> None:
+        self._ctx = app.app_context()
+
+    def __enter__(self) -> None:
+        token = _transition.set(True)
+        try:
+            self._ctx.push()
+        finally:
+            _transition.reset(token)
+
+    def __exit__(self, et: Any, ev: BaseException | None, tb: Any) -> None:
+        token = _transition.set(True)
+        try:
+            self._ctx.pop(ev)
+        finally:
+            _transition.reset(token)
+
+
+class AppState:
+    """The runtime of one app: a loop thread and everything that runs on it.
+
+    Made by :meth:`AsyncBG.init_app <asyncbg.AsyncBG.init_app>` (the first
+    app takes the state the extension made at construction, so that code
+    written for one app sees the objects the decorators returned).
+    """
+
+    def __init__(self, ext: AsyncBG) -> None:
+        self.name = ext.name
+        self._app_ref: weakref.ReferenceType[Flask] | None = None
+        self.loop_thread = LoopThread(ext.name)
+        self.loop_thread.at_exit = self._stop_at_exit
+        self.history = JobHistory()
+        self.runner = JobRunner(self.loop_thread, self.history, context=self.app_context)
+        self.periodic_jobs: dict[str, PeriodicJob] = {}
+        self.queues: dict[str, WorkQueue] = {}
+        self.startup_hooks: list[Callable[[], Awaitable[Any]]] = ext._startup_hooks
+        self.shutdown_hooks: list[Callable[[], Awaitable[Any]]] = ext._shutdown_hooks
+        self.shutdown_timeout = 10.0
+        self.queue_maxsize = 1000
+        self.lock_dir = default_lock_dir()
+        self.handle_signals = True
+        self.last_report: ShutdownReport | None = None
+        self.monitor = LoopMonitor(self.loop_thread)
+        self.monitor_enabled = True
+        self.job_stats = JobStats()
+        self.metrics: MetricsExporter | None = None
+        self._start_lock = threading.RLock()
+        self._stopped = False
+        self.signals = ShutdownSignals(
+            self.stop, self.loop_thread, lambda: sum(q.depth for q in self.queues.values())
+        )
+        self._idle_waiters: list[Any] = []
+        self.loop_thread.add_stop_hook(self._on_stop)
+        self.loop_thread.add_async_shutdown_hook(self._run_shutdown_hooks)
+        self.loop_thread.add_after_stop_hook(self._after_stop)
+        self.loop_thread.add_gave_up_hook(self._gave_up)
+        self.runner.add_idle_hook(self._wake_idle)
+        _states.add(self)
+
+    def __repr__(self) -> str:
+        app = self.app
+        where = app.name if app is not None else "no app"
+        state = "running" if self.loop_thread.running else "stopped"
+        return f"<AsyncBG state {self.name} for {where} {state}>"
+
+    # -- the app -----------------------------------------------------------------
+
+    @property
+    def app(self) -> Flask | None:
+        """The app this state serves (None before ``init_app`` or once it is gone)."""
+        ref = self._app_ref
+        return None if ref is None else ref()
+
+    def bind(self, app: Flask) -> None:
+        """Serve ``app`` (held weakly)."""
+        self._app_ref = weakref.ref(app)
+
+    def require_app(self) -> Flask:
+        """The app, or an error that says how to bind one.
+
+        :raises RuntimeError: if no app is bound or the app is gone.
+        """
+        app = self.app
+        if app is None:
+            if self._app_ref is None:
+                raise RuntimeError("AsyncBG has no app yet: call AsyncBG(app) or bg.init_app(app)")
+            raise RuntimeError("the Flask app this AsyncBG served has been garbage-collected")
+        return app
+
+    def app_context(self) -> contextlib.AbstractContextManager[Any]:
+        """The app context every background callable runs in."""
+        return _JobAppContext(self.require_app())
+
+    @property
+    def eager(self) -> bool:
+        """``ASYNCBG_EAGER``, read from the app's config each time work is handed over."""
+        app = self.app
+        return bool(app is not None and app.config.get("ASYNCBG_EAGER"))
+
+    # -- definitions ----------------------------------------------------------------
+
+    def add_periodic(self, pj: PeriodicJob) -> None:
+        """Own ``pj`` (and start it at once if the loop runs)."""
+        self.periodic_jobs[pj.name] = pj
+        if self.loop_thread.running:
+            self.loop_thread.post(self.start_periodic, pj)
+
+    def add_queue(self, q: WorkQueue) -> None:
+        """Own ``q`` (its workers wake this state's idle waiters)."""
+        q.add_idle_hook(self._wake_idle)
+        self.queues[q.name] = q
+        if self.loop_thread.running:
+            self.loop_thread.post(q.open)
+
+    # -- handing work over ----------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start on first use, unless stopped on purpose.
+
+        :raises NotRunning: if this app's asyncbg was stopped.
+        """
+        if not self.loop_thread.running:
+            with self._start_lock:
+                if self.loop_thread.running:
+                    return
+                if self._stopped:
+                    raise NotRunning(f"{self.name} has been stopped; call start() to restart it")
+                self.start()
+
+    def dispatch(self, job: Job[T]) -> Job[T]:
+        """Hand ``job`` to the loop; in eager mode wait for it.
+
+        :raises NotRunning: if stopped or stopping.
+        """
+        try:
+            self.ensure_started()
+            self.runner.submit(job)
+        except NotRunning:
+            fn = job._fn
+            if inspect.iscoroutine(fn):
+                fn.close()
+            raise
+        if self.eager and not self.loop_thread.in_loop_thread():
+            job.wait()
+        return job
+
+    def get_queue(self, name: str) -> WorkQueue:
+        """The :class:`WorkQueue` consumed under ``name``.
+
+        :raises UnknownQueue: if no consumer is registered for it.
+        """
+        try:
+            return self.queues[name]
+        except KeyError:
+            known = ", ".join(sorted(self.queues)) or "none"
+            raise UnknownQueue(f"no consumer for queue {name!r} (known queues: {known})") from None
+
+    def enqueue(self, queue: str, item: Any, timeout: float | None) -> None:
+        """See :meth:`AsyncBG.enqueue <asyncbg.AsyncBG.enqueue>`."""
+        q = self.get_queue(queue)
+        self.ensure_started()
+        if self.eager and not self.loop_thread.in_loop_thread():
+            self.loop_thread.run_sync(q.handle(item, propagate=True), context=None)
+            return
+        q.put(item, timeout)
+
+    async def enqueue_async(self, queue: str, item: Any, timeout: float | None) -> None:
+        """See :meth:`AsyncBG.enqueue_async <asyncbg.AsyncBG.enqueue_async>`."""
+        q = self.get_queue(queue)
+        self.ensure_started()
+        if self.eager:
+            await self.loop_thread.run(q.handle(item, propagate=True))
+            return
+        await q.put_async(item, timeout)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def serve_under_server(self) -> None:
+        """From now on the server decides when we stop (see ``bg.asgi_app()``)."""
+        # In the main thread (where the server runs its loop) this also puts
+        # our handlers in front of the server's, installed after the app was imported.
+        self.signals.server_managed = True
+        if self.handle_signals:
+            self.signals.install()
+
+    def start(self, *, periodic: bool = True) -> None:
+        """See :meth:`AsyncBG.start <asyncbg.AsyncBG.start>`."""
+        with self._start_lock:
+            self.require_app()
+            if self.loop_thread.running:
+                return
+            self._stopped = False
+            self.signals.reset()
+            self.loop_thread.start()
+            if self.monitor_enabled:
+                # Before the schedules: a run_at_start job that blocks is caught too.
+                self.monitor.start()
+            try:
+                self._run_startup_hooks()
+            except BaseException:
+                self.stop(timeout=0)
+                raise
+            self.loop_thread.call(self._start_on_loop, periodic)
+            if self.handle_signals:
+                self.signals.install()
+        log.debug(
+            "asyncbg started: %d periodic jobs, %d queues",
+            len(self.periodic_jobs),
+            len(self.queues),
+        )
+
+    def _run_startup_hooks(self) -> None:
+        # On the loop, one after the other, before any schedule or queue starts.
+        for hook in self.startup_hooks:
+            try:
+                self.loop_thread.submit(_call_hook(hook)).result()
+            except Exception:
+                log.exception("asyncbg: on_startup hook %s failed; not starting", _hook_name(hook))
+                raise
+
+    async def _run_shutdown_hooks(self) -> None:
+        # After the drain, before the loop closes: clients the jobs shared go now.
+        for hook in reversed(self.shutdown_hooks):
+            try:
+                await _call_hook(hook)
+            except Exception:
+                log.exception("asyncbg: on_shutdown hook %s failed", _hook_name(hook))
+
+    def _start_on_loop(self, periodic: bool = True) -> None:
+        for q in self.queues.values():
+            q.open()
+        if periodic:
+            for pj in self.periodic_jobs.values():
+                self.start_periodic(pj)
+
+    def start_periodic(self, pj: PeriodicJob) -> None:
+        """Begin ``pj``'s schedule on the loop (host scope: with its host lock)."""
+        lock = None
+        if pj.scope == "host":
+            app = self.require_app()
+            lock = HostLock(self.lock_dir, f"asyncbg-{app.import_name}-{pj.name}")
+        pj.start(self.loop_thread, context=self.app_context, lock=lock)
+
+    def _on_stop(self) -> None:
+        # On the loop, first thing at stop: no new runs, no new items handed out.
+        for pj in self.periodic_jobs.values():
+            pj.stop()
+        for q in self.queues.values():
+            q.close()
+
+    def stop(self, timeout: float | None = None) -> ShutdownReport:
+        """See :meth:`AsyncBG.stop <asyncbg.AsyncBG.stop>`."""
+        with self._start_lock:
+            self._stopped = True
+        report = self.loop_thread.stop(self.shutdown_timeout if timeout is None else timeout)
+        # Here, not in _after_stop: that runs on the loop thread, and only the
+        # main thread may change signal handlers.
+        self.signals.uninstall()
+        return report
+
+    def _after_stop(self, report: ShutdownReport) -> None:
+        # On the loop thread, after the loop closed: no run can be in progress.
+        self.monitor.stop()
+        for pj in self.periodic_jobs.values():
+            pj.release()
+        # Jobs whose tasks ignored cancellation (counted as abandoned by the
+        # loop), or left by a loop that died: their waiters must not wait forever.
+        self.runner.settle_unfinished("it was still running when the loop closed")
+        self.runner.flush_logs()
+        for q in self.queues.values():
+            q.flush_logs()
+        self._count_queued(report)
+        self.last_report = report
+        self._log_report(report)
+
+    def _gave_up(self, report: ShutdownReport) -> None:
+        # In the thread that called stop(); the loop is blocked and never got
+        # to its shutdown: everything in flight is abandoned with it.
+        report.blocked_by = self.monitor.describe_blocker()
+        in_hand = sum(q.active for q in self.queues.values())
+        report.abandoned += in_hand + self.runner.settle_unfinished(
+            f"the loop was blocked at stop (by {report.blocked_by})", from_loop=False
+        )
+        self._count_queued(report)
+        self.last_report = report
+
+    def _count_queued(self, report: ShutdownReport) -> None:
+        queued = {name: q.depth for name, q in self.queues.items() if q.depth}
+        report.queued_by_queue = queued
+        report.still_queued = sum(queued.values())
+
+    def _log_report(self, report: ShutdownReport) -> None:
+        lost = report.cancelled or report.still_queued or report.abandoned
+        level = logging.WARNING if lost else logging.INFO
+        details = "".join(f" {name}={n}" for name, n in report.queued_by_queue.items())
+        log.log(level, "%s%s", report, f" (still queued:{details})" if details else "")
+
+    def _stop_at_exit(self) -> None:
+        # The interpreter is exiting and stops the loop (with the others at once).
+        with self._start_lock:
+            self._stopped = True
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """See :meth:`AsyncBG.wait_idle <asyncbg.AsyncBG.wait_idle>`."""
+        lt = self.loop_thread
+        lt.check_not_loop_thread("wait_idle()")
+        if not lt.running:
+            return
+        fut = lt.submit(self._until_idle())
+        try:
+            fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise TimeoutError(
+                f"asyncbg still busy after {timeout}s: {self._busy_summary()}"
+            ) from None
+
+    def _busy_summary(self) -> str:
+        parts = [f"{self.runner.active} job(s) running"]
+        parts += [
+            f"queue {q.name}: {q.depth} queued, {q.active} in hand"
+            for q in self.queues.values()
+            if not q.idle
+        ]
+        return "; ".join(parts)
+
+    def _is_idle(self) -> bool:
+        return (
+            not self.runner.active
+            and not self.loop_thread.pending_posts
+            and all(q.idle for q in self.queues.values())
+        )
+
+    async def _until_idle(self) -> None:
+        loop = self.loop_thread.loop
+        while not self._is_idle():
+            waiter = loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+
+async def _call_hook(hook: Callable[[], Awaitable[Any]]) -> None:
+    await hook()
+
+
+def _hook_name(hook: Callable[..., Any]) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
