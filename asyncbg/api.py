@@ -7,9 +7,7 @@ queues it wires together do not.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime as dt
-import functools
 import inspect
 import logging
 import os
@@ -479,20 +477,9 @@ class AsyncBG:
     # -- async views on the shared loop -------------------------------------------------
 
     def _async_to_sync(self, func: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-        lt = self.loop_thread
+        from .views import async_view_bridge
 
-        @functools.wraps(func)
-        def run_on_loop(*args: Any, **kwargs: Any) -> T:
-            self._ensure_started()
-            if lt.in_loop_thread():
-                raise RuntimeError(
-                    f"async view {func.__qualname__} was called from the asyncbg loop thread "
-                    "(a request dispatched from inside a job?); it would deadlock"
-                )
-            # The copied context carries Flask's request and app contexts to the loop.
-            return lt.run_sync(func(*args, **kwargs), context=contextvars.copy_context())
-
-        return run_on_loop
+        return async_view_bridge(func, self.loop_thread, self._ensure_started)
 
     # -- serving -------------------------------------------------------------------------
 
