@@ -18,9 +18,11 @@ import pytest
 from asgiref.local import Local
 from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
 from flask import Flask, g
-from helpers_core import WAIT
+from helpers_core import WAIT, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from asyncbg import AsyncBG
+from asyncbg.monitor import describe_task_name
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -275,3 +277,96 @@ def test_without_asgiref_executor_support_views_fall_back_with_one_log_line(
         assert r.get_json()["ran_on"] != threading.get_ident()  # asgiref's shared thread
     lines = [rec for rec in caplog.records if "ThreadSensitiveContext" in rec.getMessage()]
     assert len(lines) == 1
+
+
+# -- item 7a: a blocking view is named ------------------------------------------------
+
+
+def blocked_warnings(caplog: pytest.LogCaptureFixture, naming: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+        and "event loop has been blocked" in r.getMessage()
+        and naming in r.getMessage()
+    ]
+
+
+def metric_samples(app: Flask) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = app.test_client().get("/_asyncbg/metrics")
+    assert r.status_code == 200, r.data
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.get_data(as_text=True))
+        for s in family.samples
+    }
+
+
+def test_an_async_view_blocking_the_loop_is_named_in_the_log_health_and_metrics(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncbg")
+    app, bg = make_app()
+
+    @app.get("/report/<int:year>")
+    async def yearly_report(year: int) -> str:
+        time.sleep(0.4)  # noqa: ASYNC251 - a blocking DB call, on purpose
+        return str(year)
+
+    bg.start()
+    assert app.test_client().get("/report/2026").status_code == 200
+    offender = "asyncbg:view:yearly_report (GET /report/<int:year>)"
+    words = "async view 'yearly_report' (GET /report/<int:year>)"
+    wait_for(lambda: bg.monitor.blocked_by_offender[offender], what="the stall counted")
+    (message,) = wait_for(lambda: blocked_warnings(caplog, "yearly_report"), what="warning")
+    assert words in message
+    assert "test_async_views.py" in message  # where it blocks
+    health = app.test_client().get("/_asyncbg/health").get_json()
+    blocked = health["loop"]["blocked"]
+    assert blocked["by_offender"][offender] == 1
+    assert blocked["last"]["offender"] == offender
+    assert blocked["last"]["description"] == words
+    samples = metric_samples(app)
+    assert samples[("asyncbg_loop_blocked_by_offender_total", (("offender", offender),))] == 1.0
+
+
+def test_an_async_hook_blocking_the_loop_is_named_with_its_view(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncbg")
+    app, bg = make_app()
+
+    @app.before_request
+    async def load_user() -> None:
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop on purpose
+
+    @app.post("/orders")
+    def create_order() -> str:
+        return "created"
+
+    bg.start()
+    assert app.test_client().post("/orders").status_code == 200
+    hook = f"{load_user.__qualname__}"
+    offender = f"asyncbg:view:create_order (POST /orders) in {hook}"
+    wait_for(lambda: bg.monitor.blocked_by_offender[offender], what="the stall counted")
+    (message,) = wait_for(lambda: blocked_warnings(caplog, "load_user"), what="warning")
+    assert f"async view 'create_order' (POST /orders) in {hook!r}" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        (
+            "asyncbg:view:users.show (GET /users/<int:id>)",
+            "async view 'users.show' (GET /users/<int:id>)",
+        ),
+        (
+            "asyncbg:view:api.item (PUT /items/<regex('(a|b)'):x>) in ItemAPI.put",
+            "async view 'api.item' (PUT /items/<regex('(a|b)'):x>) in 'ItemAPI.put'",
+        ),
+        ("asyncbg:view:odd", "async view 'odd'"),
+        ("asyncbg:async:fetch_all", "async function 'fetch_all'"),
+    ],
+)
+def test_view_task_names_are_described_in_words(name: str, words: str) -> None:
+    assert describe_task_name(name) == words
