@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -370,3 +371,42 @@ def test_an_async_hook_blocking_the_loop_is_named_with_its_view(
 )
 def test_view_task_names_are_described_in_words(name: str, words: str) -> None:
     assert describe_task_name(name) == words
+
+
+# -- item 7b: the default executor does not throttle concurrent views ---------------------
+
+# More concurrent to_thread calls than the old default, min(32, cpus + 4), allowed.
+OLD_DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+
+def test_to_thread_calls_of_concurrent_views_all_run_at_once(make_app: MakeApp) -> None:
+    app, bg = make_app()
+    n = OLD_DEFAULT_WORKERS + 2
+    # Every call waits for all n to be in flight: with fewer threads than n it
+    # breaks after the timeout instead.
+    everyone = threading.Barrier(n, timeout=3.0)
+
+    @app.get("/meet")
+    async def view() -> dict[str, Any]:
+        return {"arrived": await asyncio.to_thread(everyone.wait)}
+
+    bg.start()
+    _elapsed, results = concurrently(app, "/meet", n)
+    assert [status for status, _, _ in results] == [200] * n
+    assert sorted(body["arrived"] for _, body, _ in results) == list(range(n))
+
+
+def test_concurrent_views_sleeping_in_to_thread_take_about_one_sleep(make_app: MakeApp) -> None:
+    app, bg = make_app()
+    n, nap = max(8, OLD_DEFAULT_WORKERS + 2), 0.25
+
+    @app.get("/nap")
+    async def view() -> str:
+        await asyncio.to_thread(time.sleep, nap)
+        return "ok"
+
+    bg.start()
+    elapsed, results = concurrently(app, "/nap", n)
+    assert [status for status, _, _ in results] == [200] * n
+    # Under two naps: with fewer than n threads some naps wait for others (>= 2 naps).
+    assert elapsed < 2 * nap, f"{n} views took {elapsed:.2f}s"
