@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import datetime as dt
 import functools
 import logging
@@ -32,6 +31,7 @@ from .monitor import LoopMonitor
 from .queues import WorkQueue
 from .scheduling import PeriodicJob, Scope
 from .signals import ShutdownSignals
+from .views import async_view_bridge
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -649,26 +649,14 @@ class AsyncBG:
                 # short-lived loop of its own (in the job's context).
                 return _run_on_a_private_loop(func, args, kwargs)
             if st.app is not None and st.app.config["ASYNCBG_ASYNC_VIEWS"]:
-                return self._async_to_sync(func)(*args, **kwargs)
+                return async_view_bridge(func, lt, st.ensure_started)(*args, **kwargs)
             return original(func)(*args, **kwargs)  # type: ignore[no-any-return]
 
         return run
 
     def _async_to_sync(self, func: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-        lt = self.loop_thread
-
-        @functools.wraps(func)
-        def run_on_loop(*args: Any, **kwargs: Any) -> T:
-            self._ensure_started()
-            if lt.in_loop_thread():
-                raise RuntimeError(
-                    f"async view {func.__qualname__} was called from the asyncbg loop thread "
-                    "(a request dispatched from inside a job?); it would deadlock"
-                )
-            # The copied context carries Flask's request and app contexts to the loop.
-            return lt.run_sync(func(*args, **kwargs), context=contextvars.copy_context())
-
-        return run_on_loop
+        st = self._state()
+        return async_view_bridge(func, st.loop_thread, st.ensure_started)
 
     # -- serving -------------------------------------------------------------------------
 

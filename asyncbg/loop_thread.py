@@ -395,7 +395,13 @@ class LoopThread:
         self.use_uvloop = use_uvloop
         self.shutdown_timeout = shutdown_timeout
         self.cancel_grace = cancel_grace
-        self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        # Not ThreadPoolExecutor's min(32, cpus + 4), sized for CPU work: these
+        # threads mostly wait (async views' to_thread calls, sync jobs doing
+        # I/O), and 6 on 2 cores made the 7th concurrent view queue behind the
+        # others' sleeps. 64 covers the 32 ASGI threads each offloading a call,
+        # with room for sync jobs; _DaemonExecutor starts threads only when no
+        # idle one is free, so an idle app never pays for the cap.
+        self.max_workers = max_workers or max(64, 8 * (os.cpu_count() or 1))
         self._stop_hooks: list[Callable[[], object]] = []
         self._after_stop_hooks: list[Callable[[ShutdownReport], object]] = []
         self._gave_up_hooks: list[Callable[[ShutdownReport], object]] = []

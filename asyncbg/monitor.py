@@ -47,7 +47,11 @@ def describe_task_name(name: str) -> str:
 
     ``asyncbg:job:send`` -> ``job 'send'``, ``asyncbg:periodic:tick`` ->
     ``periodic job 'tick'``, ``asyncbg:consumer:mail`` -> ``consumer of queue
-    'mail'``; any other name -> ``task 'name'``.
+    'mail'``, ``asyncbg:view:users.show (GET /users/<int:id>)`` -> ``async view
+    'users.show' (GET /users/<int:id>)`` (with `` in 'load_user'`` when an
+    async hook of that request runs, see :func:`asyncbg.views.view_task_name`),
+    ``asyncbg:async:fetch`` -> ``async function 'fetch'``; any other name ->
+    ``task 'name'``.
     """
     kind, _, rest = name.removeprefix("asyncbg:").partition(":")
     if name.startswith("asyncbg:") and rest:
@@ -57,7 +61,26 @@ def describe_task_name(name: str) -> str:
             return f"periodic job {rest!r}"
         if kind == "consumer":
             return f"consumer of queue {rest!r}"
+        if kind == "view":
+            return _describe_view(rest)
+        if kind == "async":
+            return f"async function {rest!r}"
     return f"task {name!r}"
+
+
+def _describe_view(rest: str) -> str:
+    # "<endpoint> (<METHOD> <rule>)", maybe followed by " in <qualname>". A rule
+    # can hold parentheses (a regex converter), a qualified name cannot.
+    route, sep, inner = rest.rpartition(") in ")
+    if sep:
+        route += ")"
+    else:
+        route, inner = rest, ""
+    endpoint, sep, method_rule = route.partition(" (")
+    if not sep or not method_rule.endswith(")"):
+        return f"async view {rest!r}"
+    words = f"async view {endpoint!r} ({method_rule}"
+    return f"{words} in {inner!r}" if inner else words
 
 
 @dataclass
@@ -331,9 +354,10 @@ class LoopMonitor:
         self._last_logged[offender] = now
         log.warning(
             "asyncbg: the event loop has been blocked for %.3fs so far (threshold %.3gs) by %s%s; "
-            "nothing else on the loop runs meanwhile: await instead of blocking, or run "
-            "blocking code in a sync task (worker thread). Logged at most once a minute "
-            "per offender (%d time(s) so far).",
+            "nothing else on the loop runs meanwhile (no other async view, job or consumer): "
+            "await instead of blocking, or move the blocking call to a thread "
+            "(await asyncio.to_thread(...), asgiref's sync_to_async, a sync @bg.task). "
+            "Logged at most once a minute per offender (%d time(s) so far).",
             duration,
             self.blocked_threshold,
             description,
