@@ -126,6 +126,7 @@ class AsyncBG:
         # The state the next init_app takes: made now, so that the objects the
         # decorators return before init_app are the first app's own.
         self._spare: AppState | None = AppState(self)
+        self._ever_bound = False
         if app is not None:
             self.init_app(app)
 
@@ -144,9 +145,12 @@ class AsyncBG:
         if len(states) == 1:
             return states[0]
         if not states:
-            if self._spare is None:
-                self._spare = AppState(self)
-            return self._spare
+            if self._ever_bound:
+                raise RuntimeError(
+                    "every Flask app this AsyncBG served has been garbage-collected: keep a "
+                    "reference to the app (asyncbg holds it only while its loop runs)"
+                )
+            return self._spare_state()
         names = ", ".join(sorted(repr(st.app.name) for st in states if st.app is not None))
         raise RuntimeError(
             f"this AsyncBG serves {len(states)} apps ({names}) and there is no app context "
@@ -284,6 +288,7 @@ class AsyncBG:
         self._spare = None
         st.bind(app)
         self._states[app] = st
+        self._ever_bound = True
         app.extensions["asyncbg"] = self
         self._configure(st, app)
         self._instantiate(st)
@@ -336,9 +341,14 @@ class AsyncBG:
             context=st.app_context,
         )
 
+    def _spare_state(self) -> AppState:
+        if self._spare is None:
+            self._spare = AppState(self)
+        return self._spare
+
     def _every_state(self) -> list[AppState]:
         states = list(self._states.values())
-        return states if states else [self._spare or self._state()]
+        return states if states else [self._spare_state()]
 
     def _init_observability(self, app: Flask) -> None:
         cfg = app.config
@@ -498,13 +508,18 @@ class AsyncBG:
 
         Hooks run in the order declared, in the app context. If one raises,
         the error is logged and ``start()`` (or the server's lifespan startup)
-        fails with it. Returns ``fn``.
+        fails with it. Declared while a loop runs (after ``AsyncBG(app)`` has
+        autostarted it), the hook runs on it at once. Returns ``fn``.
 
         :raises TypeError: if ``fn`` is not an async function.
         """
         if not is_async_callable(fn):
             raise TypeError(f"on_startup needs an async function, got {fn!r}")
         self._startup_hooks.append(fn)
+        for st in list(self._states.values()):
+            # Declared after the loop started (``AsyncBG(app)`` autostarts):
+            # it runs now, before this returns.
+            st.run_startup_hook_now(fn)
         return fn
 
     def on_shutdown(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:

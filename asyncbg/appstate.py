@@ -5,8 +5,9 @@ fresh app per test): the decorators register *definitions* once on the
 extension, and each app bound with ``init_app`` gets an :class:`AppState` of
 its own: its loop thread, job history and runner, its queue and periodic-job
 instances, its monitor, metrics and signal handlers, and the settings read
-from its config. The state holds its app through a weak reference only, so
-that dropping (and stopping) an app frees it.
+from its config. The state holds its app strongly only while its loop runs
+(``AsyncBG(Flask(__name__))`` keeps working), and weakly otherwise, so that
+dropping a stopped app frees it.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class AppState:
     def __init__(self, ext: AsyncBG) -> None:
         self.name = ext.name
         self._app_ref: weakref.ReferenceType[Flask] | None = None
+        self._app_while_running: Flask | None = None
         self.loop_thread = LoopThread(ext.name)
         self.loop_thread.at_exit = self._stop_at_exit
         self.history = JobHistory()
@@ -272,6 +274,7 @@ class AppState:
             if self.loop_thread.running:
                 return
             self._stopped = False
+            self._app_while_running = self.require_app()
             self.signals.reset()
             self.loop_thread.start()
             if self.monitor_enabled:
@@ -295,18 +298,44 @@ class AppState:
         # On the loop, one after the other, before any schedule or queue starts.
         for hook in self.startup_hooks:
             try:
-                self.loop_thread.submit(_call_hook(hook)).result()
+                self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
             except Exception:
                 log.exception("asyncbg: on_startup hook %s failed; not starting", _hook_name(hook))
                 raise
 
+    def run_startup_hook_now(self, hook: Callable[[], Awaitable[Any]]) -> None:
+        """Run a startup hook declared while the loop already runs, and wait for it.
+
+        :raises Exception: whatever the hook raised (logged too).
+        """
+        if not self.loop_thread.running or self.loop_thread.in_loop_thread():
+            return
+        try:
+            self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
+        except Exception:
+            log.exception("asyncbg: on_startup hook %s failed", _hook_name(hook))
+            raise
+
+    def _hook_context(self) -> contextvars.Context:
+        # Hooks run in the app context, as jobs do.
+        context = contextvars.Context()
+        app = self.app
+        if app is not None:
+            context.run(app.app_context().push)
+        return context
+
     async def _run_shutdown_hooks(self) -> None:
-        # After the drain, before the loop closes: clients the jobs shared go now.
-        for hook in reversed(self.shutdown_hooks):
-            try:
-                await _call_hook(hook)
-            except Exception:
-                log.exception("asyncbg: on_shutdown hook %s failed", _hook_name(hook))
+        # After the drain, before the loop closes: clients the jobs shared go
+        # now, in the app context as everything else that runs on the loop.
+        if not self.shutdown_hooks:
+            return
+        app = self.app
+        with app.app_context() if app is not None else contextlib.nullcontext():
+            for hook in reversed(self.shutdown_hooks):
+                try:
+                    await _call_hook(hook)
+                except Exception:
+                    log.exception("asyncbg: on_shutdown hook %s failed", _hook_name(hook))
 
     def _start_on_loop(self, periodic: bool = True) -> None:
         for q in self.queues.values():
@@ -342,6 +371,7 @@ class AppState:
 
     def _after_stop(self, report: ShutdownReport) -> None:
         # On the loop thread, after the loop closed: no run can be in progress.
+        self.last_report = report  # first: settling below wakes waiters who may read it
         self.monitor.stop()
         for pj in self.periodic_jobs.values():
             pj.release()
@@ -354,6 +384,7 @@ class AppState:
         self._count_queued(report)
         self.last_report = report
         self._log_report(report)
+        self._app_while_running = None
 
     def _gave_up(self, report: ShutdownReport) -> None:
         # In the thread that called stop(); the loop is blocked and never got

@@ -839,6 +839,15 @@ class JobRunner:
         except BaseException as exc:
             # Outside the attempts: the app context could not be pushed, or its
             # teardown raised before the job was recorded. Never leave it running.
+            if isinstance(exc, GeneratorExit):
+                # Closed by the loop after it ignored cancellation at stop.
+                job._finish(
+                    JobStatus.CANCELLED,
+                    exc=JobCancelled(
+                        f"job {job.name} {job.id} was abandoned: it ignored cancellation at stop"
+                    ),
+                )
+                raise
             if not job.done():
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 if not cancelled:

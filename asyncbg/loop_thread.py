@@ -1153,6 +1153,16 @@ def _forget_task(task: asyncio.Task[Any]) -> None:
     # destroyed but it is pending" when it is collected. It was reported already.
     with contextlib.suppress(AttributeError):
         task._log_destroy_pending = False  # type: ignore[attr-defined]
+    # Close its coroutine now, on the loop thread, so that its finally blocks
+    # run here rather than whenever (and in whichever thread) the garbage
+    # collector gets to it.
+    coro = task.get_coro()
+    close = getattr(coro, "close", None)
+    if close is not None:
+        try:
+            close()
+        except BaseException as exc:  # it ignored GeneratorExit too
+            log.debug("asyncbg: closing abandoned task %s: %r", task.get_name(), exc)
 
 
 def _abandon_future_start(

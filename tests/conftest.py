@@ -23,6 +23,9 @@ def make_app() -> Iterator[MakeApp]:
     Every AsyncBG made is stopped at teardown.
     """
     made: list[AsyncBG] = []
+    # The apps are kept, as module-level apps are: asyncbg holds an app
+    # strongly only while its loop runs.
+    apps: list[Flask] = []
 
     def make(
         *, import_name: str = "asyncbg_test_app", bind: bool = True, **config: Any
@@ -31,8 +34,10 @@ def make_app() -> Iterator[MakeApp]:
         app.config.update({"ASYNCBG_HANDLE_SIGNALS": False, "ASYNCBG_AUTOSTART": False, **config})
         bg = AsyncBG(app) if bind else AsyncBG()
         made.append(bg)
+        apps.append(app)
         return app, bg
 
     yield make
-    for bg in made:
-        bg.stop(timeout=1.0)
+    for bg, app in zip(made, apps, strict=True):
+        with app.app_context():  # the one it was made for, even if it serves several
+            bg.stop(timeout=1.0)

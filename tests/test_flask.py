@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from flask import Flask, current_app, g, request
+from flask import current_app, g, request
 
 from asyncbg import DEFAULT_CONFIG, AsyncBG
 

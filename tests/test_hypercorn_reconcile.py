@@ -137,3 +137,31 @@ def test_sigterm_mid_load_with_two_workers_accounts_for_every_accepted_id(
     # counted (the reports may count a few more: jobs of answers cut off by the exit).
     assert len(missing) <= totals["cancelled"] + totals["abandoned"], output
     assert totals["queued"] == 0
+
+
+SHARED_APP = str(Path(__file__).resolve().parent / "apps" / "shared_client_app.py") + ":asgi_app"
+
+
+def test_a_client_opened_on_startup_serves_views_and_jobs_and_closes_on_shutdown(
+    tmp_path: Path,
+) -> None:
+    # Stock Flask fails about half of these with "Event loop is closed": each
+    # async view gets a loop of its own, and the client belongs to the first.
+    server = Server(tmp_path, SHARED_APP, workers=1, graceful_timeout=2)
+    with running(server):
+        answers = []
+        for i in range(20):
+            path = "/fetch" if i % 2 == 0 else "/job"
+            answers.append(server.get(path))
+        server.send(signal.SIGTERM)
+        code = server.wait_exit(timeout=WAIT)
+        output = server.output.text()
+    assert code == 0, output
+    assert [a.status for a in answers] == [200] * 20, output
+    assert {a.body.get("view") or a.body.get("job") for a in answers} == {"pong"}
+    lines = output.splitlines()
+    opened = next(i for i, line in enumerate(lines) if "shared client opened" in line)
+    closed = next(i for i, line in enumerate(lines) if "shared client closed" in line)
+    report = next(i for i, line in enumerate(lines) if "asyncbg shutdown:" in line)
+    assert opened < closed < report, output
+    assert "Event loop is closed" not in output

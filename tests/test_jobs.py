@@ -41,17 +41,19 @@ def make_bg() -> Iterator[MakeBG]:
     Signal handling is off (tests must not replace the runner's handlers);
     autostart stays at its default (on) unless a test says otherwise.
     """
-    made: list[AsyncBG] = []
+    made: list[tuple[Flask, AsyncBG]] = []
 
     def make(**config: Any) -> AsyncBG:
         app = Flask(f"jobs_app_{len(made)}")
         app.config.update({"ASYNCBG_HANDLE_SIGNALS": False, **config})
         bg = AsyncBG(app)
-        made.append(bg)
+        # The app is kept here, as a module-level app is: asyncbg holds an app
+        # strongly only while its loop runs.
+        made.append((app, bg))
         return bg
 
     yield make
-    for bg in made:
+    for _app, bg in made:
         bg.stop(timeout=1.0)
 
 

@@ -52,9 +52,15 @@ def python_handlers() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+_KEPT: list[Flask] = []
+
+
 def new_bg(name: str = "signal_handlers_app") -> AsyncBG:
+    """An AsyncBG on a new app, the app kept as a module-level app is kept
+    (asyncbg itself holds an app strongly only while its loop runs)."""
     app = Flask(name)
     app.config.update(LIGHT)
+    _KEPT.append(app)
     return AsyncBG(app)
 
 
@@ -86,11 +92,13 @@ def test_restarting_an_instance_does_not_grow_a_chain(python_handlers: None) -> 
 
 
 def test_handlers_hold_no_strong_reference_to_the_instance(python_handlers: None) -> None:
-    bg = new_bg()
+    app = Flask("no_strong_ref")
+    app.config.update(LIGHT)
+    bg = AsyncBG(app)
     bg.signals.install()  # as start() does, without a loop thread referring to bg
     handler = signal.getsignal(signal.SIGINT)
     ref = weakref.ref(bg)
-    del bg
+    del bg, app
     assert collected(ref), "the installed signal handler keeps the AsyncBG alive"
     # Its owner gone, it hands the signal on and takes itself out.
     with pytest.raises(KeyboardInterrupt):
@@ -101,7 +109,9 @@ def test_handlers_hold_no_strong_reference_to_the_instance(python_handlers: None
 def test_a_handler_installed_on_top_is_left_but_does_not_keep_the_instance_alive(
     python_handlers: None,
 ) -> None:
-    bg = new_bg()
+    app = Flask("on_top")
+    app.config.update(LIGHT)
+    bg = AsyncBG(app)
     bg.start()
     below = signal.getsignal(signal.SIGINT)
     calls: list[int] = []
@@ -114,7 +124,7 @@ def test_a_handler_installed_on_top_is_left_but_does_not_keep_the_instance_alive
     bg.stop(1.0)
     assert signal.getsignal(signal.SIGINT) is on_top  # not ours to remove
     ref = weakref.ref(bg)
-    del bg
+    del bg, app
     assert collected(ref), "the chained handler keeps the stopped AsyncBG alive"
     with pytest.raises(KeyboardInterrupt):  # straight through to Python's handler
         on_top(signal.SIGINT, None)
@@ -141,10 +151,12 @@ def test_stopped_from_another_thread_the_handler_hands_signals_straight_on(
 
 
 def test_an_instance_started_on_top_of_a_dropped_one_skips_it(python_handlers: None) -> None:
-    first = new_bg("first")
+    app = Flask("first")
+    app.config.update(LIGHT)
+    first = AsyncBG(app)
     first.signals.install()
     ref = weakref.ref(first)
-    del first
+    del first, app
     assert collected(ref)
     second = new_bg("second")
     second.start()
