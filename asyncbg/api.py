@@ -16,12 +16,22 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, overload
 
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .errors import NotRunning, UnknownQueue
 from .host_lock import HostLock, default_lock_dir
-from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
+from .jobs import (
+    CoroutineFunction,
+    Job,
+    JobHistory,
+    JobRunner,
+    Task,
+    TaskDecorator,
+    TaskOptions,
+    deprecated,
+    is_async_callable,
+)
 from .loop_thread import LoopThread, ShutdownReport
 from .metrics import JobStats, MetricsExporter
 from .monitor import LoopMonitor
@@ -38,6 +48,7 @@ log = logging.getLogger("asyncbg")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 #: Every config key asyncbg reads, with its default (see the README's table).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -228,6 +239,11 @@ class AsyncBG:
 
     # -- decorators ---------------------------------------------------------------
 
+    # The async overload comes first: Callable[P, T] alone would make T the
+    # coroutine, and job.result() / await bg.run(...) a coroutine type.
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Task[P, T]: ...
+
     @overload
     def task(self, fn: Callable[P, T], /) -> Task[P, T]: ...
 
@@ -240,34 +256,37 @@ class AsyncBG:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
-    ) -> Callable[[Callable[P, T]], Task[P, T]]: ...
+    ) -> TaskDecorator: ...
 
-    def task(  # type: ignore[misc]  # the decorator-factory overload is generic in its result
+    # fn is not positional-only here: mypy then wrongly finds that the
+    # implementation does not accept the keyword-only overload's calls.
+    def task(
         self,
-        fn: Callable[P, T] | None = None,
-        /,
+        fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
-    ) -> Task[P, T] | Callable[[Callable[P, T]], Task[P, T]]:
+    ) -> Task[Any, Any] | TaskDecorator:
         """Declare a named task: ``@bg.task`` or ``@bg.task(timeout=30, retries=3)``.
 
         ``timeout`` applies to each attempt; ``retries`` more attempts follow a
         failure or timeout after ``retry_backoff * 2**n`` seconds (at most
-        ``retry_backoff_max``). Plain functions run in a worker thread.
+        ``retry_backoff_max``). Plain functions run in a worker thread. For
+        ``async def f(...) -> T`` and ``def f(...) -> T`` alike the result is a
+        ``Task[P, T]``, whose jobs are ``Job[T]``.
 
         :raises ValueError: on a bad option or a name already taken.
         """
         options = TaskOptions(timeout, retries, retry_backoff, retry_backoff_max)
 
-        def decorate(func: Callable[P, T]) -> Task[P, T]:
+        def decorate(func: Callable[..., Any], /) -> Task[Any, Any]:
             task_name = name or _qualified_name(func)
             if task_name in self.tasks:
                 raise ValueError(f"a task named {task_name!r} is already registered")
-            t: Task[P, T] = Task(func, task_name, options, self._submit_task)
+            t: Task[Any, Any] = Task(func, task_name, options, self._submit_task)
             self.tasks[task_name] = t
             return t
 
@@ -380,6 +399,22 @@ class AsyncBG:
         )
         return self._dispatch(job)
 
+    # Task first: it is callable too, but its __call__ does not say whether it
+    # is async. Then async functions before plain ones, as for task().
+    @overload
+    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+
+    @overload
+    def submit(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Job[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+
+    @overload
+    def submit(self, fn: Coroutine[Any, Any, T], /) -> Job[T]: ...
+
     def submit(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
     ) -> Job[Any]:
@@ -387,7 +422,8 @@ class AsyncBG:
 
         ``fn`` may be an async function (runs on the loop), a plain function
         (runs in a worker thread), a :class:`Task`, or a coroutine object.
-        Thread-safe; starts the loop if it has not started yet.
+        Thread-safe; starts the loop if it has not started yet. Type checkers
+        check the arguments against ``fn``'s signature.
 
         :raises NotRunning: if asyncbg has been stopped or is stopping.
         :raises TypeError: if ``fn`` is not callable.
@@ -395,6 +431,20 @@ class AsyncBG:
         if isinstance(fn, Task):
             return self._submit_task(fn, args, kwargs)
         return self._dispatch(self.runner.create(fn, args, kwargs))
+
+    @overload
+    async def run(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    async def run(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    async def run(self, fn: Coroutine[Any, Any, T], /) -> T: ...
 
     async def run(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
@@ -442,7 +492,26 @@ class AsyncBG:
             return
         await q.put_async(item, timeout)
 
-    def call(self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None) -> T:
+    # Positional arguments only (timeout= is call's own), hence a TypeVarTuple
+    # rather than a ParamSpec, as in anyio.from_thread.run_sync. Async
+    # functions always raise: flagged as deprecated, the one per-overload mark
+    # type checkers report (mypy with --enable-error-code deprecated). Typed
+    # None, not Never: after a Never call mypy silently stops checking the
+    # rest of the function, and a None result is an error wherever it is used.
+    #
+    # A Task is listed first: its __call__ is typed Any, which would match the
+    # async overload for sync tasks too. Its arguments go unchecked here.
+    @overload
+    def call(self, fn: Task[..., T], /, *args: Any, timeout: float | None = None) -> T: ...
+
+    @overload
+    @deprecated("bg.call() raises TypeError for async functions: await bg.run(fn, ...) instead")
+    def call(self, fn: CoroutineFunction, /, *args: Any, timeout: float | None = None) -> None: ...
+
+    @overload
+    def call(self, fn: Callable[[*Ts], T], /, *args: *Ts, timeout: float | None = None) -> T: ...
+
+    def call(self, fn: Callable[[*Ts], Any], /, *args: *Ts, timeout: float | None = None) -> Any:
         """Run the plain callable ``fn(*args)`` on the loop thread and return its value.
 
         The lock-free way for views to read or change state owned by the loop.

@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from .errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
@@ -33,7 +33,17 @@ from .logthrottle import FlushTimer, LogThrottle, describe_exception
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
 
-__all__ = ["Job", "JobHistory", "JobRunner", "JobStatus", "Progress", "TaskOptions", "current_job"]
+__all__ = [
+    "Job",
+    "JobHistory",
+    "JobRunner",
+    "JobStatus",
+    "Progress",
+    "Task",
+    "TaskDecorator",
+    "TaskOptions",
+    "current_job",
+]
 
 log = logging.getLogger("asyncbg")
 
@@ -298,7 +308,7 @@ class Job(Generic[T]):
     def _outcome(self) -> T:
         status = self.status
         if status is JobStatus.SUCCEEDED:
-            return self._result  # type: ignore[return-value]
+            return cast(T, self._result)
         if status is JobStatus.CANCELLED:
             if isinstance(self._exception, JobCancelled):  # abandoned: it says why
                 raise self._exception
@@ -880,8 +890,10 @@ class Task(Generic[P, T]):
     """A named async or sync function with job options, made by ``@bg.task``.
 
     ``task.submit(*args, **kwargs)`` runs it in the background and returns a
-    :class:`Job`; ``await task.run(*args)`` runs it on the loop and returns its
-    result; calling ``task(*args)`` calls the function itself, unchanged.
+    :class:`Job`; ``await task.run(*args, **kwargs)`` runs it as a job and
+    returns its result; calling ``task(*args)`` calls the function itself,
+    unchanged. ``T`` is the function's result: for an ``async def`` function,
+    what its coroutine returns.
     """
 
     def __init__(
@@ -901,7 +913,12 @@ class Task(Generic[P, T]):
     def __repr__(self) -> str:
         return f"<asyncbg Task {self.name} {self.options}>"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T] | T:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Call the function itself: a coroutine for an async task, the value otherwise.
+
+        Typed ``Any``: ``Task[P, T]`` does not record which of the two it wraps
+        (``await task.run(...)`` and ``task.submit(...)`` are precisely typed).
+        """
         return self.fn(*args, **kwargs)
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
@@ -910,3 +927,46 @@ class Task(Generic[P, T]):
         :raises NotRunning: if asyncbg has been stopped.
         """
         return self._submit(self, args, kwargs)
+
+    async def run(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the task as a job and await its result, from any event loop.
+
+        :raises NotRunning: if asyncbg has been stopped.
+        :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
+            :class:`~asyncbg.JobCancelled`.
+        """
+        return await self.submit(*args, **kwargs)
+
+
+class TaskDecorator(Protocol):
+    """What ``bg.task(name=..., ...)`` returns: a decorator making a :class:`Task`.
+
+    Overloaded like ``bg.task`` itself, so that ``Task[P, T]`` gets the result
+    an ``async def`` function's coroutine returns, not the coroutine.
+    """
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Task[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> Task[P, T]: ...
+
+
+class CoroutineFunction(Protocol):
+    """Any callable returning a coroutine: the overload ``bg.call`` flags.
+
+    A protocol, not ``Callable[..., Coroutine]``: mypy explains a failed call
+    through the first overload whose parameters are shaped like the arguments,
+    and a bare Callable is shaped like every function, sync ones too.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]: ...
+
+
+if TYPE_CHECKING:
+    from typing_extensions import deprecated as deprecated
+else:
+
+    def deprecated(message: str, /, **_options: object) -> Callable[[T], T]:
+        """Mark an overload for type checkers (PEP 702); a no-op at run time."""
+        return lambda fn: fn
