@@ -394,8 +394,15 @@ class AsyncBG:
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Job[T]:
+        task.check_arguments(args, kwargs)
         job = self.runner.create(
-            task.fn, args, kwargs, name=task.name, options=task.options, is_async=task.is_async
+            task.fn,
+            args,
+            kwargs,
+            name=task.name,
+            options=task.options,
+            is_async=task.is_async,
+            check_args=False,
         )
         return self._dispatch(job)
 
@@ -422,11 +429,12 @@ class AsyncBG:
 
         ``fn`` may be an async function (runs on the loop), a plain function
         (runs in a worker thread), a :class:`Task`, or a coroutine object.
-        Thread-safe; starts the loop if it has not started yet. Type checkers
-        check the arguments against ``fn``'s signature.
+        Thread-safe; starts the loop if it has not started yet. The arguments
+        are checked against ``fn``'s signature here, by type checkers too.
 
         :raises NotRunning: if asyncbg has been stopped or is stopping.
-        :raises TypeError: if ``fn`` is not callable.
+        :raises TypeError: if ``fn`` is not callable, or the arguments do not
+            fit its signature (such a job is never created, run or retried).
         """
         if isinstance(fn, Task):
             return self._submit_task(fn, args, kwargs)
@@ -455,6 +463,7 @@ class AsyncBG:
         background loop itself.
 
         :raises NotRunning: if asyncbg has been stopped or is stopping.
+        :raises TypeError: as :meth:`submit` does.
         :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
             :class:`~asyncbg.JobCancelled`.
         """
