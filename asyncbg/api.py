@@ -526,10 +526,14 @@ class AsyncBG:
         The lock-free way for views to read or change state owned by the loop.
         ``fn`` must be quick and must not block.
 
-        :raises TypeError: if ``fn`` is an async function (use :meth:`run`).
+        :raises TypeError: if ``fn`` is an async function, a :class:`Task` of
+            one, or a coroutine object (use :meth:`run`).
         :raises NotRunning: if asyncbg has been stopped or is stopping.
         :raises TimeoutError: if the loop does not get to it within ``timeout``.
         """
+        if inspect.iscoroutine(fn):
+            fn.close()  # it can never run now: no "never awaited" warning later
+            raise TypeError("bg.call() runs plain callables, not coroutines; await bg.run(coro)")
         if is_async_callable(fn):
             raise TypeError(
                 f"bg.call() runs plain callables; await bg.run({_qualified_name(fn)}) instead"

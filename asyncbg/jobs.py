@@ -517,9 +517,16 @@ def set_if_pending(fut: asyncio.Future[None]) -> None:
 
 
 def is_async_callable(fn: object) -> bool:
-    """True if calling ``fn`` returns an awaitable (sees through ``functools.partial``)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
+    """True if calling ``fn`` returns an awaitable (sees through ``functools.partial``
+    and :class:`Task`)."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, Task):
+            # Task.__call__ is a plain method that returns the coroutine.
+            return fn.is_async
+        else:
+            break
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
     )

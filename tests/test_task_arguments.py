@@ -1,15 +1,19 @@
 """Arguments are checked when work is handed over, not when it runs.
 
 A task submitted with arguments its function cannot take fails at submit
-with a TypeError naming the task, and no job is created, run or retried.
+with a TypeError naming the task, and no job is created, run or retried;
+``bg.call`` refuses async work (tasks of async functions, coroutine objects)
+with a clear TypeError instead of handing back an un-awaited coroutine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 from flask import Flask
 
 from asyncbg import AsyncBG, JobStatus
+from asyncbg.jobs import is_async_callable
 
 WAIT = 10.0
 
@@ -232,6 +237,45 @@ def test_a_closure_made_per_call_is_inspected_once() -> None:
     first = arguments_of(make(1))
     assert first is not None
     assert arguments_of(make(2)) is first
+
+
+# -- bg.call refuses async work -----------------------------------------------------------
+
+
+def test_bg_call_refuses_a_task_of_an_async_function(bg: AsyncBG) -> None:
+    @bg.task
+    async def refresh(key: str) -> str:
+        return key
+
+    assert is_async_callable(refresh)
+    assert is_async_callable(functools.partial(refresh, "k"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would fail here
+        with pytest.raises(TypeError, match=r"await bg.run\(refresh\) instead"):
+            bg.call(refresh, "k")
+        gc.collect()
+
+
+def test_bg_call_still_runs_a_task_of_a_plain_function(bg: AsyncBG) -> None:
+    @bg.task
+    def read(key: str) -> str:
+        return key.upper()
+
+    assert not is_async_callable(read)
+    assert bg.call(read, "k") == "K"
+
+
+def test_bg_call_refuses_a_coroutine_object(bg: AsyncBG) -> None:
+    async def refresh() -> None:
+        pass
+
+    coro = refresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match=r"not coroutines; await bg.run\(coro\)"):
+            bg.call(coro)
+        gc.collect()
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
 
 
 # -- flask asyncbg run NAME ------------------------------------------------------------------
