@@ -11,13 +11,14 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import inspect
 import logging
 import os
 import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, overload
 
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
@@ -25,7 +26,17 @@ from flask.logging import has_level_handler
 from .appstate import AppState, in_job_context_transition
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .host_lock import default_lock_dir
-from .jobs import Job, JobHistory, JobRunner, Task, TaskOptions, is_async_callable
+from .jobs import (
+    CoroutineFunction,
+    Job,
+    JobHistory,
+    JobRunner,
+    Task,
+    TaskDecorator,
+    TaskOptions,
+    deprecated,
+    is_async_callable,
+)
 from .loop_thread import LoopThread, ShutdownReport
 from .metrics import JobStats, MetricsExporter
 from .monitor import LoopMonitor
@@ -43,6 +54,7 @@ log = logging.getLogger("asyncbg")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 #: Every config key asyncbg reads, with its default (see the README's table).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -383,6 +395,11 @@ class AsyncBG:
 
     # -- decorators ---------------------------------------------------------------
 
+    # The async overload comes first: Callable[P, T] alone would make T the
+    # coroutine, and job.result() / await bg.run(...) a coroutine type.
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Task[P, T]: ...
+
     @overload
     def task(self, fn: Callable[P, T], /) -> Task[P, T]: ...
 
@@ -395,34 +412,37 @@ class AsyncBG:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
-    ) -> Callable[[Callable[P, T]], Task[P, T]]: ...
+    ) -> TaskDecorator: ...
 
-    def task(  # type: ignore[misc]  # the decorator-factory overload is generic in its result
+    # fn is not positional-only here: mypy then wrongly finds that the
+    # implementation does not accept the keyword-only overload's calls.
+    def task(
         self,
-        fn: Callable[P, T] | None = None,
-        /,
+        fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
-    ) -> Task[P, T] | Callable[[Callable[P, T]], Task[P, T]]:
+    ) -> Task[Any, Any] | TaskDecorator:
         """Declare a named task: ``@bg.task`` or ``@bg.task(timeout=30, retries=3)``.
 
         ``timeout`` applies to each attempt; ``retries`` more attempts follow a
         failure or timeout after ``retry_backoff * 2**n`` seconds (at most
-        ``retry_backoff_max``). Plain functions run in a worker thread.
+        ``retry_backoff_max``). Plain functions run in a worker thread. For
+        ``async def f(...) -> T`` and ``def f(...) -> T`` alike the result is a
+        ``Task[P, T]``, whose jobs are ``Job[T]``.
 
         :raises ValueError: on a bad option or a name already taken.
         """
         options = TaskOptions(timeout, retries, retry_backoff, retry_backoff_max)
 
-        def decorate(func: Callable[P, T]) -> Task[P, T]:
+        def decorate(func: Callable[..., Any], /) -> Task[Any, Any]:
             task_name = name or _qualified_name(func)
             if task_name in self.tasks:
                 raise ValueError(f"a task named {task_name!r} is already registered")
-            t: Task[P, T] = Task(func, task_name, options, self._submit_task)
+            t: Task[Any, Any] = Task(func, task_name, options, self._submit_task)
             self.tasks[task_name] = t
             return t
 
@@ -548,11 +568,34 @@ class AsyncBG:
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Job[T]:
+        task.check_arguments(args, kwargs)
         st = self._state()
         job = st.runner.create(
-            task.fn, args, kwargs, name=task.name, options=task.options, is_async=task.is_async
+            task.fn,
+            args,
+            kwargs,
+            name=task.name,
+            options=task.options,
+            is_async=task.is_async,
+            check_args=False,
         )
         return st.dispatch(job)
+
+    # Task first: it is callable too, but its __call__ does not say whether it
+    # is async. Then async functions before plain ones, as for task().
+    @overload
+    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+
+    @overload
+    def submit(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Job[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+
+    @overload
+    def submit(self, fn: Coroutine[Any, Any, T], /) -> Job[T]: ...
 
     def submit(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
@@ -561,15 +604,31 @@ class AsyncBG:
 
         ``fn`` may be an async function (runs on the loop), a plain function
         (runs in a worker thread), a :class:`Task`, or a coroutine object.
-        Thread-safe; starts the loop if it has not started yet.
+        Thread-safe; starts the loop if it has not started yet. The arguments
+        are checked against ``fn``'s signature here, by type checkers too.
 
         :raises NotRunning: if asyncbg has been stopped or is stopping.
-        :raises TypeError: if ``fn`` is not callable.
+        :raises TypeError: if ``fn`` is not callable, or the arguments do not
+            fit its signature (such a job is never created, run or retried).
         """
         if isinstance(fn, Task):
             return self._submit_task(fn, args, kwargs)
         st = self._state()
         return st.dispatch(st.runner.create(fn, args, kwargs))
+
+    @overload
+    async def run(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    async def run(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    async def run(self, fn: Coroutine[Any, Any, T], /) -> T: ...
 
     async def run(
         self, fn: Callable[..., Any] | Coroutine[Any, Any, Any], /, *args: Any, **kwargs: Any
@@ -580,6 +639,7 @@ class AsyncBG:
         background loop itself.
 
         :raises NotRunning: if asyncbg has been stopped or is stopping.
+        :raises TypeError: as :meth:`submit` does.
         :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
             :class:`~asyncbg.JobCancelled`.
         """
@@ -607,16 +667,39 @@ class AsyncBG:
         """
         await self._state().enqueue_async(queue, item, timeout)
 
-    def call(self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None) -> T:
+    # Positional arguments only (timeout= is call's own), hence a TypeVarTuple
+    # rather than a ParamSpec, as in anyio.from_thread.run_sync. Async
+    # functions always raise: flagged as deprecated, the one per-overload mark
+    # type checkers report (mypy with --enable-error-code deprecated). Typed
+    # None, not Never: after a Never call mypy silently stops checking the
+    # rest of the function, and a None result is an error wherever it is used.
+    #
+    # A Task is listed first: its __call__ is typed Any, which would match the
+    # async overload for sync tasks too. Its arguments go unchecked here.
+    @overload
+    def call(self, fn: Task[..., T], /, *args: Any, timeout: float | None = None) -> T: ...
+
+    @overload
+    @deprecated("bg.call() raises TypeError for async functions: await bg.run(fn, ...) instead")
+    def call(self, fn: CoroutineFunction, /, *args: Any, timeout: float | None = None) -> None: ...
+
+    @overload
+    def call(self, fn: Callable[[*Ts], T], /, *args: *Ts, timeout: float | None = None) -> T: ...
+
+    def call(self, fn: Callable[[*Ts], Any], /, *args: *Ts, timeout: float | None = None) -> Any:
         """Run the plain callable ``fn(*args)`` on the loop thread and return its value.
 
         The lock-free way for views to read or change state owned by the loop.
         ``fn`` must be quick and must not block.
 
-        :raises TypeError: if ``fn`` is an async function (use :meth:`run`).
+        :raises TypeError: if ``fn`` is an async function, a :class:`Task` of
+            one, or a coroutine object (use :meth:`run`).
         :raises NotRunning: if asyncbg has been stopped or is stopping.
         :raises TimeoutError: if the loop does not get to it within ``timeout``.
         """
+        if inspect.iscoroutine(fn):
+            fn.close()  # it can never run now: no "never awaited" warning later
+            raise TypeError("bg.call() runs plain callables, not coroutines; await bg.run(coro)")
         if is_async_callable(fn):
             raise TypeError(
                 f"bg.call() runs plain callables; await bg.run({_qualified_name(fn)}) instead"
@@ -664,8 +747,10 @@ class AsyncBG:
                 # teardown runs as stock Flask runs it for sync code, on a
                 # short-lived loop of its own (in the job's context).
                 return _run_on_a_private_loop(func, args, kwargs)
-            if st.app is not None and st.app.config["ASYNCBG_ASYNC_VIEWS"]:
+            if st.app is not None and st.app.config["ASYNCBG_ASYNC_VIEWS"] and not st._stopped:
                 return async_view_bridge(func, lt, st.ensure_started)(*args, **kwargs)
+            # Views off, or asyncbg stopped (an app context popped after the
+            # stop still runs its async teardown): Flask's own way.
             return original(func)(*args, **kwargs)  # type: ignore[no-any-return]
 
         return run

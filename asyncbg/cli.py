@@ -167,6 +167,12 @@ def run_command(
         what = f"periodic job {name}"
     else:
         assert task is not None
+        try:
+            # Before the loop starts: such a job would fail every attempt.
+            task.check_arguments(tuple(positional), keywords)
+        except TypeError as exc:
+            hint = "ARGS are positional, -k KEY=VALUE keywords"
+            raise click.ClickException(f"{exc} ({hint})") from None
         job = bg.runner.create(
             task.fn,
             tuple(positional),
@@ -174,6 +180,7 @@ def run_command(
             name=task.name,
             options=task.options,
             is_async=task.is_async,
+            check_args=False,
         )
         what = f"task {name}"
 

@@ -19,12 +19,14 @@ import logging
 import math
 import numbers
 import os
+import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from .errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
@@ -33,7 +35,17 @@ from .logthrottle import FlushTimer, LogThrottle, describe_exception
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
 
-__all__ = ["Job", "JobHistory", "JobRunner", "JobStatus", "Progress", "TaskOptions", "current_job"]
+__all__ = [
+    "Job",
+    "JobHistory",
+    "JobRunner",
+    "JobStatus",
+    "Progress",
+    "Task",
+    "TaskDecorator",
+    "TaskOptions",
+    "current_job",
+]
 
 log = logging.getLogger("asyncbg")
 
@@ -298,7 +310,7 @@ class Job(Generic[T]):
     def _outcome(self) -> T:
         status = self.status
         if status is JobStatus.SUCCEEDED:
-            return self._result  # type: ignore[return-value]
+            return cast(T, self._result)
         if status is JobStatus.CANCELLED:
             if isinstance(self._exception, JobCancelled):  # abandoned: it says why
                 raise self._exception
@@ -505,12 +517,182 @@ def set_if_pending(fut: asyncio.Future[None]) -> None:
 
 
 def is_async_callable(fn: object) -> bool:
-    """True if calling ``fn`` returns an awaitable (sees through ``functools.partial``)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
+    """True if calling ``fn`` returns an awaitable (sees through ``functools.partial``
+    and :class:`Task`)."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, Task):
+            # Task.__call__ is a plain method that returns the coroutine.
+            return fn.is_async
+        else:
+            break
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
     )
+
+
+_EMPTY = inspect.Parameter.empty
+_NO_LIMIT = sys.maxsize
+
+
+class Arguments:
+    """What a callable accepts, so that a call's arguments can be checked at submit.
+
+    :meth:`check` first runs a handful of comparisons that are sure to accept
+    only what ``inspect.Signature.bind`` accepts, and calls ``bind`` (several
+    microseconds) only for what they cannot vouch for, to raise its error.
+    """
+
+    __slots__ = (
+        "by_keyword",
+        "max_positional",
+        "min_positional",
+        "positional_names",
+        "positional_only",
+        "required_keywords",
+        "signature",
+        "var_keyword",
+    )
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        kinds = inspect.Parameter
+        positional = [
+            p
+            for p in signature.parameters.values()
+            if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        ]
+        kinds_present = {p.kind for p in signature.parameters.values()}
+        self.positional_names = tuple(p.name for p in positional)
+        self.positional_only = sum(p.kind is kinds.POSITIONAL_ONLY for p in positional)
+        self.min_positional = max(
+            (i + 1 for i, p in enumerate(positional) if p.default is _EMPTY), default=0
+        )
+        self.max_positional = (
+            _NO_LIMIT if kinds.VAR_POSITIONAL in kinds_present else len(positional)
+        )
+        # Keyword name -> position; keyword-only names sort after every position.
+        self.by_keyword = {
+            p.name: i for i, p in enumerate(positional) if p.kind is kinds.POSITIONAL_OR_KEYWORD
+        }
+        keyword_only = [p for p in signature.parameters.values() if p.kind is kinds.KEYWORD_ONLY]
+        self.by_keyword.update((p.name, _NO_LIMIT) for p in keyword_only)
+        self.required_keywords = frozenset(p.name for p in keyword_only if p.default is _EMPTY)
+        self.var_keyword = kinds.VAR_KEYWORD in kinds_present
+
+    @property
+    def accepts_anything(self) -> bool:
+        """True for ``(*args, **kwargs)``: no call can fail to bind."""
+        return (
+            not self.positional_names
+            and self.max_positional == _NO_LIMIT
+            and self.var_keyword
+            and not self.required_keywords
+        )
+
+    def fits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """True if ``fn(*args, **kwargs)`` certainly binds; False if it may not."""
+        n = len(args)
+        if n > self.max_positional:
+            return False
+        if not kwargs:
+            return n >= self.min_positional and not self.required_keywords
+        get = self.by_keyword.get
+        for key in kwargs:
+            position = get(key)
+            if position is None:
+                if not self.var_keyword:
+                    return False
+            elif position < n:  # given twice
+                return False
+        if n < self.min_positional:
+            if n < self.positional_only:
+                return False
+            for name in self.positional_names[n : self.min_positional]:
+                if name not in kwargs:
+                    return False
+        return kwargs.keys() >= self.required_keywords
+
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
+        """Return if ``fn(*args, **kwargs)`` binds.
+
+        :raises TypeError: naming ``name`` and the signature, if it does not.
+        """
+        if self.fits(args, kwargs):
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            # Annotations left out: under `from __future__ import annotations`
+            # they are quoted strings, noise in a one-line error.
+            sig = self.signature
+            bare = sig.replace(
+                parameters=[p.replace(annotation=_EMPTY) for p in sig.parameters.values()],
+                return_annotation=_EMPTY,
+            )
+            raise TypeError(f"wrong arguments for {name}{bare}: {exc}") from None
+
+
+#: Arguments per code object: a closure or lambda made anew for every call
+#: shares its code, so it is looked up, not inspected, each time. Bounded by
+#: the program's code objects; cleared if code made at run time floods it.
+_arguments_cache: dict[types.CodeType, tuple[int, Arguments | None]] = {}
+_ARGUMENTS_CACHE_SIZE = 1024
+
+
+def arguments_of(fn: Callable[..., Any]) -> Arguments | None:
+    """What ``fn`` accepts, or None if any call binds or it cannot be told.
+
+    Uses ``fn``'s own signature, not that of a function it wraps
+    (``functools.wraps``): a wrapper may pass its callee more than it takes.
+    Cached per code object for plain functions.
+    """
+    if type(fn) is not types.FunctionType:
+        return _inspect_arguments(fn)
+    code = fn.__code__
+    defaults = fn.__defaults__
+    n_defaults = len(defaults) if defaults else 0
+    cached = _arguments_cache.get(code)
+    if cached is not None and cached[0] == n_defaults:  # same code, same defaults
+        return cached[1]
+    arguments = _inspect_arguments(fn)
+    if len(_arguments_cache) >= _ARGUMENTS_CACHE_SIZE:
+        _arguments_cache.clear()
+    _arguments_cache[code] = (n_defaults, arguments)
+    return arguments
+
+
+def _inspect_arguments(fn: Callable[..., Any]) -> Arguments | None:
+    try:
+        signature = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):  # builtins without a signature, odd callables
+        return None
+    arguments = Arguments(signature)
+    return None if arguments.accepts_anything else arguments
+
+
+def check_arguments(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> None:
+    """Raise if ``fn(*args, **kwargs)`` would fail to bind (for ad hoc jobs).
+
+    Bound methods and ``functools.partial`` objects are checked through the
+    function they call, so that a new one per call costs no inspection.
+
+    :raises TypeError: naming ``name``, if the arguments do not fit.
+    """
+    if type(fn) is not types.FunctionType:
+        while isinstance(fn, functools.partial):
+            args = (*fn.args, *args)
+            kwargs = {**fn.keywords, **kwargs}
+            fn = fn.func
+        if type(fn) is types.MethodType and type(fn.__func__) is types.FunctionType:
+            args = (fn.__self__, *args)
+            fn = fn.__func__
+    arguments = arguments_of(fn)
+    if arguments is not None:
+        arguments.check(args, kwargs, name)
 
 
 class JobHistory:
@@ -620,10 +802,16 @@ class JobRunner:
         name: str | None = None,
         options: TaskOptions = _DEFAULT_OPTIONS,
         is_async: bool | None = None,
+        check_args: bool = True,
     ) -> Job[Any]:
         """Make a job record for ``fn(*args, **kwargs)`` (or a coroutine object).
 
-        :raises TypeError: if ``fn`` is neither callable nor a coroutine.
+        The arguments are bound to ``fn``'s signature first, so that a call
+        that cannot work fails here, once, instead of in every attempt
+        (``check_args=False`` when the caller has checked them already).
+
+        :raises TypeError: if ``fn`` is neither callable nor a coroutine, or the
+            arguments do not fit its signature.
         :raises ValueError: if a coroutine object is given with retries (it can run once).
         """
         if inspect.iscoroutine(fn):
@@ -639,6 +827,8 @@ class JobRunner:
             is_async = is_async_callable(fn)
         if name is None:
             name = getattr(fn, "__qualname__", None) or repr(fn)
+        if check_args and callable(fn):
+            check_arguments(fn, args, kwargs, name)
         return Job(self, fn, args, kwargs, name, options, is_async)
 
     def submit(self, job: Job[Any]) -> Job[Any]:
@@ -889,8 +1079,10 @@ class Task(Generic[P, T]):
     """A named async or sync function with job options, made by ``@bg.task``.
 
     ``task.submit(*args, **kwargs)`` runs it in the background and returns a
-    :class:`Job`; ``await task.run(*args)`` runs it on the loop and returns its
-    result; calling ``task(*args)`` calls the function itself, unchanged.
+    :class:`Job`; ``await task.run(*args, **kwargs)`` runs it as a job and
+    returns its result; calling ``task(*args)`` calls the function itself,
+    unchanged. ``T`` is the function's result: for an ``async def`` function,
+    what its coroutine returns.
     """
 
     def __init__(
@@ -905,17 +1097,79 @@ class Task(Generic[P, T]):
         self.options = options
         self.is_async = is_async_callable(fn)
         self._submit = submit
+        # Once per task: submit then checks its arguments in a few comparisons.
+        self._arguments = arguments_of(fn)
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
         return f"<asyncbg Task {self.name} {self.options}>"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T] | T:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Call the function itself: a coroutine for an async task, the value otherwise.
+
+        Typed ``Any``: ``Task[P, T]`` does not record which of the two it wraps
+        (``await task.run(...)`` and ``task.submit(...)`` are precisely typed).
+        """
         return self.fn(*args, **kwargs)
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Return if the function can be called with ``*args, **kwargs``.
+
+        :raises TypeError: naming the task and its signature, if it cannot.
+        """
+        arguments = self._arguments
+        if arguments is not None:
+            arguments.check(args, kwargs, self.name)
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
         """Run the task in the background; return its :class:`Job` at once.
 
+        :raises TypeError: if the arguments do not fit the function's signature
+            (checked here, so such a job is never created, run or retried).
         :raises NotRunning: if asyncbg has been stopped.
         """
         return self._submit(self, args, kwargs)
+
+    async def run(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the task as a job and await its result, from any event loop.
+
+        :raises TypeError: if the arguments do not fit the function's signature.
+        :raises NotRunning: if asyncbg has been stopped.
+        :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
+            :class:`~asyncbg.JobCancelled`.
+        """
+        return await self.submit(*args, **kwargs)
+
+
+class TaskDecorator(Protocol):
+    """What ``bg.task(name=..., ...)`` returns: a decorator making a :class:`Task`.
+
+    Overloaded like ``bg.task`` itself, so that ``Task[P, T]`` gets the result
+    an ``async def`` function's coroutine returns, not the coroutine.
+    """
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Task[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> Task[P, T]: ...
+
+
+class CoroutineFunction(Protocol):
+    """Any callable returning a coroutine: the overload ``bg.call`` flags.
+
+    A protocol, not ``Callable[..., Coroutine]``: mypy explains a failed call
+    through the first overload whose parameters are shaped like the arguments,
+    and a bare Callable is shaped like every function, sync ones too.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]: ...
+
+
+if TYPE_CHECKING:
+    from typing_extensions import deprecated as deprecated
+else:
+
+    def deprecated(message: str, /, **_options: object) -> Callable[[T], T]:
+        """Mark an overload for type checkers (PEP 702); a no-op at run time."""
+        return lambda fn: fn
