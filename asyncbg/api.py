@@ -54,6 +54,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_MAX_WORKERS": None,
     "ASYNCBG_ASGI_THREADS": None,
     # observability (docs/observability.md)
+    "ASYNCBG_MOUNT": True,
     "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
     "ASYNCBG_DASHBOARD": False,
     "ASYNCBG_DASHBOARD_REFRESH": 1.0,
@@ -208,6 +209,12 @@ class AsyncBG:
         if cfg["ASYNCBG_METRICS"] and self.job_stats.record not in hooks:
             hooks.append(self.job_stats.record)
         self.metrics = MetricsExporter(self, cfg["ASYNCBG_METRICS_REGISTRY"])
+        if not cfg["ASYNCBG_MOUNT"]:
+            return  # the app gets no route, template, static folder or command from asyncbg
+        # Mounted by default: health must answer probes without any setup. The
+        # blueprint brings routes and a static folder under the prefix only; the
+        # page's template is rendered by asyncbg itself, never through the app's
+        # Jinja loader, so the app's template list stays its own.
         prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
         if prefix and "asyncbg" not in app.blueprints:
             from .dashboard import create_blueprint
