@@ -556,7 +556,7 @@ class AsyncBG:
             if self.handle_signals:
                 self.signals.install()
         log.debug(
-            "asyncbg started: %d periodic jobs, %d queues",
+            "started: %d periodic jobs, %d queues",
             len(self.periodic_jobs),
             len(self.queues),
         )

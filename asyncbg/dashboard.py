@@ -166,7 +166,7 @@ def _trust() -> bool | WerkzeugResponse:
     except HTTPException:
         raise
     except Exception:
-        log.exception("asyncbg: the ASYNCBG_AUTH hook failed; refusing the request")
+        log.exception("the ASYNCBG_AUTH hook failed; refusing the request")
         return False
     if answer is True:
         return True
@@ -178,7 +178,7 @@ def _trust() -> bool | WerkzeugResponse:
         if kind not in warned:  # once per type and app: not a log line per request
             warned.add(kind)
             log.warning(
-                "asyncbg: the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
+                "the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
                 "refusing (only True allows)",
                 short_repr(answer),
             )
@@ -339,7 +339,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
 
     @bp.errorhandler(Exception)
     def unexpected_error(exc: Exception) -> ResponseReturnValue:
-        log.exception("asyncbg: error in %s %s", request.method, request.path)
+        log.exception("error in %s %s", request.method, request.path)
         return _error(500, f"internal error: {type(exc).__name__}")
 
     # -- read-only -----------------------------------------------------------------

@@ -431,7 +431,7 @@ class Job(Generic[T]):
             try:
                 cb(self)
             except Exception:
-                log.exception("asyncbg: done callback %r of %r failed", cb, self)
+                log.exception("done callback %r of %r failed", cb, self)
         if count:
             self._runner._finished(self)
         return True
@@ -737,7 +737,7 @@ class JobRunner:
             try:
                 hook(job)
             except Exception:
-                log.exception("asyncbg: job finish hook %r failed", hook)
+                log.exception("job finish hook %r failed", hook)
         if not self.active:
             for idle in self._idle_hooks:
                 idle()
@@ -775,7 +775,7 @@ class JobRunner:
                             "job",
                             job.name,
                             error,
-                            "asyncbg: job %s %s raised %s; recorded as failed, not retried",
+                            "job %s %s raised %s; recorded as failed, not retried",
                             job.name,
                             job.id,
                             type(error).__name__,
@@ -795,7 +795,7 @@ class JobRunner:
                             "job attempt",
                             job.name,
                             exc,
-                            "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
+                            "job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
                             job.name,
                             job.id,
                             job.attempts,
@@ -817,7 +817,7 @@ class JobRunner:
                             "job",
                             job.name,
                             timed_out,
-                            "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
+                            "job %s %s timed out after %ss (%d attempt(s))",
                             job.name,
                             job.id,
                             options.timeout,
@@ -829,7 +829,7 @@ class JobRunner:
                             "job",
                             job.name,
                             exc,
-                            "asyncbg: job %s %s failed (%d attempt(s))",
+                            "job %s %s failed (%d attempt(s))",
                             job.name,
                             job.id,
                             job.attempts,
@@ -846,7 +846,7 @@ class JobRunner:
                         "job",
                         job.name,
                         exc,
-                        "asyncbg: job %s %s failed outside its code",
+                        "job %s %s failed outside its code",
                         job.name,
                         job.id,
                     )

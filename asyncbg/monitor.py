@@ -283,7 +283,7 @@ class LoopMonitor:
             try:
                 self._look()
             except Exception:  # pragma: no cover - never let the watchdog die
-                log.exception("asyncbg: loop watchdog failed")
+                log.exception("loop watchdog failed")
 
     def _look(self) -> None:
         due = self._due
@@ -330,7 +330,7 @@ class LoopMonitor:
             return
         self._last_logged[offender] = now
         log.warning(
-            "asyncbg: the event loop has been blocked for %.3fs so far (threshold %.3gs) by %s%s; "
+            "the event loop has been blocked for %.3fs so far (threshold %.3gs) by %s%s; "
             "nothing else on the loop runs meanwhile: await instead of blocking, or run "
             "blocking code in a sync task (worker thread). Logged at most once a minute "
             "per offender (%d time(s) so far).",

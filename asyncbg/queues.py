@@ -312,7 +312,7 @@ class WorkQueue:
             "consumer",
             self.name,
             exc,
-            "asyncbg: consumer %r failed on item %s",
+            "consumer %r failed on item %s",
             self.name,
             short_repr(item),
         )
