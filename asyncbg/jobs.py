@@ -418,6 +418,11 @@ class Job(Generic[T]):
             if callbacks is None:
                 return False
             self._callbacks = None
+            progress = self.progress
+            if status is JobStatus.SUCCEEDED and progress is not None and progress.total:
+                # Success means all of it was done, whatever the last report said;
+                # the message stays (it is the job's own last word).
+                self.progress = Progress(progress.total, progress.total, progress.message)
             self.status = status
             self._result = result
             self._exception = exc
