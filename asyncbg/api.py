@@ -72,6 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_ASGI_THREADS": None,
     "ASYNCBG_LOG_HANDLER": True,
     # observability (docs/observability.md)
+    "ASYNCBG_MOUNT": True,
     "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
     "ASYNCBG_DASHBOARD": False,
     "ASYNCBG_DASHBOARD_REFRESH": 1.0,
@@ -377,6 +378,12 @@ class AsyncBG:
             hooks.append(st.job_stats.record)
         view = self._pinned(st)
         st.metrics = MetricsExporter(view, cfg["ASYNCBG_METRICS_REGISTRY"])
+        if not cfg["ASYNCBG_MOUNT"]:
+            return  # the app gets no route, template, static folder or command from asyncbg
+        # Mounted by default: health must answer probes without any setup. The
+        # blueprint brings routes and a static folder under the prefix only; the
+        # page's template is rendered by asyncbg itself, never through the app's
+        # Jinja loader, so the app's template list stays its own.
         prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
         if prefix and "asyncbg" not in app.blueprints:
             from .dashboard import create_blueprint

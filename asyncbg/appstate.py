@@ -300,7 +300,7 @@ class AppState:
             try:
                 self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
             except Exception:
-                log.exception("asyncbg: on_startup hook %s failed; not starting", _hook_name(hook))
+                log.exception("on_startup hook %s failed; not starting", _hook_name(hook))
                 raise
 
     def run_startup_hook_now(self, hook: Callable[[], Awaitable[Any]]) -> None:
@@ -313,7 +313,7 @@ class AppState:
         try:
             self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
         except Exception:
-            log.exception("asyncbg: on_startup hook %s failed", _hook_name(hook))
+            log.exception("on_startup hook %s failed", _hook_name(hook))
             raise
 
     def _hook_context(self) -> contextvars.Context:
@@ -335,7 +335,7 @@ class AppState:
                 try:
                     await _call_hook(hook)
                 except Exception:
-                    log.exception("asyncbg: on_shutdown hook %s failed", _hook_name(hook))
+                    log.exception("on_shutdown hook %s failed", _hook_name(hook))
 
     def _start_on_loop(self, periodic: bool = True) -> None:
         for q in self.queues.values():

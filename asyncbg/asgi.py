@@ -157,7 +157,7 @@ class AsyncBGASGI:
                 try:
                     await asyncio.to_thread(bg.start)
                 except Exception as exc:
-                    log.exception("asyncbg: could not start under the server")
+                    log.exception("could not start under the server")
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
                 bg._serve_under_server()
@@ -165,11 +165,11 @@ class AsyncBGASGI:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # stop() blocks up to the shutdown timeout: off the server's loop.
-                log.info("asyncbg: lifespan shutdown, draining for up to %gs", bg.shutdown_timeout)
+                log.info("lifespan shutdown, draining for up to %gs", bg.shutdown_timeout)
                 try:
                     await asyncio.to_thread(bg.stop)
                 except Exception as exc:
-                    log.exception("asyncbg: error while stopping under the server")
+                    log.exception("error while stopping under the server")
                     await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
                     return
                 finally:
@@ -360,12 +360,12 @@ class _Exchange:
         """Run ``app`` for ``environ`` and send its answer (in a pool thread)."""
         if self.gone.is_set():
             # The client left while the request waited for a thread: nobody reads the answer.
-            log.debug("asyncbg: client gone before %s started", _describe(environ))
+            log.debug("client gone before %s started", _describe(environ))
             return
         try:
             iterable = app(environ, self.start_response)
         except Exception:
-            log.exception("asyncbg: the WSGI app failed on %s", _describe(environ))
+            log.exception("the WSGI app failed on %s", _describe(environ))
             self._fail()
             return
         try:
@@ -373,9 +373,9 @@ class _Exchange:
                 self._chunk(chunk)
             self._finish()
         except _ClientGone:
-            log.debug("asyncbg: client gone during %s", _describe(environ))
+            log.debug("client gone during %s", _describe(environ))
         except Exception:
-            log.exception("asyncbg: the WSGI app failed answering %s", _describe(environ))
+            log.exception("the WSGI app failed answering %s", _describe(environ))
             self._fail()
         finally:
             close = getattr(iterable, "close", None)
@@ -383,7 +383,7 @@ class _Exchange:
                 try:
                     close()
                 except Exception:
-                    log.exception("asyncbg: closing the answer to %s failed", _describe(environ))
+                    log.exception("closing the answer to %s failed", _describe(environ))
 
     # -- towards the server ----------------------------------------------------------
 

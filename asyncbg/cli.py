@@ -35,6 +35,15 @@ def _bg() -> AsyncBG:
     return bg  # type: ignore[no-any-return]
 
 
+#: The sections of ``flask asyncbg list``: key in the JSON, title, columns. The
+#: JSON objects have exactly the table's columns as keys, so the two never differ.
+_SECTIONS = (
+    ("periodic", "Periodic jobs", ("name", "schedule", "scope", "timeout")),
+    ("consumers", "Consumers", ("queue", "concurrency", "size")),
+    ("tasks", "Tasks", ("name", "timeout", "retries", "kind")),
+)
+
+
 def _registry(bg: AsyncBG) -> dict[str, list[dict[str, Any]]]:
     return {
         "periodic": [
@@ -42,7 +51,7 @@ def _registry(bg: AsyncBG) -> dict[str, list[dict[str, Any]]]:
             for name, pj in sorted(bg.periodic_jobs.items())
         ],
         "consumers": [
-            {"queue": name, "concurrency": q.concurrency, "maxsize": q.maxsize}
+            {"queue": name, "concurrency": q.concurrency, "size": q.maxsize}
             for name, q in sorted(bg.queues.items())
         ],
         "tasks": [
@@ -50,7 +59,7 @@ def _registry(bg: AsyncBG) -> dict[str, list[dict[str, Any]]]:
                 "name": name,
                 "timeout": t.options.timeout,
                 "retries": t.options.retries,
-                "sync": not t.is_async,
+                "kind": "async" if t.is_async else "sync",
             }
             for name, t in sorted(bg.tasks.items())
         ],
@@ -65,44 +74,32 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
+def _cell(column: str, value: Any) -> str:
+    if column == "timeout":
+        return "-" if value is None else f"{value:g}s"
+    return str(value)
+
+
 @asyncbg_cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def list_command(as_json: bool) -> None:
-    """List registered periodic jobs, queue consumers and tasks."""
+    """List registered periodic jobs, queue consumers and tasks.
+
+    ``--json`` prints an object with ``periodic``, ``consumers`` and ``tasks``
+    lists, whose objects have the tables' columns as keys (timeouts in seconds
+    or null).
+    """
     reg = _registry(_bg())
     if as_json:
         click.echo(json.dumps(reg, indent=2))
         return
-
-    def opt(value: Any) -> str:
-        return "-" if value is None else f"{value:g}s"
-
-    sections = [
-        (
-            "Periodic jobs",
-            ["name", "schedule", "scope", "timeout"],
-            [[p["name"], p["schedule"], p["scope"], opt(p["timeout"])] for p in reg["periodic"]],
-        ),
-        (
-            "Consumers",
-            ["queue", "concurrency", "size"],
-            [[c["queue"], str(c["concurrency"]), str(c["maxsize"])] for c in reg["consumers"]],
-        ),
-        (
-            "Tasks",
-            ["name", "timeout", "retries", "kind"],
-            [
-                [t["name"], opt(t["timeout"]), str(t["retries"]), "sync" if t["sync"] else "async"]
-                for t in reg["tasks"]
-            ],
-        ),
-    ]
-    for i, (title, header, rows) in enumerate(sections):
+    for i, (key, title, columns) in enumerate(_SECTIONS):
+        rows = [[_cell(c, item[c]) for c in columns] for item in reg[key]]
         if i:
             click.echo()
         click.echo(f"{title} ({len(rows)}):")
         if rows:
-            click.echo(_table([header, *rows]))
+            click.echo(_table([list(columns), *rows]))
 
 
 def _parse_value(text: str) -> Any:

@@ -29,7 +29,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, render_template, request, url_for
+from flask import Blueprint, Response, current_app, request, url_for
+from jinja2 import Environment, PackageLoader, select_autoescape
 from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -87,6 +88,16 @@ _PUBLIC, _READ, _CONTROL, _PAGE = "public", "read", "control", "page"
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+# The page's own template environment: rendering through the app's Jinja loader
+# would need the blueprint's template_folder, which adds asyncbg's template to
+# every app's template list (and lets an app template of the same name replace it).
+_PAGES = Environment(
+    loader=PackageLoader("asyncbg", "templates"),
+    autoescape=select_autoescape(default=True),
+    auto_reload=False,
 )
 
 
@@ -155,7 +166,7 @@ def _trust() -> bool | WerkzeugResponse:
     except HTTPException:
         raise
     except Exception:
-        log.exception("asyncbg: the ASYNCBG_AUTH hook failed; refusing the request")
+        log.exception("the ASYNCBG_AUTH hook failed; refusing the request")
         return False
     if answer is True:
         return True
@@ -167,7 +178,7 @@ def _trust() -> bool | WerkzeugResponse:
         if kind not in warned:  # once per type and app: not a log line per request
             warned.add(kind)
             log.warning(
-                "asyncbg: the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
+                "the ASYNCBG_AUTH hook returned %s, not True, False or a response: "
                 "refusing (only True allows)",
                 short_repr(answer),
             )
@@ -238,7 +249,6 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
     bp = Blueprint(
         "asyncbg",
         __name__,
-        template_folder="templates",
         static_folder="static",
         static_url_path="/static",
     )
@@ -329,7 +339,7 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
 
     @bp.errorhandler(Exception)
     def unexpected_error(exc: Exception) -> ResponseReturnValue:
-        log.exception("asyncbg: error in %s %s", request.method, request.path)
+        log.exception("error in %s %s", request.method, request.path)
         return _error(500, f"internal error: {type(exc).__name__}")
 
     # -- read-only -----------------------------------------------------------------
@@ -430,9 +440,10 @@ def create_blueprint(bg: AsyncBG) -> Blueprint:
     def dashboard() -> ResponseReturnValue:
         cfg = current_app.config
         can_control = bool(cfg["ASYNCBG_CONTROL"]) and _auth_hook() is not None
-        html = render_template(
-            "asyncbg/dashboard.html",
+        html = _PAGES.get_template("asyncbg/dashboard.html").render(
             base=url_for(".dashboard"),
+            css_url=url_for(".static", filename="dashboard.css"),
+            js_url=url_for(".static", filename="dashboard.js"),
             name=bg.name,
             app_name=current_app.name,
             can_control=can_control,

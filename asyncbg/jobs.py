@@ -430,6 +430,11 @@ class Job(Generic[T]):
             if callbacks is None:
                 return False
             self._callbacks = None
+            progress = self.progress
+            if status is JobStatus.SUCCEEDED and progress is not None and progress.total:
+                # Success means all of it was done, whatever the last report said;
+                # the message stays (it is the job's own last word).
+                self.progress = Progress(progress.total, progress.total, progress.message)
             self.status = status
             self._result = result
             self._exception = exc
@@ -443,7 +448,7 @@ class Job(Generic[T]):
             try:
                 cb(self)
             except Exception:
-                log.exception("asyncbg: done callback %r of %r failed", cb, self)
+                log.exception("done callback %r of %r failed", cb, self)
         if count:
             self._runner._finished(self)
         return True
@@ -927,7 +932,7 @@ class JobRunner:
             try:
                 hook(job)
             except Exception:
-                log.exception("asyncbg: job finish hook %r failed", hook)
+                log.exception("job finish hook %r failed", hook)
         if not self.active:
             for idle in self._idle_hooks:
                 idle()
@@ -965,7 +970,7 @@ class JobRunner:
                             "job",
                             job.name,
                             error,
-                            "asyncbg: job %s %s raised %s; recorded as failed, not retried",
+                            "job %s %s raised %s; recorded as failed, not retried",
                             job.name,
                             job.id,
                             type(error).__name__,
@@ -985,7 +990,7 @@ class JobRunner:
                             "job attempt",
                             job.name,
                             exc,
-                            "asyncbg: job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
+                            "job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
                             job.name,
                             job.id,
                             job.attempts,
@@ -1007,7 +1012,7 @@ class JobRunner:
                             "job",
                             job.name,
                             timed_out,
-                            "asyncbg: job %s %s timed out after %ss (%d attempt(s))",
+                            "job %s %s timed out after %ss (%d attempt(s))",
                             job.name,
                             job.id,
                             options.timeout,
@@ -1019,7 +1024,7 @@ class JobRunner:
                             "job",
                             job.name,
                             exc,
-                            "asyncbg: job %s %s failed (%d attempt(s))",
+                            "job %s %s failed (%d attempt(s))",
                             job.name,
                             job.id,
                             job.attempts,
@@ -1045,7 +1050,7 @@ class JobRunner:
                         "job",
                         job.name,
                         exc,
-                        "asyncbg: job %s %s failed outside its code",
+                        "job %s %s failed outside its code",
                         job.name,
                         job.id,
                     )

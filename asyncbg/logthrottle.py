@@ -18,7 +18,7 @@ tracebacks. Two tools:
       except Exception as exc:
           stats.failures += 1  # counts never depend on the throttle
           throttle.failure(log, "consumer", queue_name, exc,
-                           "asyncbg: consumer %s failed on %s", queue_name, short_repr(item))
+                           "consumer %s failed on %s", queue_name, short_repr(item))
 
 The throttle only decides what is written to the log: callers keep counting
 every failure in their statistics and metrics.
@@ -237,7 +237,7 @@ class LogThrottle:
         return (
             src.logger,
             src.level,
-            "asyncbg: %d more failure%s of %s %s in the last %.0fs (last: %s)",
+            "%d more failure%s of %s %s in the last %.0fs (last: %s)",
             (count, "" if count == 1 else "s", kind, name, now - src.window_start, src.last),
         )
 

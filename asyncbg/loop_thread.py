@@ -602,7 +602,7 @@ class LoopThread:
             self._run_until_shut_down(loop)
         except BaseException:
             log.critical(
-                "asyncbg: the event loop of %r died; failing what it left behind",
+                "the event loop of %r died; failing what it left behind",
                 self.name,
                 exc_info=True,
             )
@@ -616,7 +616,7 @@ class LoopThread:
                         asyncio.wait_for(loop.shutdown_asyncgens(), self.cancel_grace + 1)
                     )
             except BaseException:  # pragma: no cover - best effort at close
-                log.exception("asyncbg: error while closing the loop of %r", self.name)
+                log.exception("error while closing the loop of %r", self.name)
             finally:
                 self._close(loop)
 
@@ -630,7 +630,7 @@ class LoopThread:
                 loop.run_forever()
             except (SystemExit, KeyboardInterrupt) as exc:
                 log.error(
-                    "asyncbg: %s escaped a task or callback on the loop of %r, which "
+                    "%s escaped a task or callback on the loop of %r, which "
                     "would have ended the loop; it goes on",
                     type(exc).__name__,
                     self.name,
@@ -639,7 +639,7 @@ class LoopThread:
                 continue
             if not self._loop_done:
                 log.warning(
-                    "asyncbg: something called loop.stop() on the loop of %r; asyncbg's "
+                    "something called loop.stop() on the loop of %r; asyncbg's "
                     "loop stops only through stop(), so it goes on",
                     self.name,
                 )
@@ -669,7 +669,7 @@ class LoopThread:
                 try:
                     hook(report)
                 except Exception:
-                    log.exception("asyncbg: after-stop hook %r failed", hook)
+                    log.exception("after-stop hook %r failed", hook)
             report.finished = True
         self._ident = None
         # No lock here: a stop() from a signal handler may have interrupted
@@ -770,10 +770,10 @@ class LoopThread:
             try:
                 hook(gave_up)
             except Exception:
-                log.exception("asyncbg: gave-up hook %r failed", hook)
+                log.exception("gave-up hook %r failed", hook)
         gave_up.cancelled += self._abandon_inbox_from_outside()
         log.error(
-            "asyncbg: the loop of %r did not stop within %.1fs: it is blocked%s. "
+            "the loop of %r did not stop within %.1fs: it is blocked%s. "
             "Leaving its daemon thread behind. %s",
             self.name,
             waited,
@@ -790,7 +790,7 @@ class LoopThread:
             try:
                 hook()
             except Exception:
-                log.exception("asyncbg: stop hook %r failed", hook)
+                log.exception("stop hook %r failed", hook)
         # From here on spawn() counts what it starts, so the report can say
         # what finished during the drain, eager starts included.
         self._counting = True
@@ -844,7 +844,7 @@ class LoopThread:
             _forget_task(t)
         if stubborn:
             log.warning(
-                "asyncbg: %d task(s) ignored cancellation and were abandoned: %s",
+                "%d task(s) ignored cancellation and were abandoned: %s",
                 len(stubborn),
                 ", ".join(sorted({t.get_name() for t in stubborn})[:10]),
             )
@@ -870,10 +870,10 @@ class LoopThread:
                     try:
                         await hook()
                     except Exception:
-                        log.exception("asyncbg: shutdown hook %r failed", hook)
+                        log.exception("shutdown hook %r failed", hook)
         except TimeoutError:
             log.error(
-                "asyncbg: shutdown hooks of %r took longer than %.1fs; closing the loop anyway",
+                "shutdown hooks of %r took longer than %.1fs; closing the loop anyway",
                 self.name,
                 self.shutdown_hooks_timeout,
             )
@@ -896,7 +896,7 @@ class LoopThread:
                 if abandon(*args):
                     settled += 1
             except Exception:
-                log.exception("asyncbg: settling never-run %r failed", fn)
+                log.exception("settling never-run %r failed", fn)
         return settled
 
     def _abandon_inbox_from_outside(self) -> int:
@@ -963,7 +963,7 @@ class LoopThread:
             try:
                 fn(*args)
             except (Exception, SystemExit, KeyboardInterrupt):
-                log.exception("asyncbg: callback %r failed on the loop", fn)
+                log.exception("callback %r failed on the loop", fn)
         if inbox and not self._wake_pending:
             # A huge burst: let timers and I/O run between batches.
             self._wake_pending = True
@@ -1162,7 +1162,7 @@ def _forget_task(task: asyncio.Task[Any]) -> None:
         try:
             close()
         except BaseException as exc:  # it ignored GeneratorExit too
-            log.debug("asyncbg: closing abandoned task %s: %r", task.get_name(), exc)
+            log.debug("closing abandoned task %s: %r", task.get_name(), exc)
 
 
 def _abandon_future_start(
@@ -1206,11 +1206,11 @@ def _stop_all_at_exit() -> None:
     """
     running = [lt for lt in list(_instances) if lt.running]
     for lt in running:
-        log.debug("asyncbg: interpreter exiting, stopping loop thread %r", lt.name)
+        log.debug("interpreter exiting, stopping loop thread %r", lt.name)
         try:
             lt.at_exit()
         except Exception:
-            log.exception("asyncbg: exit hook of %r failed", lt.name)
+            log.exception("exit hook of %r failed", lt.name)
         lt.request_stop()
     for lt in running:
         if not lt.in_loop_thread():

@@ -306,7 +306,7 @@ class LoopMonitor:
             try:
                 self._look()
             except Exception:  # pragma: no cover - never let the watchdog die
-                log.exception("asyncbg: loop watchdog failed")
+                log.exception("loop watchdog failed")
 
     def _look(self) -> None:
         due = self._due
@@ -353,7 +353,7 @@ class LoopMonitor:
             return
         self._last_logged[offender] = now
         log.warning(
-            "asyncbg: the event loop has been blocked for %.3fs so far (threshold %.3gs) by %s%s; "
+            "the event loop has been blocked for %.3fs so far (threshold %.3gs) by %s%s; "
             "nothing else on the loop runs meanwhile (no other async view, job or consumer): "
             "await instead of blocking, or move the blocking call to a thread "
             "(await asyncio.to_thread(...), asgiref's sync_to_async, a sync @bg.task). "

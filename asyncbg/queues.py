@@ -315,7 +315,7 @@ class WorkQueue:
             "consumer",
             self.name,
             exc,
-            "asyncbg: consumer %r failed on item %s",
+            "consumer %r failed on item %s",
             self.name,
             short_repr(item),
         )

@@ -241,7 +241,7 @@ class PeriodicJob:
         if now - self._last_skip_log >= _SKIP_LOG_INTERVAL:
             self._last_skip_log = now
             log.warning(
-                "asyncbg: periodic job %s skipped a tick because %s (%d skipped so far; "
+                "periodic job %s skipped a tick because %s (%d skipped so far; "
                 "logged at most once a minute)",
                 self.name,
                 why,
@@ -287,7 +287,7 @@ class PeriodicJob:
             self._log_failure(
                 "host lock of periodic job",
                 exc,
-                "asyncbg: periodic job %s could not take its host lock %s; "
+                "periodic job %s could not take its host lock %s; "
                 "it will try again on its next tick",
                 self.name,
                 self._lock.path,
@@ -322,7 +322,7 @@ class PeriodicJob:
             # job. CancelledError (stop, a timeout) is not caught.
             self.failures += 1
             self.last_error = describe_exception(exc, _ERROR_TEXT_LIMIT)
-            self._log_failure("periodic job", exc, "asyncbg: periodic job %s failed", self.name)
+            self._log_failure("periodic job", exc, "periodic job %s failed", self.name)
         else:
             self.last_error = None
         finally:

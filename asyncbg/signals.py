@@ -120,15 +120,15 @@ class ShutdownSignals:
             if signum == signal.SIGINT:
                 self._sigint_seen = True
             if draining:
-                log.info("asyncbg: %s received while draining; the drain goes on", name)
+                log.info("%s received while draining; the drain goes on", name)
             else:
-                log.info("asyncbg: %s received; draining once the server stops", name)
+                log.info("%s received; draining once the server stops", name)
             if callable(previous):
                 previous(signum, frame)
             return
         if not self._stop_started:
             self._stop_started = True
-            log.info("asyncbg: %s received, stopping gracefully", name)
+            log.info("%s received, stopping gracefully", name)
             self._stopping_in_handler = True
             try:
                 self._stop()
@@ -158,7 +158,7 @@ class ShutdownSignals:
         # Say what is abandoned, then leave without running anything else (exit
         # handlers would wait for the drain again).
         log.warning(
-            "asyncbg: %s while shutting down, exiting now: %d running task(s) abandoned, "
+            "%s while shutting down, exiting now: %d running task(s) abandoned, "
             "%d item(s) still queued",
             signal.Signals(signum).name,
             self._loop_thread.task_count,

@@ -198,7 +198,7 @@ def _find_asgiref_hooks() -> _AsgirefHooks:
         own_vars = None
     if own_vars is None:
         log.info(
-            "asyncbg: this asgiref (%s) has no usable ThreadSensitiveContext(executor=): "
+            "this asgiref (%s) has no usable ThreadSensitiveContext(executor=): "
             "thread-sensitive sync_to_async calls from async views run one at a time "
             "on asgiref's shared thread, not on the request's thread",
             getattr(asgiref, "__version__", "unknown version"),

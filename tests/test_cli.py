@@ -89,7 +89,7 @@ def test_list_as_json(make_app: MakeApp) -> None:
         "scope": "host",
         "timeout": 600.0,
     }
-    assert data["consumers"] == [{"queue": "mail", "concurrency": 4, "maxsize": 250}]
+    assert data["consumers"] == [{"queue": "mail", "concurrency": 4, "size": 250}]
     assert [t["name"] for t in data["tasks"]] == ["add", "resize"]
 
 

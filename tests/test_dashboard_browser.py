@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from helpers_core import wait_for
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from asyncbg import AsyncBG, current_job
@@ -266,3 +268,52 @@ def test_the_page_says_when_it_cannot_reach_the_app(demo: Demo, server: str, pag
     demo.app.config["ASYNCBG_AUTH"] = lambda request: False
     expect(page.locator("#conn-error")).to_be_visible(timeout=WAIT * 1000)
     expect(page.locator("#conn-error")).to_contain_text("refused by the auth hook")
+
+
+def test_periodic_last_run_shows_its_time_and_took_its_duration(
+    demo: Demo, server: str, page: Page
+) -> None:
+    pj = demo.bg.periodic_jobs["refresh_prices"]
+    wait_for(lambda: pj.runs >= 1 and pj.last_duration is not None, what="a first run")
+    page.goto(f"{server}/_asyncbg/")
+    headers = page.locator("#periodic-section thead th").all_inner_texts()
+    assert headers[3:5] == ["last run", "took"]
+    row = page.locator('tr[data-periodic="refresh_prices"]')
+    last = row.locator('[data-field="last_start"]')
+    expect(last).not_to_have_attribute("data-value", "", timeout=WAIT * 1000)
+    expect(last).to_have_text(re.compile(r"^\d\d:\d\d:\d\d\.\d$"))
+    shown = float(last.get_attribute("data-value") or 0)
+    assert abs(shown - time.time()) < 60  # a wall-clock time, not a duration
+    expect(row.locator('[data-field="last_ago"]')).to_have_text(re.compile(r"^\(.* ago\)$"))
+    expect(row.locator('[data-field="last_duration"]')).to_have_text(
+        re.compile(r"^(<1 ms|[\d.]+ ms|running)$")
+    )
+
+
+def test_the_page_says_loading_until_its_first_answer(demo: Demo, server: str, page: Page) -> None:
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:  # answered once the placeholders are checked
+        held.append(route)
+
+    page.route("**/_asyncbg/health", hold)
+    page.goto(f"{server}/_asyncbg/")
+    deadline = time.monotonic() + WAIT
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # Playwright calls the handler only inside its own calls
+    assert held, "the page never polled"
+    for section in ("periodic", "queues", "running", "failures", "recent"):
+        placeholder = page.locator(f'[data-empty-for="{section}"]')
+        expect(placeholder).to_be_visible()
+        expect(placeholder).to_have_text("Loading…")
+    expect(page.get_by_text("No periodic jobs.")).to_have_count(0)
+
+    for route in held:
+        route.continue_()
+    page.unroute("**/_asyncbg/health", hold)  # lets through what it holds by then
+    expect(page.locator("#status")).to_have_text("ok", timeout=WAIT * 1000)
+    # The demo has periodic jobs and queues; nothing has failed yet.
+    expect(page.locator('[data-empty-for="periodic"]')).to_be_hidden()
+    expect(page.locator('[data-empty-for="queues"]')).to_be_hidden()
+    expect(page.locator('[data-empty-for="failures"]')).to_have_text("No failures.")
+    expect(page.locator('[data-empty-for="failures"]')).to_be_visible()

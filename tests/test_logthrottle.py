@@ -130,8 +130,7 @@ def test_flush_at_the_end_of_the_interval_logs_one_summary_line(records) -> None
     assert throttle.flush() == 1
     summary = records[-1]
     assert summary.getMessage() == (
-        "asyncbg: 299 more failures of periodic job job in the last 60s "
-        "(last: ValueError: boom 299)"
+        "299 more failures of periodic job job in the last 60s (last: ValueError: boom 299)"
     )
     assert summary.levelno == logging.ERROR
     assert summary.exc_info is None
@@ -149,7 +148,7 @@ def test_next_failure_after_the_interval_logs_the_summary_then_itself_in_full(re
     messages = [r.getMessage() for r in records]
     assert messages == [
         "job failed",
-        "asyncbg: 2 more failures of periodic job job in the last 10s (last: ValueError: boom 2)",
+        "2 more failures of periodic job job in the last 10s (last: ValueError: boom 2)",
         "job failed",
     ]
     assert records[2].exc_info is not None

@@ -161,7 +161,7 @@ def test_a_job_failing_every_10ms_logs_one_traceback_then_one_summary(make_app, 
     # What was suppressed is summarized at stop, with nothing lost from the count.
     assert len(summary.records) == 1
     line = summary.records[0].getMessage()
-    assert line.startswith(f"asyncbg: {failures - 1} more failures of periodic job noisy in the")
+    assert line.startswith(f"{failures - 1} more failures of periodic job noisy in the")
     assert "(last: ValueError: boom xxx" in line
     assert len(line) < 400
     assert noisy.last_error is not None
@@ -187,7 +187,7 @@ def test_the_summary_is_logged_when_the_interval_ends_even_if_failures_stop(
     assert summary.seen.wait(WAIT), "no summary at the end of the interval"
     assert bg.loop_thread.running  # logged by the running schedule, not at stop
     line = summary.records[0].getMessage()
-    assert line.startswith("asyncbg: 4 more failures of periodic job bursty in the last")
+    assert line.startswith("4 more failures of periodic job bursty in the last")
     assert "(last: ValueError: burst 5)" in line
 
 

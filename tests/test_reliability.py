@@ -494,15 +494,22 @@ def test_set_progress_accepts_numpy_numbers_and_stores_plain_floats(make_app: An
     numpy = pytest.importorskip("numpy")
     _app, bg = make_app()
 
+    seen: list[Progress | None] = []
+
     async def reports_progress() -> None:
         from asyncbg import current_job
 
         current_job().set_progress(numpy.int64(3), numpy.float32(10), "three of ten")
+        seen.append(current_job().progress)
 
     bg.start()
     job = bg.submit(reports_progress)
     job.result(WAIT)
-    assert job.progress == Progress(3.0, 10.0, "three of ten")
+    assert seen == [Progress(3.0, 10.0, "three of ten")]
+    assert seen[0] is not None
+    assert type(seen[0].done) is float
+    # Succeeded, so completed: done = total, still plain floats.
+    assert job.progress == Progress(10.0, 10.0, "three of ten")
     assert type(job.progress.done) is float
     json.dumps(job.to_dict(), allow_nan=False)
 

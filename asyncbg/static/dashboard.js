@@ -69,8 +69,14 @@
       prev = tr;
     }
     for (const tr of old.values()) tr.remove();
+    // Until the first answer the placeholder says "Loading…": an empty table
+    // before anything was fetched would claim there is nothing.
     const empty = document.querySelector(`[data-empty-for="${tbody.id}"]`);
-    if (empty) empty.hidden = items.length > 0;
+    if (empty) {
+      empty.textContent = empty.dataset.emptyText;
+      empty.classList.remove("loading");
+      empty.hidden = items.length > 0;
+    }
   }
 
   function bar(fraction, cls = "") {
@@ -141,7 +147,8 @@
         el("td", { "data-field": "name", class: "mono" }),
         el("td", { "data-field": "schedule" }),
         el("td", {}, el("span", { class: "badge", "data-field": "state" })),
-        el("td", { "data-field": "last_start" }),
+        el("td", {}, el("span", { "data-field": "last_start", class: "mono" }), " ",
+          el("span", { "data-field": "last_ago", class: "muted" })),
         el("td", { "data-field": "last_duration" }),
         el("td", {}, el("span", { "data-field": "next_due", class: "mono" }), " ",
           el("span", { "data-field": "next_in", class: "muted" })),
@@ -159,8 +166,10 @@
       setText(tr, "name", p.name);
       setText(tr, "schedule", p.scope === "host" ? `${p.schedule} (one per host)` : p.schedule);
       setStatus(tr.querySelector('[data-field="state"]'), p.running ? "running" : "idle");
-      setText(tr, "last_start", ago(p.last_start));
-      setText(tr, "last_duration", seconds(p.last_duration));
+      const last = setText(tr, "last_start", clock(p.last_start));
+      last.dataset.value = p.last_start === null ? "" : String(p.last_start);
+      setText(tr, "last_ago", p.last_start ? `(${ago(p.last_start)})` : "");
+      setText(tr, "last_duration", p.running ? "running" : seconds(p.last_duration));
       const due = setText(tr, "next_due", clock(p.next_due));
       due.dataset.value = p.next_due === null ? "" : String(p.next_due);
       setText(tr, "next_in", p.next_due ? `(in ${seconds(Math.max(0, p.next_due - now()))})` : "");
