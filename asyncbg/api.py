@@ -139,7 +139,7 @@ class AsyncBG:
         # The state the next init_app takes: made now, so that the objects the
         # decorators return before init_app are the first app's own.
         self._spare: AppState | None = AppState(self)
-        self._ever_bound = False
+        self._last_state: AppState | None = None
         if app is not None:
             self.init_app(app)
 
@@ -158,12 +158,9 @@ class AsyncBG:
         if len(states) == 1:
             return states[0]
         if not states:
-            if self._ever_bound:
-                raise RuntimeError(
-                    "every Flask app this AsyncBG served has been garbage-collected: keep a "
-                    "reference to the app (asyncbg holds it only while its loop runs)"
-                )
-            return self._spare_state()
+            # The app it served is gone: its state still says what happened
+            # (work that needs the app raises, saying so).
+            return self._last_state if self._last_state is not None else self._spare_state()
         names = ", ".join(sorted(repr(st.app.name) for st in states if st.app is not None))
         raise RuntimeError(
             f"this AsyncBG serves {len(states)} apps ({names}) and there is no app context "
@@ -301,7 +298,7 @@ class AsyncBG:
         self._spare = None
         st.bind(app)
         self._states[app] = st
-        self._ever_bound = True
+        self._last_state = st
         app.extensions["asyncbg"] = self
         self._configure(st, app)
         self._instantiate(st)
@@ -951,6 +948,11 @@ def _wait_for_the_reloaded_child_on_ctrl_c() -> None:
         log.info("Ctrl-C: waiting for the app process to drain its jobs (Ctrl-C again to stop now)")
 
     signal.signal(signal.SIGINT, on_sigint)
+    log.info(
+        "under Werkzeug's reloader: Ctrl-C lets the app process drain its jobs (for up to "
+        "ASYNCBG_SHUTDOWN_TIMEOUT), and so does a code reload; SIGTERM to this reloader "
+        "process ends the app process at once, without draining (Werkzeug's own handler)"
+    )
 
 
 def _qualified_name(fn: object) -> str:

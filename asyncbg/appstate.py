@@ -289,7 +289,7 @@ class AppState:
             if self.handle_signals:
                 self.signals.install()
         log.debug(
-            "asyncbg started: %d periodic jobs, %d queues",
+            "started: %d periodic jobs, %d queues",
             len(self.periodic_jobs),
             len(self.queues),
         )

@@ -48,13 +48,7 @@ BY_DESIGN: dict[str, str] = {
 
 #: Flask tests expected to fail with asyncbg attached (mounted or not), and why.
 #: Remove an entry once the work it waits for has landed (the script says when).
-KNOWN: dict[str, str] = {
-    "tests/test_basic.py::test_app_freed_on_zero_refcount": (
-        "AsyncBG(app) makes a reference cycle (app.extensions['asyncbg'] -> bg -> "
-        "bg.app, and app.async_to_sync bound to bg), so the app is freed by the cycle "
-        "collector, not at refcount zero; waits for the app-factory rework of api.py"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 # Loaded in both runs. Flask 3.1's tests import ``_pytest.monkeypatch.notset``,
 # which pytest 9 no longer has; the outcome recorder is how the runs are compared.

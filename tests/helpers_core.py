@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -121,3 +123,18 @@ def in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     assert "error" not in result, result.get("error")
     assert os.waitstatus_to_exitcode(status) == 0
     return result
+
+
+def run_python(
+    script: str, cwd: Any, timeout: float = WAIT * 2
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter (``python -c``) in ``cwd``; return the
+    finished process with its text output. Bounded by ``timeout``."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )

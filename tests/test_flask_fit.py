@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, appcontext_pushed, current_app, g
-from helpers_core import WAIT, Gate, wait_for
+from helpers_core import WAIT, Gate, run_python, wait_for
 
 from asyncbg import AsyncBG, JobStatus
 
@@ -328,14 +328,7 @@ bg.stop(timeout=1)
 def test_the_shutdown_report_reaches_stderr_with_no_logging_setup(
     tmp_path: Path, handler: bool
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PLAIN_APP.format(handler=handler)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        cwd=tmp_path,
-        check=False,
-    )
+    proc = run_python(_PLAIN_APP.format(handler=handler), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert ("asyncbg shutdown:" in proc.stderr) is handler, proc.stderr
 
@@ -343,14 +336,7 @@ def test_the_shutdown_report_reaches_stderr_with_no_logging_setup(
 def test_the_log_handler_steps_aside_when_the_app_configures_logging(tmp_path: Path) -> None:
     script = "import logging, sys\nlogging.basicConfig(stream=sys.stdout, level=logging.INFO)\n"
     script += _PLAIN_APP.format(handler=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        cwd=tmp_path,
-        check=False,
-    )
+    proc = run_python(script, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "asyncbg shutdown:" in proc.stdout
     assert "asyncbg shutdown:" not in proc.stderr  # said once, by the app's own handler
@@ -432,3 +418,5 @@ def test_ctrl_c_under_the_reloader_lets_the_child_finish_its_jobs(tmp_path: Path
     # Before: the parent killed the child about a second into its drain.
     assert mark.read_text().split() == ["started", "finished"], out
     assert "asyncbg shutdown: 1 completed" in out, out
+    # The one line at start that says what SIGTERM to the reloader does.
+    assert "SIGTERM to this reloader process ends the app process at once" in out, out

@@ -11,8 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,7 +19,7 @@ from typing import Any
 
 import pytest
 from flask import current_app
-from helpers_core import WAIT, Gate, in_child, wait_for
+from helpers_core import WAIT, Gate, in_child, run_python, wait_for
 
 from asyncbg import JobCancelled, JobStatus, LoopThread, NotRunning
 from asyncbg.jobs import Progress
@@ -380,14 +378,7 @@ def test_a_stubborn_job_leaves_no_traceback_at_interpreter_exit(tmp_path: Path) 
         print(bg.stop(timeout=0.1))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        cwd=tmp_path,
-        check=False,
-    )
+    proc = run_python(script, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "1 abandoned" in proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -594,14 +585,7 @@ def test_unstopped_apps_drain_concurrently_at_exit(tmp_path: Path) -> None:
         print("exiting", time.monotonic(), flush=True)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 3,
-        cwd=tmp_path,
-        check=False,
-    )
+    proc = run_python(script, tmp_path)
     done = time.monotonic()
     assert proc.returncode == 0, proc.stderr
     exiting = float(proc.stdout.split()[1])
