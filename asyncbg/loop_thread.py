@@ -1024,6 +1024,8 @@ class LoopThread:
             is closed, not left un-awaited).
         """
         fut: LoopFuture[T] = LoopFuture(self._ident, self._run)
+        if name is None:
+            name = getattr(coro, "__qualname__", None)
         try:
             self.post(self._start_for_future, coro, fut, name, context)
         except NotRunning:
@@ -1045,13 +1047,7 @@ class LoopThread:
         if fut.cancelled():
             coro.close()
             return
-        try:
-            task = self.spawn(coro, name=name, context=context)
-        except (SystemExit, KeyboardInterrupt) as exc:
-            # The eager first step raised it: the caller gets it, the loop lives.
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(exc)
-            return
+        task = self.spawn(_carrying_loop_enders(coro), name=name, context=context)
         loop = self.loop
 
         def to_future(t: asyncio.Task[T]) -> None:
@@ -1060,7 +1056,9 @@ class LoopThread:
             if not fut.set_running_or_notify_cancel():
                 return
             exc = t.exception()
-            if exc is not None:
+            if isinstance(exc, _LoopEnder):
+                fut.set_exception(exc.carried)  # what the code raised, for its caller
+            elif exc is not None:
                 fut.set_exception(exc)
             else:
                 fut.set_result(t.result())
@@ -1142,6 +1140,25 @@ async def _settle_cancelled(tasks: set[asyncio.Task[Any]], grace: float) -> None
 
 
 _SETTLE_TURNS = 100
+
+
+class _LoopEnder(Exception):
+    """Carries a SystemExit or KeyboardInterrupt out of a task (see below)."""
+
+    def __init__(self, carried: BaseException) -> None:
+        super().__init__(repr(carried))
+        self.carried = carried
+
+
+async def _carrying_loop_enders(coro: Coroutine[Any, Any, T]) -> T:
+    # asyncio lets SystemExit and KeyboardInterrupt out of a task step and out
+    # of run_forever(), which would end the loop every job shares; and a task
+    # left holding one is logged "exception was never retrieved". Carried as an
+    # ordinary exception, it reaches the caller of submit() as itself.
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _LoopEnder(exc) from None
 
 
 def _nothing() -> None:
