@@ -114,7 +114,9 @@ def test_the_plugin_serves_a_user_test_suite(pytester: pytest.Pytester) -> None:
     )
     pytester.makeconftest(USER_CONFTEST)
     pytester.makepyfile(test_user=USER_TESTS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-q")
+    # In its own process: asyncbg_idle() with no argument waits for every
+    # running AsyncBG, and this session has its own.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
     result.assert_outcomes(passed=6)
     leftover = [bg for bg in running_instances() if bg.app and bg.app.name == "user_shop"]
     assert leftover == []
