@@ -18,7 +18,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast, overload
 
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
@@ -47,6 +47,7 @@ from .views import async_view_bridge
 
 if TYPE_CHECKING:
     from flask import Flask
+    from werkzeug.local import LocalProxy
 
 __all__ = ["DEFAULT_CONFIG", "AsyncBG"]
 
@@ -151,7 +152,7 @@ class AsyncBG:
 
     def _state(self) -> AppState:
         if has_app_context():
-            st = self._states.get(current_app._get_current_object())  # type: ignore[attr-defined]
+            st = self._states.get(cast("LocalProxy[Flask]", current_app)._get_current_object())
             if st is not None:
                 return st
         states = list(self._states.values())
@@ -755,7 +756,7 @@ class AsyncBG:
                 return async_view_bridge(func, lt, st.ensure_started)(*args, **kwargs)
             # Views off, or asyncbg stopped (an app context popped after the
             # stop still runs its async teardown): Flask's own way.
-            return original(func)(*args, **kwargs)  # type: ignore[no-any-return]
+            return cast(T, original(func)(*args, **kwargs))
 
         return run
 

@@ -29,10 +29,12 @@ asyncbg_cli = AppGroup("asyncbg", help="Inspect and run asyncbg's jobs.")
 
 
 def _bg() -> AsyncBG:
+    from .api import AsyncBG
+
     bg = current_app.extensions.get("asyncbg")
-    if bg is None:
+    if not isinstance(bg, AsyncBG):
         raise click.ClickException("this app has no AsyncBG (call AsyncBG(app) or init_app)")
-    return bg  # type: ignore[no-any-return]
+    return bg
 
 
 #: The sections of ``flask asyncbg list``: key in the JSON, title, columns. The

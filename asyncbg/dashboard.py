@@ -140,10 +140,12 @@ def _is_loopback() -> bool:
 
 
 def _auth_hook() -> Callable[[Any], Any] | None:
-    hook = current_app.config["ASYNCBG_AUTH"]
-    if hook is not None and not callable(hook):
+    hook: object = current_app.config["ASYNCBG_AUTH"]
+    if hook is None:
+        return None
+    if not callable(hook):
         raise TypeError("ASYNCBG_AUTH must be a callable taking the request, or None")
-    return hook  # type: ignore[no-any-return]
+    return hook
 
 
 def _trust() -> bool | WerkzeugResponse:

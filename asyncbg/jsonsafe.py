@@ -16,7 +16,7 @@ import math
 import numbers
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 from .logthrottle import short_repr
 
@@ -66,7 +66,7 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         try:
             if isinstance(value, numbers.Integral):
                 return int(value)
-            number = float(value)  # type: ignore[arg-type]
+            number = float(cast("SupportsFloat", value))  # Real, or a float-able Number
         except Exception:
             return short_repr(value)
         return number if math.isfinite(number) else None
