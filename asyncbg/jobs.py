@@ -555,6 +555,7 @@ class Arguments:
         "min_positional",
         "positional_names",
         "positional_only",
+        "required_positional_only",
         "required_keywords",
         "signature",
         "var_keyword",
@@ -571,6 +572,9 @@ class Arguments:
         kinds_present = {p.kind for p in signature.parameters.values()}
         self.positional_names = tuple(p.name for p in positional)
         self.positional_only = sum(p.kind is kinds.POSITIONAL_ONLY for p in positional)
+        self.required_positional_only = frozenset(
+            p.name for p in positional if p.kind is kinds.POSITIONAL_ONLY and p.default is _EMPTY
+        )
         self.min_positional = max(
             (i + 1 for i, p in enumerate(positional) if p.default is _EMPTY), default=0
         )
@@ -626,17 +630,32 @@ class Arguments:
         """
         if self.fits(args, kwargs):
             return
+        # Positional-only parameters first, in our own words: Signature.bind
+        # words them differently across Pythons, and 3.13's binds a
+        # positional-only name given as a keyword into **kwargs, which the
+        # call itself refuses.
+        given_only = self.positional_names[: self.positional_only]
+        if not self.var_keyword:
+            for key in kwargs:
+                if key in given_only:
+                    raise self._error(name, f"{key!r} is positional-only, given as a keyword")
+        for i, param in enumerate(given_only):
+            if i >= len(args) and param in self.required_positional_only:
+                raise self._error(name, f"missing a required positional argument: {param!r}")
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            # Annotations left out: under `from __future__ import annotations`
-            # they are quoted strings, noise in a one-line error.
-            sig = self.signature
-            bare = sig.replace(
-                parameters=[p.replace(annotation=_EMPTY) for p in sig.parameters.values()],
-                return_annotation=_EMPTY,
-            )
-            raise TypeError(f"wrong arguments for {name}{bare}: {exc}") from None
+            raise self._error(name, str(exc)) from None
+
+    def _error(self, name: str, why: str) -> TypeError:
+        # Annotations left out: under `from __future__ import annotations`
+        # they are quoted strings, noise in a one-line error.
+        sig = self.signature
+        bare = sig.replace(
+            parameters=[p.replace(annotation=_EMPTY) for p in sig.parameters.values()],
+            return_annotation=_EMPTY,
+        )
+        return TypeError(f"wrong arguments for {name}{bare}: {why}")
 
 
 #: Arguments per code object: a closure or lambda made anew for every call

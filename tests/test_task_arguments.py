@@ -64,11 +64,11 @@ def test_wrong_arguments_of_every_kind_name_the_task(bg: AsyncBG) -> None:
         return to
 
     cases: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
-        ((), {}, "missing a required argument: 'to'"),
+        ((), {}, "missing a required positional argument: 'to'"),
         (("a", "b", "c"), {}, "too many positional arguments"),
         (("a",), {"cc": "x"}, "got an unexpected keyword argument 'cc'"),
         (("a", "b"), {"subject": "c"}, "multiple values for argument 'subject'"),
-        ((), {"to": "a"}, "'to' parameter is positional only"),
+        ((), {"to": "a"}, "'to' is positional-only, given as a keyword"),
     ]
     for args, kwargs, why in cases:
         with pytest.raises(TypeError) as info:
