@@ -555,8 +555,8 @@ class Arguments:
         "min_positional",
         "positional_names",
         "positional_only",
-        "required_positional_only",
         "required_keywords",
+        "required_positional_only",
         "signature",
         "var_keyword",
     )
