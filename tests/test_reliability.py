@@ -683,3 +683,28 @@ def test_the_failure_summary_is_logged_when_its_interval_ends(
             lambda: any("2 more failures" in r.getMessage() for r in caplog.records),
             what="the summary line, without a stop or another failure",
         )
+
+
+def test_wait_idle_is_not_stranded_by_a_callback_that_starts_no_work(make_app: Any) -> None:
+    # Found by the plugin's user suite under load: wait_idle() looked while a
+    # plain callback was still in the inbox, then waited for an idle hook that
+    # nothing was left to call.
+    _app, bg = make_app()
+    bg.start()
+    _, release = _hold_the_loop(bg.loop_thread)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            bg.wait_idle(WAIT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_for(lambda: bg.loop_thread.pending_posts >= 1, what="wait_idle's post")
+    bg.loop_thread.post(lambda: None)  # after it in the inbox, starts nothing
+    release.set()
+    waiter.join(WAIT * 2)
+    assert not waiter.is_alive()
+    assert errors == []
