@@ -22,12 +22,14 @@ import queue
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import NotRunning
+from .signals import leave_shutdown_signals_to_the_main_thread
 
 __all__ = ["LoopFuture", "LoopThread", "ShutdownReport"]
 
@@ -595,6 +597,8 @@ class LoopThread:
         return loop
 
     def _main(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+        # Its worker threads (started from here) inherit the mask.
+        leave_shutdown_signals_to_the_main_thread()
         self._ident = threading.get_ident()
         asyncio.set_event_loop(loop)
         loop.call_soon(started.set)
@@ -755,7 +759,7 @@ class LoopThread:
         # Bounded: a job that blocks the loop without ever yielding cannot hang
         # the caller (the thread is a daemon and is left behind).
         bound = timeout + self.cancel_grace + 2.0
-        if not stopped.wait(bound):
+        if not _wait_in_slices(stopped, bound):
             return self._give_up(report, bound)
         thread.join()
         return report
@@ -1159,6 +1163,26 @@ async def _carrying_loop_enders(coro: Coroutine[Any, Any, T]) -> T:
         return await coro
     except (SystemExit, KeyboardInterrupt) as exc:
         raise _LoopEnder(exc) from None
+
+
+#: How long one wait for the stop lasts before looking at pending signals.
+_SIGNAL_SLICE = 0.1
+
+
+def _wait_in_slices(event: threading.Event, timeout: float) -> bool:
+    """``event.wait(timeout)`` in short slices, so that a signal handler runs soon.
+
+    A signal that arrives just before the waiting thread blocks in the lock
+    does not interrupt it, and Python runs the handler only once the wait
+    returns: a Ctrl-C during a long drain would wait for the whole drain.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return event.is_set()
+        if event.wait(min(remaining, _SIGNAL_SLICE)):
+            return True
 
 
 def _nothing() -> None:
