@@ -15,12 +15,8 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
-import ctypes
 import logging
 import os
-import queue
-import socket
-import sys
 import threading
 import time
 import weakref
@@ -28,6 +24,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from . import _eager, _wakeup
+from ._daemon_executor import Executor as _Executor
+from ._daemon_executor import install as _install_executor
+from ._eager import EagerStartLoop
+from ._tricks import warn_fallback
+from ._wakeup import FastWakeupLoop
 from .errors import NotRunning
 from .signals import leave_shutdown_signals_to_the_main_thread
 
@@ -41,7 +43,7 @@ _IDLE, _RUNNING, _STOPPING = "idle", "running", "stopping"
 
 # Python 3.12+ can run a new task's first step at once, inside the callback
 # that creates it, instead of one loop iteration later.
-_eager_task_factory: Any = getattr(asyncio, "eager_task_factory", None)
+_eager_task_factory: Any = _eager.eager_task_factory
 
 _DRAIN_BATCH = 2048
 
@@ -170,191 +172,10 @@ def _fail(fut: concurrent.futures.Future[Any], name: str) -> None:
             fut.set_exception(NotRunning(f"the loop of {name!r} ended before this work finished"))
 
 
-class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
-    """A thread pool whose threads never hold up interpreter exit.
-
-    The loop's default executor runs sync jobs and ``asyncio.to_thread``.
-    ``ThreadPoolExecutor`` joins its threads at exit, so one hung sync job would
-    hang the process forever; these threads are daemons and are abandoned.
-    (A subclass only because asyncio insists on one; none of its threads are used.)
-    """
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        super().__init__(max_workers, thread_name_prefix=name)
-        self._max_workers = max_workers
-        self._name = name
-        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
-        self._workers: list[threading.Thread] = []
-        self._shutdown = False
-        self._lock = threading.Lock()
-
-    def submit(
-        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
-    ) -> concurrent.futures.Future[T]:
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new work after shutdown")
-            fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-            self._work.put((fut, fn, args, kwargs))
-            if not self._idle.acquire(blocking=False) and len(self._workers) < self._max_workers:
-                t = threading.Thread(
-                    target=self._worker, name=f"{self._name}-{len(self._workers)}", daemon=True
-                )
-                self._workers.append(t)
-                t.start()
-        return fut
-
-    @property
-    def threads(self) -> list[threading.Thread]:
-        """The worker threads started so far."""
-        return self._workers
-
-    def _worker(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                self._work.put(None)
-                return
-            fut, fn, args, kwargs = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args, **kwargs))
-                except BaseException as exc:
-                    fut.set_exception(exc)
-            del item, fut, fn, args, kwargs
-            self._idle.release()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-            if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
-            self._work.put(None)
-        if wait:
-            for t in self._workers:
-                t.join()
-
-
-class _GilHoldingSocketCalls:
-    """One-byte ``send`` and a draining ``recv`` on the wake-up sockets that keep the GIL.
-
-    ``socket.send``/``recv`` release the GIL around the system call; when another
-    thread is busy, getting it back costs the caller a whole switch interval
-    (5 ms). Non-blocking calls on the loop's own socket pair never block, so
-    holding the GIL through them is safe (``ctypes.PyDLL`` calls keep it).
-    """
-
-    def __init__(self) -> None:
-        libc = ctypes.PyDLL(None)
-        self._send = libc.send
-        self._send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-        self._send.restype = ctypes.c_ssize_t
-        self._recv = libc.recv
-        self._recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self._recv.restype = ctypes.c_ssize_t
-        self._flags = getattr(socket, "MSG_DONTWAIT", 0)
-
-    def send_byte(self, fd: int) -> None:
-        # -1 (EAGAIN, a full buffer) means a wake-up is already pending.
-        self._send(fd, b"\0", 1, self._flags)
-
-    def recv_all(self, fd: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:
-        # Everything pending, until EAGAIN (-1) or a closed socket (0); an
-        # interrupted call leaves the socket readable, so the selector returns again.
-        chunks: list[bytes] = []
-        size = len(buf)
-        while True:
-            n = self._recv(fd, buf, size, self._flags)
-            if n <= 0:
-                return b"".join(chunks)
-            chunks.append(buf.raw[:n])
-            if n < size:
-                return b"".join(chunks)
-
-
-def _gil_holding_socket_calls() -> _GilHoldingSocketCalls | None:
-    if sys.platform == "win32" or not hasattr(socket, "MSG_DONTWAIT"):
-        return None
-    try:
-        return _GilHoldingSocketCalls()
-    except (OSError, AttributeError):
-        return None
-
-
-_fast_calls = _gil_holding_socket_calls()
-
-
-class _SelectorLoop(asyncio.SelectorEventLoop):
-    """The stock selector loop whose wake-up socket calls do not give away the GIL.
-
-    Both ends matter under contention: the submitting thread's write (a view
-    would stall 5 ms in ``submit``), and the loop's read after every wake-up
-    (asyncio's ``_read_from_self`` makes two ``recv`` calls, each one a chance
-    to lose the GIL for 5 ms before the loop gets back to its next ``select``).
-    """
-
-    _wake_buf: ctypes.Array[ctypes.c_char] | None = None
-
-    def _write_to_self(self) -> None:
-        csock = getattr(self, "_csock", None)
-        if csock is None or _fast_calls is None:
-            super()._write_to_self()  # type: ignore[misc]
-            return
-        _fast_calls.send_byte(csock.fileno())
-
-    def create_eager_task(
-        self,
-        coro: Coroutine[Any, Any, T],
-        *,
-        name: str | None = None,
-        context: contextvars.Context | None = None,
-    ) -> asyncio.Task[T]:
-        """Create a task and run its first step now, as 3.12's eager tasks do (3.11).
-
-        ``Task.__init__`` schedules its first step with ``self.call_soon``: an
-        instance attribute shadowing that method for the duration of the call
-        catches the step's handle instead of queueing it, and the step runs
-        here. Other threads are not affected: ``call_soon_threadsafe`` goes
-        through ``_call_soon``. Loop thread only, outside any running task
-        (``Task.__step`` refuses to nest).
-        """
-        captured: list[asyncio.Handle] = []
-
-        def catch_step(
-            callback: Callable[..., object],
-            *args: Any,
-            context: contextvars.Context | None = None,
-        ) -> asyncio.Handle:
-            handle = asyncio.Handle(callback, args, self, context)
-            captured.append(handle)
-            return handle
-
-        self.call_soon = catch_step  # type: ignore[method-assign, assignment]
-        try:
-            task = self.create_task(coro, name=name, context=context)
-        finally:
-            del self.call_soon
-        for handle in captured:
-            handle._run()
-        return task
-
-    def _read_from_self(self) -> None:
-        ssock = getattr(self, "_ssock", None)
-        if ssock is None or _fast_calls is None:
-            super()._read_from_self()  # type: ignore[misc]
-            return
-        if self._wake_buf is None:
-            self._wake_buf = ctypes.create_string_buffer(4096)
-        data = _fast_calls.recv_all(ssock.fileno(), self._wake_buf)
-        if data:
-            self._process_self_data(data)  # type: ignore[attr-defined]
+class _SelectorLoop(FastWakeupLoop, EagerStartLoop):
+    """The stock selector loop with trick 1 (wake-up socket calls that keep the GIL)
+    and trick 2 (eager start on 3.11); each is checked, and turned on or not, at
+    loop start (:meth:`LoopThread._on_loop_start`)."""
 
 
 _instances: weakref.WeakSet[LoopThread] = weakref.WeakSet()
@@ -428,7 +249,9 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
-        self._executor: _DaemonExecutor | None = None
+        self._executor: _Executor | None = None
+        # The loop's create_eager_task once trick 2 is checked on it (3.11 only).
+        self._eager_start: Callable[..., asyncio.Task[Any]] | None = None
         self._run = _Run(self.name)
         self._inbox: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = (
             collections.deque()
@@ -591,17 +414,34 @@ class LoopThread:
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         else:
             loop = _SelectorLoop()
-        executor = _DaemonExecutor(self.max_workers, f"{self.name}-worker")
-        self._executor = executor
-        loop.set_default_executor(executor)
+        self._executor = _install_executor(loop, self.max_workers, f"{self.name}-worker")
         return loop
+
+    def _on_loop_start(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+        # The loop's first callback, before start() returns: check the tricks
+        # that need a running loop thread (once per loop start, so that no
+        # per-call path pays for it), then let start() go on.
+        try:
+            self._eager_start = None
+            if isinstance(loop, FastWakeupLoop):
+                reason = _wakeup.enable(loop)
+                if reason is not None:
+                    warn_fallback(_wakeup.NAME, reason)
+            if _eager_task_factory is None and isinstance(loop, EagerStartLoop):
+                reason = _eager.check(loop)
+                if reason is None:
+                    self._eager_start = loop.create_eager_task
+                else:
+                    warn_fallback(_eager.NAME, reason)
+        finally:
+            started.set()
 
     def _main(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
         # Its worker threads (started from here) inherit the mask.
         leave_shutdown_signals_to_the_main_thread()
         self._ident = threading.get_ident()
         asyncio.set_event_loop(loop)
-        loop.call_soon(started.set)
+        loop.call_soon(self._on_loop_start, loop, started)
         try:
             self._run_until_shut_down(loop)
         except BaseException:
@@ -999,8 +839,8 @@ class LoopThread:
         task: asyncio.Task[T]
         if _eager_task_factory is not None:
             task = _eager_task_factory(loop, coro, name=name, context=context)
-        elif isinstance(loop, _SelectorLoop) and asyncio.current_task(loop) is None:
-            task = loop.create_eager_task(coro, name=name, context=context)
+        elif (eager := self._eager_start) is not None and asyncio.current_task(loop) is None:
+            task = eager(coro, name=name, context=context)
         else:
             task = loop.create_task(coro, name=name, context=context)
         if not task.done():

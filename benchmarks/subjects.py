@@ -166,6 +166,7 @@ def ablated_loop_thread(without: str) -> Any:
     waits for the next loop iteration, as in stock asyncio on 3.11) or
     ``"wakeup"`` (asyncio's own wake-up socket calls, which release the GIL)."""
     import asyncbg.loop_thread as lt_mod
+    from asyncbg._daemon_executor import DaemonExecutor
 
     base = lt_mod._SelectorLoop
 
@@ -182,9 +183,7 @@ def ablated_loop_thread(without: str) -> Any:
     class Ablated(lt_mod.LoopThread):
         def _new_loop(self) -> asyncio.AbstractEventLoop:
             loop = loop_cls()
-            loop.set_default_executor(
-                lt_mod._DaemonExecutor(self.max_workers, f"{self.name}-worker")
-            )
+            loop.set_default_executor(DaemonExecutor(self.max_workers, f"{self.name}-worker"))
             return loop  # type: ignore[no-any-return]
 
     lt = Ablated(f"ablated-{without}")
