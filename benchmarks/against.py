@@ -181,7 +181,10 @@ def _safe(rev: str) -> str:
 
 def run_against(rev: str, mode: Mode, out_dir: Path) -> int:
     t0 = time.monotonic()
-    sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    try:
+        sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"--against: {rev!r} is not a commit in {ROOT}") from None
     head = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     # outside the repository, so that nothing under ROOT (ruff, pytest,
