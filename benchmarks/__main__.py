@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR] [--chart-copy PATH]"""
+"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR] [--chart-copy PATH]
+[--against REV]"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import http, latency, memory, periodic, report, shutdown, throughput
+from . import against, http, latency, memory, periodic, report, shutdown, throughput
 from .harness import MODES, Section
 
 BENCHMARKS = {
@@ -35,8 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         help="results directory (default: benchmarks/results)",
     )
     p.add_argument("--chart-copy", type=Path, help="also copy the chart here (docs/...)")
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="instead: the in-memory path of this tree ('after') against git revision REV "
+        "('before'), trials interleaved, into OUT/against-REV.md and .json",
+    )
     args = p.parse_args(argv)
     mode = MODES["quick" if args.quick else "smoke" if args.smoke else "full"]
+    if args.against is not None:
+        if args.only or args.chart_copy:
+            p.error("--against runs its own figures: no --only or --chart-copy with it")
+        return against.run_against(args.against, mode, args.out)
     # expected warnings (cancelled jobs, items left at stop) would drown the table
     logging.getLogger("asyncbg").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {"latency", "throughput", "periodic", "http", "shutdown", "memory"}
+# what issue 10 asks --against to compare (benchmarks/against.py FIGURES)
+AGAINST_FIGURES = [
+    "submit-to-start p50, idle",
+    "submit-to-start p99, idle",
+    "submit-to-start p50, contended",
+    "submit-to-start p99, contended",
+    "jobs/s, 1 thread",
+    "jobs/s, 4 threads",
+    "enqueue-to-consume p50, idle",
+    "enqueue-to-consume p99, idle",
+    "memory per pending job",
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +109,54 @@ def test_smoke_run_draws_the_chart(smoke_run: tuple[str, Path]) -> None:
     png = out / "chart-smoke.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)
+def test_against_head_compares_two_trees_figure_by_figure(tmp_path: Path) -> None:
+    # HEAD against itself: every ratio should be near 1, but that is timing and
+    # not asserted; what is asserted is that two distinct trees were measured.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--against",
+            "HEAD",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (tmp_path / "against-HEAD.md").read_text()
+    assert "| figure | before | after | ratio" in md
+    for figure in AGAINST_FIGURES:
+        assert f"| {figure} |" in md, figure
+        assert f"| {figure} |" in proc.stdout, figure
+    data = json.loads((tmp_path / "against-HEAD.json").read_text())
+    assert [r["figure"] for r in data["rows"]] == AGAINST_FIGURES
+    for row in data["rows"]:
+        assert len(row["trials_before"]) == len(row["trials_after"]) == 2, row
+        assert math.isfinite(row["before"]), row
+        assert math.isfinite(row["after"]), row
+    assert data["order"] == ["before", "after", "after", "before"]
+    (before,), (after,) = data["asyncbg_file"]["before"], data["asyncbg_file"]["after"]
+    assert before != after
+    assert Path(after).is_relative_to(ROOT)
+    assert Path(before).is_relative_to(data["before_tree"])
+    assert not Path(data["before_tree"]).is_relative_to(ROOT)
+    # the temporary worktree is gone, from disk and from git's list
+    assert not Path(data["before_tree"]).exists()
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert data["before_tree"] not in listed
