@@ -32,8 +32,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
-from .signals import leave_shutdown_signals_to_the_main_thread
-
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -240,11 +238,7 @@ class WSGIBridge:
             pool = self._pools.get(lane)
             if pool is None:
                 size = self.probe_threads if lane == "probe" else self.threads
-                pool = concurrent.futures.ThreadPoolExecutor(
-                    size,
-                    f"asyncbg-{lane}",
-                    initializer=leave_shutdown_signals_to_the_main_thread,
-                )
+                pool = concurrent.futures.ThreadPoolExecutor(size, f"asyncbg-{lane}")
                 self._pools[lane] = pool
             return pool
 

@@ -31,7 +31,6 @@ from ._eager import EagerStartLoop
 from ._tricks import warn_fallback
 from ._wakeup import FastWakeupLoop
 from .errors import NotRunning
-from .signals import leave_shutdown_signals_to_the_main_thread
 
 __all__ = ["LoopFuture", "LoopThread", "ShutdownReport"]
 
@@ -437,8 +436,6 @@ class LoopThread:
             started.set()
 
     def _main(self, loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
-        # Its worker threads (started from here) inherit the mask.
-        leave_shutdown_signals_to_the_main_thread()
         self._ident = threading.get_ident()
         asyncio.set_event_loop(loop)
         loop.call_soon(self._on_loop_start, loop, started)

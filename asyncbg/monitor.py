@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .signals import leave_shutdown_signals_to_the_main_thread
-
 if TYPE_CHECKING:
     from .loop_thread import LoopThread
 
@@ -303,7 +301,6 @@ class LoopMonitor:
     # -- the watchdog thread -------------------------------------------------------------
 
     def _watch(self, stop: threading.Event) -> None:
-        leave_shutdown_signals_to_the_main_thread()
         # Looks often enough to catch a stall within a quarter of the threshold.
         while not stop.wait(max(0.005, min(self.blocked_threshold / 4, self.interval))):
             try:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .loop_thread import LoopThread
 
-__all__ = ["ShutdownSignals", "leave_shutdown_signals_to_the_main_thread"]
+__all__ = ["ShutdownSignals"]
 
 log = logging.getLogger("asyncbg")
 
@@ -230,22 +230,3 @@ def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     # SIG_IGN or a handler installed outside Python (None): nothing to hand on
-
-
-def leave_shutdown_signals_to_the_main_thread() -> None:
-    """Block SIGINT and SIGTERM in the calling (non-main) thread.
-
-    The kernel delivers a process-directed signal to any thread that does not
-    block it, but Python runs handlers in the main thread only, and only a
-    signal delivered to the main thread interrupts a blocking wait there
-    (``stop()`` waiting for the drain, say). Threads asyncbg starts call this
-    first, so Ctrl-C and SIGTERM always land where they are handled. Threads
-    they start inherit the mask. A no-op in the main thread and where
-    ``pthread_sigmask`` does not exist.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is not None:
-        with contextlib.suppress(OSError, ValueError):
-            mask(signal.SIG_BLOCK, SIGNALS)
