@@ -43,7 +43,7 @@ def warn_fallback(trick: str, reason: str) -> None:
             return
         _warned.add(trick)
     log.warning(
-        "asyncbg: loop trick %r is off (%s); using asyncio's stock behaviour instead",
+        "loop trick %r is off (%s); using asyncio's stock behaviour instead",
         trick,
         reason,
     )
