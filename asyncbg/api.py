@@ -7,7 +7,6 @@ queues it wires together do not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -310,7 +309,7 @@ class AsyncBG:
         self._init_observability(app)
         _configure_logging(app)
         if app.config["ASYNCBG_AUTOSTART"] and _autostart_allowed():
-            self._start_state(st)
+            st.start()
         elif _is_reloader_parent() and st.handle_signals:
             _wait_for_the_reloaded_child_on_ctrl_c()
 
@@ -394,9 +393,6 @@ class AsyncBG:
 
     def _require_app(self) -> Flask:
         return self._state().require_app()
-
-    def _app_context(self) -> contextlib.AbstractContextManager[Any]:
-        return self._state().app_context()
 
     # -- decorators ---------------------------------------------------------------
 
@@ -563,12 +559,6 @@ class AsyncBG:
         return fn
 
     # -- handing work over ----------------------------------------------------------
-
-    def _ensure_started(self) -> None:
-        self._state().ensure_started()
-
-    def _dispatch(self, job: Job[T]) -> Job[T]:
-        return self._state().dispatch(job)
 
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -760,10 +750,6 @@ class AsyncBG:
 
         return run
 
-    def _async_to_sync(self, func: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-        st = self._state()
-        return async_view_bridge(func, st.loop_thread, st.ensure_started)
-
     # -- serving -------------------------------------------------------------------------
 
     def asgi_app(
@@ -806,10 +792,7 @@ class AsyncBG:
         :raises RuntimeError: if no app is bound, or uvloop is asked for and missing.
         :raises Exception: whatever an ``on_startup`` hook raised (the loop is stopped).
         """
-        self._start_state(self._state(), periodic=periodic)
-
-    def _start_state(self, st: AppState, *, periodic: bool = True) -> None:
-        st.start(periodic=periodic)
+        self._state().start(periodic=periodic)
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
         """Stop gracefully and return what happened (see :class:`ShutdownReport`).

@@ -298,45 +298,34 @@ class AppState:
     def _run_startup_hooks(self) -> None:
         # On the loop, one after the other, before any schedule or queue starts.
         for hook in self.startup_hooks:
-            try:
-                self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
-            except Exception:
-                log.exception("on_startup hook %s failed; not starting", _hook_name(hook))
-                raise
+            self.run_startup_hook_now(hook)
 
     def run_startup_hook_now(self, hook: Callable[[], Awaitable[Any]]) -> None:
-        """Run a startup hook declared while the loop already runs, and wait for it.
+        """Run a startup hook on the running loop, in the app context, and wait for it.
 
         :raises Exception: whatever the hook raised (logged too).
         """
         if not self.loop_thread.running or self.loop_thread.in_loop_thread():
             return
         try:
-            self.loop_thread.submit(_call_hook(hook), context=self._hook_context()).result()
+            self.loop_thread.submit(self._in_app_context(hook)).result()
         except Exception:
             log.exception("on_startup hook %s failed", _hook_name(hook))
             raise
 
-    def _hook_context(self) -> contextvars.Context:
+    async def _in_app_context(self, hook: Callable[[], Awaitable[Any]]) -> None:
         # Hooks run in the app context, as jobs do.
-        context = contextvars.Context()
-        app = self.app
-        if app is not None:
-            context.run(app.app_context().push)
-        return context
+        with self.app_context():
+            await hook()
 
     async def _run_shutdown_hooks(self) -> None:
         # After the drain, before the loop closes: clients the jobs shared go
-        # now, in the app context as everything else that runs on the loop.
-        if not self.shutdown_hooks:
-            return
-        app = self.app
-        with app.app_context() if app is not None else contextlib.nullcontext():
-            for hook in reversed(self.shutdown_hooks):
-                try:
-                    await _call_hook(hook)
-                except Exception:
-                    log.exception("on_shutdown hook %s failed", _hook_name(hook))
+        # now. The app is still held (the loop has not closed yet).
+        for hook in reversed(self.shutdown_hooks):
+            try:
+                await self._in_app_context(hook)
+            except Exception:
+                log.exception("on_shutdown hook %s failed", _hook_name(hook))
 
     def _start_on_loop(self, periodic: bool = True) -> None:
         for q in self.queues.values():
@@ -463,10 +452,6 @@ class AppState:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
-
-
-async def _call_hook(hook: Callable[[], Awaitable[Any]]) -> None:
-    await hook()
 
 
 def _hook_name(hook: Callable[..., Any]) -> str:

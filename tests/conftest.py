@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from asyncbg import AsyncBG
+from asyncbg import AsyncBG, LoopThread
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -41,3 +41,19 @@ def make_app() -> Iterator[MakeApp]:
     for bg, app in zip(made, apps, strict=True):
         with app.app_context():  # the one it was made for, even if it serves several
             bg.stop(timeout=1.0)
+
+
+@pytest.fixture
+def make_lt() -> Iterator[Callable[..., LoopThread]]:
+    """Factory for LoopThreads (not started); every one is stopped at teardown."""
+    made: list[LoopThread] = []
+
+    def make(**kwargs: Any) -> LoopThread:
+        kwargs.setdefault("name", f"lt-test-{len(made)}")
+        lt = LoopThread(**kwargs)
+        made.append(lt)
+        return lt
+
+    yield make
+    for lt in made:
+        lt.stop(timeout=1.0)

@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,6 @@ import pytest
 from helpers_core import WAIT, Gate
 
 from asyncbg import LoopFuture, LoopThread, NotRunning, ShutdownReport
-
-
-@pytest.fixture
-def make_lt() -> Iterator[Callable[..., LoopThread]]:
-    """Factory for LoopThreads (not started); every one is stopped at teardown."""
-    made: list[LoopThread] = []
-
-    def make(**kwargs: Any) -> LoopThread:
-        kwargs.setdefault("name", f"lt-test-{len(made)}")
-        lt = LoopThread(**kwargs)
-        made.append(lt)
-        return lt
-
-    yield make
-    for lt in made:
-        lt.stop(timeout=1.0)
 
 
 @pytest.fixture

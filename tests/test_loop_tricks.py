@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +31,6 @@ EAGER_TRICK_USED = _eager.eager_task_factory is None  # 3.11: 3.12+ has asyncio'
 
 #: What a loop with every trick forced off warns about on this Python.
 EXPECTED_FALLBACKS = {"wakeup", "executor"} | ({"eager"} if EAGER_TRICK_USED else set())
-
-
-@pytest.fixture
-def make_lt() -> Iterator[Callable[..., LoopThread]]:
-    """Factory for LoopThreads (not started); every one is stopped at teardown."""
-    made: list[LoopThread] = []
-
-    def make(**kwargs: Any) -> LoopThread:
-        kwargs.setdefault("name", f"tricks-test-{len(made)}")
-        lt = LoopThread(**kwargs)
-        made.append(lt)
-        return lt
-
-    yield make
-    for lt in made:
-        lt.stop(timeout=1.0)
 
 
 @pytest.fixture
