@@ -420,3 +420,24 @@ def test_ctrl_c_under_the_reloader_lets_the_child_finish_its_jobs(tmp_path: Path
     assert "asyncbg shutdown: 1 completed" in out, out
     # The one line at start that says what SIGTERM to the reloader does.
     assert "SIGTERM to this reloader process ends the app process at once" in out, out
+
+
+def test_startup_and_shutdown_hooks_run_in_the_app_context_and_pop_it(make_app: Any) -> None:
+    app, bg = make_app()
+    seen: list[str] = []
+
+    @app.teardown_appcontext
+    def torn_down(exc: BaseException | None) -> None:
+        seen.append("teardown")
+
+    @bg.on_startup
+    async def opened() -> None:
+        seen.append(f"startup {current_app.name}")
+
+    @bg.on_shutdown
+    async def closed() -> None:
+        seen.append(f"shutdown {current_app.name}")
+
+    bg.start()
+    bg.stop(timeout=1.0)
+    assert seen == [f"startup {app.name}", "teardown", f"shutdown {app.name}", "teardown"]
