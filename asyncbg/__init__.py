@@ -7,13 +7,13 @@ what it can, cancels the rest and reports.
 
 from __future__ import annotations
 
-from .api import DEFAULT_CONFIG, AsyncBG
 from .asgi import AsyncBGASGI
+from .engine.consumers import WorkQueue
+from .engine.jobs import Job, JobStatus, Progress, Task, TaskOptions, current_job
+from .engine.loop import LoopFuture, LoopThread, ShutdownReport
+from .engine.periodic import PeriodicJob
 from .errors import AsyncBGError, JobCancelled, JobTimedOut, NotRunning, QueueFull, UnknownQueue
-from .jobs import Job, JobStatus, Progress, Task, TaskOptions, current_job
-from .loop_thread import LoopFuture, LoopThread, ShutdownReport
-from .queues import WorkQueue
-from .scheduling import PeriodicJob
+from .extension import DEFAULT_CONFIG, AsyncBG
 
 __all__ = [
     "DEFAULT_CONFIG",

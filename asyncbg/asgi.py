@@ -35,7 +35,7 @@ from urllib.parse import unquote_to_bytes
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .api import AsyncBG
+    from .extension import AsyncBG
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",

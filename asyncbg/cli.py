@@ -17,11 +17,11 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .engine.jobs import Job, TaskOptions
 from .errors import JobCancelled, JobTimedOut
-from .jobs import Job, TaskOptions
 
 if TYPE_CHECKING:
-    from .api import AsyncBG
+    from .extension import AsyncBG
 
 __all__ = ["asyncbg_cli"]
 
@@ -29,7 +29,7 @@ asyncbg_cli = AppGroup("asyncbg", help="Inspect and run asyncbg's jobs.")
 
 
 def _bg() -> AsyncBG:
-    from .api import AsyncBG
+    from .extension import AsyncBG
 
     bg = current_app.extensions.get("asyncbg")
     if not isinstance(bg, AsyncBG):

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .api import AsyncBG
-from .appstate import AppState, _states
+from .extension import AsyncBG
+from .lifecycle import AppState, _states
 
 __all__ = [
     "asyncbg_eager",

@@ -165,8 +165,8 @@ def ablated_loop_thread(without: str) -> Any:
     what each one buys in the same run: ``"eager"`` (the first step of a task
     waits for the next loop iteration, as in stock asyncio on 3.11) or
     ``"wakeup"`` (asyncio's own wake-up socket calls, which release the GIL)."""
-    import asyncbg.loop_thread as lt_mod
-    from asyncbg._daemon_executor import DaemonExecutor
+    import asyncbg.engine.loop as lt_mod
+    from asyncbg.engine._daemon_executor import DaemonExecutor
 
     base = lt_mod._SelectorLoop
 

@@ -23,7 +23,7 @@ from helpers_core import WAIT, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncbg import AsyncBG
-from asyncbg.monitor import describe_task_name
+from asyncbg.engine.monitor import describe_task_name
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -249,7 +249,7 @@ def test_without_asgiref_executor_support_views_fall_back_with_one_log_line(
 ) -> None:
     import asgiref.sync
 
-    from asyncbg import views
+    from asyncbg import async_views as views
 
     class OldThreadSensitiveContext:  # asgiref before executor= was added
         def __init__(self) -> None: ...

@@ -14,7 +14,7 @@ from flask import Flask
 from helpers_core import wait_for
 
 from asyncbg import AsyncBG
-from asyncbg.monitor import LoopMonitor, describe_task_name
+from asyncbg.engine.monitor import LoopMonitor, describe_task_name
 
 WAIT = 10.0
 REMOTE = {"REMOTE_ADDR": "203.0.113.9"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncbg.host_lock import HostLock, HostLockError, default_lock_dir
+from asyncbg.engine.host_lock import HostLock, HostLockError, default_lock_dir
 
 WAIT = 10.0
 OTHER_UID = 54321  # a user that owns nothing on the machine

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypercorn_harness import WAIT, Server, run_log, running, wait_for_runs
 
-from asyncbg.host_lock import HostLock
+from asyncbg.engine.host_lock import HostLock
 
 PERIOD = 0.5  # DEMO_HOST_TICK_SECONDS
 
@@ -110,7 +110,7 @@ def test_after_sigkill_of_the_lock_holder_another_worker_takes_over_within_a_per
 
 FORK_SCRIPT = """
 import os, signal, sys
-from asyncbg.host_lock import HostLock
+from asyncbg.engine.host_lock import HostLock
 
 lock = HostLock(sys.argv[1], "forked")
 assert lock.try_acquire()

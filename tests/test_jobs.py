@@ -18,7 +18,7 @@ import pytest
 from flask import Flask, current_app, g
 from helpers_core import WAIT, Gate
 
-import asyncbg.jobs
+import asyncbg.engine.jobs
 from asyncbg import (
     AsyncBG,
     Job,
@@ -677,7 +677,7 @@ def test_history_forgets_jobs_older_than_the_age_bound(
     make_bg: MakeBG, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = _FakeClock()
-    monkeypatch.setattr(asyncbg.jobs, "time", clock)
+    monkeypatch.setattr(asyncbg.engine.jobs, "time", clock)
     bg = make_bg(ASYNCBG_JOB_HISTORY_AGE=60.0)
     old = bg.submit(add, 1)
     old.result(WAIT)
@@ -694,7 +694,7 @@ def test_get_job_does_not_return_a_job_older_than_the_age_bound(
     make_bg: MakeBG, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = _FakeClock()
-    monkeypatch.setattr(asyncbg.jobs, "time", clock)
+    monkeypatch.setattr(asyncbg.engine.jobs, "time", clock)
     bg = make_bg(ASYNCBG_JOB_HISTORY_AGE=60.0)
     old = bg.submit(add, 1)
     old.result(WAIT)
@@ -708,7 +708,7 @@ def test_history_keeps_jobs_younger_than_the_age_bound(
     make_bg: MakeBG, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = _FakeClock()
-    monkeypatch.setattr(asyncbg.jobs, "time", clock)
+    monkeypatch.setattr(asyncbg.engine.jobs, "time", clock)
     bg = make_bg(ASYNCBG_JOB_HISTORY_AGE=60.0)
     old = bg.submit(add, 1)
     old.result(WAIT)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from asyncbg.logthrottle import MAX_TRACKED, LogThrottle, describe_exception, short_repr
+from asyncbg.engine.logthrottle import MAX_TRACKED, LogThrottle, describe_exception, short_repr
 
 log = logging.getLogger("asyncbg.test_logthrottle")
 

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from helpers_core import WAIT
 
-from asyncbg import LoopThread, _daemon_executor, _eager, _tricks, _wakeup
-from asyncbg.loop_thread import _SelectorLoop
+from asyncbg import LoopThread
+from asyncbg.engine import _daemon_executor, _eager, _tricks, _wakeup
+from asyncbg.engine.loop import _SelectorLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER_TRICK_USED = _eager.eager_task_factory is None  # 3.11: 3.12+ has asyncio's own

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from helpers_core import wait_for
 
-from asyncbg import host_lock
-from asyncbg.logthrottle import LogThrottle
+from asyncbg.engine import host_lock
+from asyncbg.engine.logthrottle import LogThrottle
 
 WAIT = 10.0
 

@@ -22,7 +22,7 @@ from flask import current_app
 from helpers_core import WAIT, Gate, in_child, run_python, wait_for
 
 from asyncbg import JobCancelled, JobStatus, LoopThread, NotRunning
-from asyncbg.jobs import Progress
+from asyncbg.engine.jobs import Progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -665,7 +665,7 @@ def test_a_task_failing_again_and_again_logs_one_traceback_then_counts(
 def test_the_failure_summary_is_logged_when_its_interval_ends(
     make_app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from asyncbg.logthrottle import LogThrottle
+    from asyncbg.engine.logthrottle import LogThrottle
 
     _app, bg = make_app()
 

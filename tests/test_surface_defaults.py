@@ -96,7 +96,7 @@ _LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "l
 def _log_messages() -> list[tuple[str, int, str]]:
     """Every string literal a log call in the package starts its message with."""
     found = []
-    for path in sorted(Path(asyncbg.__file__).parent.glob("*.py")):
+    for path in sorted(Path(asyncbg.__file__).parent.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue

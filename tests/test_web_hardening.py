@@ -27,7 +27,7 @@ from hypercorn_harness import WAIT, Server, running
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from asyncbg import AsyncBG
-from asyncbg.jobs import Progress
+from asyncbg.engine.jobs import Progress
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 CONTROL = {"X-Requested-With": "asyncbg"}
@@ -288,13 +288,13 @@ def test_numpy_and_nan_in_progress_still_give_parseable_json(odd_job, path):
     ids=repr,
 )
 def test_json_safe_converts_what_json_cannot_hold(value, expected):
-    from asyncbg.jsonsafe import json_safe
+    from asyncbg.engine.jsonsafe import json_safe
 
     assert json_safe(value) == expected
 
 
 def test_json_safe_cuts_cycles_and_deep_nesting():
-    from asyncbg.jsonsafe import json_safe
+    from asyncbg.engine.jsonsafe import json_safe
 
     cyclic: list[Any] = []
     cyclic.append(cyclic)

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .loop_thread import LoopThread
+    from .loop import LoopThread
 
 __all__ = ["BlockedLoop", "LoopMonitor", "describe_task_name"]
 
@@ -37,7 +37,7 @@ log = logging.getLogger("asyncbg")
 _UNNAMED_TASK = re.compile(r"Task-\d+")
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
 _THREADING_FILE = threading.__file__
-_LOOP_THREAD_FILE = os.path.join(os.path.dirname(__file__), "loop_thread.py")
+_LOOP_THREAD_FILE = os.path.join(os.path.dirname(__file__), "loop.py")
 _LOG_EVERY = 60.0
 _NO_CALLBACK = "(no callback)"
 
@@ -49,7 +49,7 @@ def describe_task_name(name: str) -> str:
     ``periodic job 'tick'``, ``asyncbg:consumer:mail`` -> ``consumer of queue
     'mail'``, ``asyncbg:view:users.show (GET /users/<int:id>)`` -> ``async view
     'users.show' (GET /users/<int:id>)`` (with `` in 'load_user'`` when an
-    async hook of that request runs, see :func:`asyncbg.views.view_task_name`),
+    async hook of that request runs, see :func:`asyncbg.async_views.view_task_name`),
     ``asyncbg:async:fetch`` -> ``async function 'fetch'``; any other name ->
     ``task 'name'``.
     """

@@ -24,7 +24,7 @@ from .jobs import is_async_callable
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
 
 if TYPE_CHECKING:
-    from .loop_thread import LoopThread
+    from .loop import LoopThread
 
 __all__ = ["PeriodicJob", "Scope"]
 

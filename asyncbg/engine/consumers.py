@@ -20,12 +20,12 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotRunning, QueueFull
+from ..errors import NotRunning, QueueFull
 from .jobs import FAILURE_LOG_INTERVAL, CloseTolerant, is_async_callable, set_if_pending
 from .logthrottle import FlushTimer, LogThrottle, describe_exception, short_repr
 
 if TYPE_CHECKING:
-    from .loop_thread import LoopThread
+    from .loop import LoopThread
 
 __all__ = ["WorkQueue"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from types import FrameType
 
-    from .loop_thread import LoopThread
+    from .loop import LoopThread
 
 __all__ = ["ShutdownSignals"]
 

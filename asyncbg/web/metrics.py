@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from .api import AsyncBG
-    from .jobs import Job
+    from ..engine.jobs import Job
+    from ..extension import AsyncBG
 
 __all__ = ["DURATION_BUCKETS", "JobStats", "MetricsExporter", "MetricsUnavailable"]
 

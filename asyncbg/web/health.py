@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .jobs import JobStatus
+from ..engine.jobs import JobStatus
 
 if TYPE_CHECKING:
-    from .api import AsyncBG
+    from ..extension import AsyncBG
 
 __all__ = ["health_report"]
 

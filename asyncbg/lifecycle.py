@@ -23,20 +23,20 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .engine.consumers import WorkQueue
+from .engine.host_lock import HostLock, default_lock_dir
+from .engine.jobs import Job, JobHistory, JobRunner
+from .engine.loop import LoopThread, ShutdownReport
+from .engine.monitor import LoopMonitor
+from .engine.os_signals import ShutdownSignals
+from .engine.periodic import PeriodicJob
 from .errors import NotRunning, UnknownQueue
-from .host_lock import HostLock, default_lock_dir
-from .jobs import Job, JobHistory, JobRunner
-from .loop_thread import LoopThread, ShutdownReport
-from .metrics import JobStats, MetricsExporter
-from .monitor import LoopMonitor
-from .queues import WorkQueue
-from .scheduling import PeriodicJob
-from .signals import ShutdownSignals
+from .web.metrics import JobStats, MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .api import AsyncBG
+    from .extension import AsyncBG
 
 __all__ = ["AppState", "in_job_context_transition"]
 

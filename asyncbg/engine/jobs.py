@@ -28,12 +28,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
-from .errors import JobCancelled, JobTimedOut, NotRunning
+from ..errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
 
 if TYPE_CHECKING:
-    from .loop_thread import LoopThread
+    from .loop import LoopThread
 
 __all__ = [
     "Job",

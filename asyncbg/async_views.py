@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from flask import current_app, has_request_context, request
 
 if TYPE_CHECKING:
-    from .loop_thread import LoopThread
+    from .engine.loop import LoopThread
 
 __all__ = ["VIEW_TASK_PREFIX", "RequestThreadExecutor", "async_view_bridge", "view_task_name"]
 

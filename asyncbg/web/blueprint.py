@@ -34,17 +34,17 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from .errors import NotRunning
+from ..engine.jobs import Job, JobStatus
+from ..engine.jsonsafe import json_safe
+from ..engine.logthrottle import short_repr
+from ..errors import NotRunning
 from .health import health_report
-from .jobs import Job, JobStatus
-from .jsonsafe import json_safe
-from .logthrottle import short_repr
 from .metrics import MetricsUnavailable
 
 if TYPE_CHECKING:
     from flask.typing import ResponseReturnValue
 
-    from .api import AsyncBG
+    from ..extension import AsyncBG
 
 __all__ = ["CSRF_HEADER", "CSRF_VALUE", "create_blueprint"]
 
@@ -95,7 +95,7 @@ _CSP = (
 # would need the blueprint's template_folder, which adds asyncbg's template to
 # every app's template list (and lets an app template of the same name replace it).
 _PAGES = Environment(
-    loader=PackageLoader("asyncbg", "templates"),
+    loader=PackageLoader("asyncbg.web", "templates"),
     autoescape=select_autoescape(default=True),
     auto_reload=False,
 )

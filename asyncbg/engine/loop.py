@@ -24,13 +24,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..errors import NotRunning
 from . import _eager, _wakeup
 from ._daemon_executor import Executor as _Executor
 from ._daemon_executor import install as _install_executor
 from ._eager import EagerStartLoop
 from ._tricks import warn_fallback
 from ._wakeup import FastWakeupLoop
-from .errors import NotRunning
 
 __all__ = ["LoopFuture", "LoopThread", "ShutdownReport"]
 

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast, o
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
 
-from .appstate import AppState, in_job_context_transition
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
-from .host_lock import default_lock_dir
-from .jobs import (
+from .async_views import async_view_bridge
+from .engine.consumers import WorkQueue
+from .engine.host_lock import default_lock_dir
+from .engine.jobs import (
     CoroutineFunction,
     Job,
     JobHistory,
@@ -36,13 +37,12 @@ from .jobs import (
     deprecated,
     is_async_callable,
 )
-from .loop_thread import LoopThread, ShutdownReport
-from .metrics import JobStats, MetricsExporter
-from .monitor import LoopMonitor
-from .queues import WorkQueue
-from .scheduling import PeriodicJob, Scope
-from .signals import ShutdownSignals
-from .views import async_view_bridge
+from .engine.loop import LoopThread, ShutdownReport
+from .engine.monitor import LoopMonitor
+from .engine.os_signals import ShutdownSignals
+from .engine.periodic import PeriodicJob, Scope
+from .lifecycle import AppState, in_job_context_transition
+from .web.metrics import JobStats, MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -383,7 +383,7 @@ class AsyncBG:
         # Jinja loader, so the app's template list stays its own.
         prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
         if prefix and "asyncbg" not in app.blueprints:
-            from .dashboard import create_blueprint
+            from .web.blueprint import create_blueprint
 
             app.register_blueprint(create_blueprint(view), url_prefix=prefix)
         from .cli import asyncbg_cli
