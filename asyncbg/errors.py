@@ -6,6 +6,9 @@ import concurrent.futures
 
 __all__ = [
     "AsyncBGError",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
     "JobCancelled",
     "JobTimedOut",
     "NotRunning",
@@ -36,3 +39,19 @@ class JobCancelled(AsyncBGError, concurrent.futures.CancelledError):
 
 class JobTimedOut(AsyncBGError, TimeoutError):
     """The job ran past its own ``timeout`` and was cancelled."""
+
+
+class ConfigError(AsyncBGError, ValueError):
+    """An ``ASYNCBG_*`` setting (or an ``AsyncBG`` argument) is not usable; the
+    message names the key, the value and what would be accepted."""
+
+
+class BackendError(AsyncBGError):
+    """The backend refused or failed an operation (the engine down, the file
+    read-only, a preflight check that failed); the message says which."""
+
+
+class BackendUnavailable(ConfigError):
+    """``ASYNCBG_BACKEND`` names a backend this installation cannot open: an
+    unknown scheme, or a backend whose optional driver is not installed (the
+    message names the extra to install)."""

@@ -1,0 +1,178 @@
+"""The seam: what every backend does, as one abstract class.
+
+Every operation is a coroutine run on asyncbg's loop and is atomic on the
+engine (one transaction, one Lua script, one critical section): a caller never
+sees half of it. Records cross the seam (:mod:`asyncbg.engine.records`); live
+handles never do. A backend is one module in this package, named after its URL
+scheme (``memory``, ``sqlite``, ``postgresql``, ``redis``), that defines
+``from_url(url, instance_path)``; :func:`asyncbg.backends.open_backend` finds
+it by that name, so adding a backend touches no other module.
+
+The semantics (``shared/BACKENDS.md`` in the project's notes, and
+``docs/architecture.md``):
+
+- enqueue is idempotent on the record's id and, while a job with the same
+  ``key`` is queued or running, on the key: the existing record is returned;
+- a claim takes queued records whose ``run_at`` has come, marks them running,
+  sets the owner, a lease deadline on the backend's clock and a token one
+  higher than any before for that job; no record is held by two claims;
+- finish, retry, progress and release are compare-and-set on (id, owner,
+  token): a stale claim changes nothing and gets False;
+- a claim whose lease ran out may be claimed again (its token grows); a lost
+  claim counts as an attempt, and a job out of attempts ends failed;
+- periodic leadership is a lease row with an epoch; a slot is claimed at most
+  once per (schedule, slot number), and only by the current epoch's holder.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from ..engine.records import (
+    Claim,
+    JobPage,
+    JobQuery,
+    JobRecord,
+    Lease,
+    NodeRecord,
+    Outcome,
+    RenewResult,
+)
+
+__all__ = ["Backend"]
+
+
+class Backend(abc.ABC):
+    """One store of job state, shared by every process that opens the same URL.
+
+    ``durable`` is False only for the in-memory backend: with it, work lives
+    and dies with the process, and the engine keeps today's fast path.
+    """
+
+    #: The URL scheme this backend answers to.
+    scheme: str = ""
+    #: True when what is stored survives the process (and is shared with others).
+    durable: bool = True
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:  # noqa: B027 (optional: most backends connect here)
+        """Connect (or open the file). Called once on the loop, before anything else.
+
+        :raises BackendError: when the engine cannot be reached in time.
+        """
+
+    async def close(self) -> None:  # noqa: B027
+        """Close connections; called once, in the lifecycle's async phase."""
+
+    async def migrate(self) -> None:  # noqa: B027
+        """Create or upgrade the schema; idempotent, safe from many processes at once."""
+
+    async def preflight(self) -> list[str]:
+        """Check the engine's settings; return warnings to log.
+
+        :raises BackendError: for a setting that would lose acknowledged work.
+        """
+        return []
+
+    # -- jobs and queue items --------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """Store ``records`` in one commit; return the stored record for each
+        (the existing one where the id, or an active job's key, was already there)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, queues: Sequence[str], owner: str, limit: int, lease: float
+    ) -> list[Claim]:
+        """Take up to ``limit`` due records of ``queues`` for ``owner``, oldest first,
+        each with a lease of ``lease`` seconds and a fresh token."""
+
+    @abc.abstractmethod
+    async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult:
+        """Extend the lease of every claim still held (one call for all of them)."""
+
+    @abc.abstractmethod
+    async def finish(self, claim: Claim, outcome: Outcome) -> bool:
+        """Record the final outcome; False (nothing written) for a stale claim."""
+
+    @abc.abstractmethod
+    async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool:
+        """Queue the job again for ``run_at``; False for a stale claim."""
+
+    @abc.abstractmethod
+    async def release(self, claims: Sequence[Claim]) -> int:
+        """Hand claims back unstarted-as-it-were (at stop); return how many were
+        still held. A release does not count as an attempt."""
+
+    @abc.abstractmethod
+    async def progress(
+        self, claim: Claim, done: float, total: float | None, message: str | None
+    ) -> bool:
+        """Record progress; False for a stale claim."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None:
+        """Return the record, or None when unknown or expired."""
+
+    @abc.abstractmethod
+    async def query(self, query: JobQuery) -> JobPage:
+        """Return one page of records, newest first, and the count of all matches."""
+
+    @abc.abstractmethod
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Return counts per queue and status: ``{queue: {status: n}}``."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a job; return a :class:`~asyncbg.engine.records.CancelResult` value.
+
+        A queued job becomes cancelled at once and never starts; a running one
+        gets ``cancel_requested`` for its owner to see at its next renewal.
+        """
+
+    @abc.abstractmethod
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]:
+        """Return once every job is final or ``timeout`` passed: the records
+        known at that moment (unknown ids are left out)."""
+
+    @abc.abstractmethod
+    async def expire(self, finished_before: float) -> int:
+        """Forget final records finished before that time; return how many."""
+
+    # -- periodic leadership ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire(self, name: str, owner: str, ttl: float) -> Lease | None:
+        """Take the lease of schedule ``name`` when nobody holds it (or it ran
+        out): a new epoch. Return None while another owner holds it."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend a held lease; None when it was lost (ran out and taken, or released)."""
+
+    @abc.abstractmethod
+    async def release_lease(self, lease: Lease) -> bool:
+        """Give a held lease up; False when it was no longer held."""
+
+    @abc.abstractmethod
+    async def claim_slot(self, lease: Lease, slot: int) -> bool:
+        """Claim tick ``slot`` of the lease's schedule: True at most once per
+        (schedule, slot), and only while ``lease`` is the current epoch."""
+
+    @abc.abstractmethod
+    async def anchor(self, name: str, proposed: float) -> float:
+        """Return the stored anchor (slot 0's time) of schedule ``name``,
+        storing ``proposed`` when there is none yet."""
+
+    # -- nodes -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def heartbeat(self, node: NodeRecord) -> None:
+        """Record that ``node`` is alive, with its running count and loop lag."""
+
+    @abc.abstractmethod
+    async def nodes(self) -> list[NodeRecord]:
+        """Return every node heard from recently, newest heartbeat first."""
