@@ -29,13 +29,11 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 if TYPE_CHECKING:
     from flask import Flask
-
-    from .extension import AsyncBG
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -43,6 +41,7 @@ __all__ = [
     "DEFAULT_THREADS",
     "THREADS_CONFIG_KEY",
     "AsyncBGASGI",
+    "Lifespan",
     "WSGIBridge",
 ]
 
@@ -91,6 +90,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
+class Lifespan(Protocol):
+    """What the ASGI entry drives: an :class:`~asyncbg.AsyncBG` (or anything
+    that starts, stops and can hand its signals over to a server)."""
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """Seconds ``stop()`` drains for."""
+        ...
+
+    def start(self) -> None:
+        """Start (blocking until running)."""
+        ...
+
+    def serve_under_server(self) -> None:
+        """From now on the server decides when to stop."""
+        ...
+
+    def stop(self) -> object:
+        """Drain and stop (blocking); return the shutdown report."""
+        ...
+
+
 class AsyncBGASGI:
     """An ASGI 3 app: lifespan drives ``bg``; HTTP goes to ``flask_app`` via :class:`WSGIBridge`.
 
@@ -111,7 +132,7 @@ class AsyncBGASGI:
 
     def __init__(
         self,
-        bg: AsyncBG,
+        bg: Lifespan,
         flask_app: Flask,
         *,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
@@ -160,7 +181,7 @@ class AsyncBGASGI:
                     log.exception("could not start under the server")
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
-                bg._serve_under_server()
+                bg.serve_under_server()
                 wakeup.install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -496,16 +517,7 @@ def _environ(scope: Scope, body: bytes) -> dict[str, Any]:
     :raises _NotUnderRoot: if the path is outside the scope's ``root_path``.
     """
     root = (scope.get("root_path") or "").encode("utf-8")
-    raw_path = scope.get("raw_path")
-    if raw_path:
-        # raw_path keeps bytes that are not UTF-8, which the decoded path has lost.
-        path = unquote_to_bytes(bytes(raw_path).partition(b"?")[0])
-    else:
-        path = scope["path"].encode("utf-8")
-    if root:
-        if not (path.startswith(root) and path[len(root) : len(root) + 1] in (b"", b"/")):
-            raise _NotUnderRoot(path)
-        path = path[len(root) :]
+    path = _path_under_root(scope, root)
     server = scope.get("server") or ("localhost", None)
     scheme = scope.get("scheme", "http")
     port = server[1] if server[1] is not None else (443 if scheme == "https" else 80)
@@ -530,28 +542,44 @@ def _environ(scope: Scope, body: bytes) -> dict[str, Any]:
     if client:
         environ["REMOTE_ADDR"] = str(client[0])
         environ["REMOTE_PORT"] = str(client[1])
+    _add_headers(environ, scope.get("headers", ()))
+    if body and "CONTENT_LENGTH" not in environ:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    return environ
+
+
+def _path_under_root(scope: Scope, root: bytes) -> bytes:
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        # raw_path keeps bytes that are not UTF-8, which the decoded path has lost.
+        path = unquote_to_bytes(bytes(raw_path).partition(b"?")[0])
+    else:
+        path = scope["path"].encode("utf-8")
+    if root:
+        if not (path.startswith(root) and path[len(root) : len(root) + 1] in (b"", b"/")):
+            raise _NotUnderRoot(path)
+        path = path[len(root) :]
+    return path
+
+
+def _add_headers(environ: dict[str, Any], headers: Iterable[tuple[bytes, bytes]]) -> None:
     authority = None
-    for raw_name, raw_value in scope.get("headers", ()):
+    for raw_name, raw_value in headers:
         name = bytes(raw_name).decode("latin-1").lower()
         value = bytes(raw_value).decode("latin-1")
         if name == ":authority":
             authority = value
         if name.startswith(":") or "_" in name:
             continue
-        if name == "content-type":
-            key = "CONTENT_TYPE"
-        elif name == "content-length":
-            key = "CONTENT_LENGTH"
-        else:
-            key = "HTTP_" + name.upper().replace("-", "_")
+        key = _HEADER_KEYS.get(name) or "HTTP_" + name.upper().replace("-", "_")
         if key in environ:
             value = environ[key] + ("; " if key == "HTTP_COOKIE" else ", ") + value
         environ[key] = value
     if authority is not None and "HTTP_HOST" not in environ:
         environ["HTTP_HOST"] = authority  # HTTP/2 sends the host as a pseudo-header
-    if body and "CONTENT_LENGTH" not in environ:
-        environ["CONTENT_LENGTH"] = str(len(body))
-    return environ
+
+
+_HEADER_KEYS = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 
 
 class _SignalWakeup:

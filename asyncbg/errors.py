@@ -9,6 +9,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ConfigError",
+    "ConfigTypeError",
     "JobCancelled",
     "JobTimedOut",
     "NotRunning",
@@ -44,6 +45,10 @@ class JobTimedOut(AsyncBGError, TimeoutError):
 class ConfigError(AsyncBGError, ValueError):
     """An ``ASYNCBG_*`` setting (or an ``AsyncBG`` argument) is not usable; the
     message names the key, the value and what would be accepted."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An ``ASYNCBG_*`` setting is of the wrong kind (a string where a number goes)."""
 
 
 class BackendError(AsyncBGError):

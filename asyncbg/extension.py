@@ -24,6 +24,8 @@ from flask.logging import has_level_handler
 
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .async_views import async_view_bridge
+from .backends import Backend, open_backend
+from .config import DEFAULT_CONFIG, Settings, load_settings
 from .engine.consumers import WorkQueue
 from .engine.host_lock import default_lock_dir
 from .engine.jobs import (
@@ -55,38 +57,6 @@ log = logging.getLogger("asyncbg")
 P = ParamSpec("P")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
-
-#: Every config key asyncbg reads, with its default (see the README's table).
-DEFAULT_CONFIG: dict[str, Any] = {
-    "ASYNCBG_AUTOSTART": True,
-    "ASYNCBG_SHUTDOWN_TIMEOUT": 10.0,
-    "ASYNCBG_QUEUE_MAXSIZE": 1000,
-    "ASYNCBG_JOB_HISTORY_SIZE": 1000,
-    "ASYNCBG_JOB_HISTORY_AGE": 3600.0,
-    "ASYNCBG_HANDLE_SIGNALS": True,
-    "ASYNCBG_UVLOOP": False,
-    "ASYNCBG_ASYNC_VIEWS": True,
-    "ASYNCBG_EAGER": False,
-    "ASYNCBG_LOCK_DIR": None,
-    "ASYNCBG_MAX_WORKERS": None,
-    "ASYNCBG_ASGI_THREADS": None,
-    "ASYNCBG_LOG_HANDLER": True,
-    # observability (docs/observability.md)
-    "ASYNCBG_MOUNT": True,
-    "ASYNCBG_DASHBOARD_PREFIX": "/_asyncbg",
-    "ASYNCBG_DASHBOARD": False,
-    "ASYNCBG_DASHBOARD_REFRESH": 1.0,
-    "ASYNCBG_CONTROL": False,
-    "ASYNCBG_AUTH": None,
-    "ASYNCBG_SHOW_RESULTS": False,
-    "ASYNCBG_HEALTH_PUBLIC": True,
-    "ASYNCBG_HEALTH_MAX_LAG": 1.0,
-    "ASYNCBG_MONITOR": True,
-    "ASYNCBG_MONITOR_INTERVAL": 0.1,
-    "ASYNCBG_BLOCKED_THRESHOLD": 0.25,
-    "ASYNCBG_METRICS": True,
-    "ASYNCBG_METRICS_REGISTRY": None,
-}
 
 
 def _autostart_allowed() -> bool:
@@ -128,8 +98,12 @@ class AsyncBG:
     context. See the README for config keys.
     """
 
-    def __init__(self, app: Flask | None = None, *, name: str = "asyncbg") -> None:
+    def __init__(
+        self, app: Flask | None = None, *, name: str = "asyncbg", backend: object = None
+    ) -> None:
         self.name = name
+        # Every app's backend unless its ASYNCBG_BACKEND says otherwise.
+        self._backend = backend
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._periodic_defs: dict[str, dict[str, Any]] = {}
         self._consumer_defs: dict[str, dict[str, Any]] = {}
@@ -138,7 +112,7 @@ class AsyncBG:
         self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
         # The state the next init_app takes: made now, so that the objects the
         # decorators return before init_app are the first app's own.
-        self._spare: AppState | None = AppState(self)
+        self._spare: AppState | None = self._new_state()
         self._last_state: AppState | None = None
         if app is not None:
             self.init_app(app)
@@ -294,38 +268,43 @@ class AsyncBG:
             )
         for key, value in DEFAULT_CONFIG.items():
             app.config.setdefault(key, value)
-        st = self._spare if self._spare is not None else AppState(self)
+        settings = load_settings(app.config)
+        backend = open_backend(
+            self._backend if settings.backend is None else settings.backend, app.instance_path
+        )
+        st = self._spare if self._spare is not None else self._new_state()
         self._spare = None
         st.bind(app)
         self._states[app] = st
         self._last_state = st
         app.extensions["asyncbg"] = self
-        self._configure(st, app)
+        self._configure(st, settings, backend)
         self._instantiate(st)
         # No reference back to the app (Flask frees an app on refcount alone).
         app.async_to_sync = functools.partial(  # type: ignore[method-assign]
             self._async_to_sync_for, weakref.ref(app)
         )
-        self._init_observability(app)
-        _configure_logging(app)
-        if app.config["ASYNCBG_AUTOSTART"] and _autostart_allowed():
+        self._init_observability(app, settings)
+        _configure_logging(settings)
+        if settings.autostart and _autostart_allowed():
             st.start()
         elif _is_reloader_parent() and st.handle_signals:
             _wait_for_the_reloaded_child_on_ctrl_c()
 
-    def _configure(self, st: AppState, app: Flask) -> None:
-        cfg = app.config
+    def _configure(self, st: AppState, settings: Settings, backend: Backend) -> None:
+        st.settings = settings
+        st.backend = backend
         lt = st.loop_thread
-        lt.use_uvloop = bool(cfg["ASYNCBG_UVLOOP"])
-        st.shutdown_timeout = float(cfg["ASYNCBG_SHUTDOWN_TIMEOUT"])
+        lt.use_uvloop = settings.uvloop
+        st.shutdown_timeout = settings.shutdown_timeout
         lt.shutdown_timeout = st.shutdown_timeout
-        if cfg["ASYNCBG_MAX_WORKERS"]:
-            lt.max_workers = int(cfg["ASYNCBG_MAX_WORKERS"])
-        st.history.max_size = int(cfg["ASYNCBG_JOB_HISTORY_SIZE"])
-        st.history.max_age = float(cfg["ASYNCBG_JOB_HISTORY_AGE"])
-        st.queue_maxsize = int(cfg["ASYNCBG_QUEUE_MAXSIZE"])
-        st.lock_dir = cfg["ASYNCBG_LOCK_DIR"] or default_lock_dir()
-        st.handle_signals = bool(cfg["ASYNCBG_HANDLE_SIGNALS"])
+        if settings.max_workers:
+            lt.max_workers = settings.max_workers
+        st.history.max_size = settings.job_history_size
+        st.history.max_age = settings.job_history_age
+        st.queue_maxsize = settings.queue_maxsize
+        st.lock_dir = settings.lock_dir or default_lock_dir()
+        st.handle_signals = settings.handle_signals
 
     def _instantiate(self, st: AppState) -> None:
         # Every definition made so far gets this app's own instance (the first
@@ -351,37 +330,37 @@ class AsyncBG:
             context=st.app_context,
         )
 
+    def _new_state(self) -> AppState:
+        return AppState(self.name, self._startup_hooks, self._shutdown_hooks)
+
     def _spare_state(self) -> AppState:
         if self._spare is None:
-            self._spare = AppState(self)
+            self._spare = self._new_state()
         return self._spare
 
     def _every_state(self) -> list[AppState]:
         states = list(self._states.values())
         return states if states else [self._spare_state()]
 
-    def _init_observability(self, app: Flask) -> None:
-        cfg = app.config
+    def _init_observability(self, app: Flask, settings: Settings) -> None:
         st = self.state_for(app)
-        if cfg["ASYNCBG_AUTH"] is not None and not callable(cfg["ASYNCBG_AUTH"]):
-            raise TypeError("ASYNCBG_AUTH must be a callable taking the request, or None")
-        st.monitor_enabled = bool(cfg["ASYNCBG_MONITOR"])
+        st.monitor_enabled = settings.monitor
         st.monitor.configure(
-            interval=float(cfg["ASYNCBG_MONITOR_INTERVAL"]),
-            blocked_threshold=float(cfg["ASYNCBG_BLOCKED_THRESHOLD"]),
+            interval=settings.monitor_interval,
+            blocked_threshold=settings.blocked_threshold,
         )
         hooks = st.runner.finish_hooks
-        if cfg["ASYNCBG_METRICS"] and st.job_stats.record not in hooks:
+        if settings.metrics and st.job_stats.record not in hooks:
             hooks.append(st.job_stats.record)
         view = self._pinned(st)
-        st.metrics = MetricsExporter(view, cfg["ASYNCBG_METRICS_REGISTRY"])
-        if not cfg["ASYNCBG_MOUNT"]:
+        st.metrics = MetricsExporter(view, cast(Any, settings.metrics_registry))
+        if not settings.mount:
             return  # the app gets no route, template, static folder or command from asyncbg
         # Mounted by default: health must answer probes without any setup. The
         # blueprint brings routes and a static folder under the prefix only; the
         # page's template is rendered by asyncbg itself, never through the app's
         # Jinja loader, so the app's template list stays its own.
-        prefix = cfg["ASYNCBG_DASHBOARD_PREFIX"]
+        prefix = settings.dashboard_prefix
         if prefix and "asyncbg" not in app.blueprints:
             from .web.blueprint import create_blueprint
 
@@ -775,8 +754,12 @@ class AsyncBG:
             self._pinned(st), st.require_app(), max_body_size=max_body_size, threads=threads
         )
 
-    def _serve_under_server(self) -> None:
-        # Called by AsyncBGASGI on the server's loop once start() has run.
+    def serve_under_server(self) -> None:
+        """Hand start and stop over to a server: its lifespan calls ``start()`` and
+        ``stop()``, and SIGTERM or the first SIGINT no longer stop asyncbg by
+        themselves (``bg.asgi_app()`` calls this at lifespan startup; call it
+        yourself only when you drive the lifespan another way).
+        """
         self._state().serve_under_server()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -869,14 +852,14 @@ def _run_on_a_private_loop(
     return result[0]
 
 
-def _configure_logging(app: Flask) -> None:
+def _configure_logging(settings: Settings) -> None:
     """Make asyncbg's own lines (the shutdown report, warnings) visible without setup.
 
     As Flask does for ``app.logger``: when nothing would handle asyncbg's INFO
     records, add a handler on stderr. ``ASYNCBG_LOG_HANDLER = False`` turns it off;
     logging configured by the app (``basicConfig``, ``dictConfig``) wins.
     """
-    if not app.config.get("ASYNCBG_LOG_HANDLER", True):
+    if not settings.log_handler:
         return
     logger = logging.getLogger("asyncbg")
     if logger.level == logging.NOTSET:

@@ -20,9 +20,11 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .backends import Backend, open_backend
+from .config import Settings
 from .engine.consumers import WorkQueue
 from .engine.host_lock import HostLock, default_lock_dir
 from .engine.jobs import Job, JobHistory, JobRunner
@@ -35,8 +37,6 @@ from .web.metrics import JobStats, MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask
-
-    from .extension import AsyncBG
 
 __all__ = ["AppState", "in_job_context_transition"]
 
@@ -108,23 +108,36 @@ class AppState:
     written for one app sees the objects the decorators returned).
     """
 
-    def __init__(self, ext: AsyncBG) -> None:
-        self.name = ext.name
+    def __init__(
+        self,
+        name: str,
+        startup_hooks: list[Callable[[], Awaitable[Any]]],
+        shutdown_hooks: list[Callable[[], Awaitable[Any]]],
+    ) -> None:
+        self.name = name
         self._app_ref: weakref.ReferenceType[Flask] | None = None
         self._app_while_running: Flask | None = None
-        self.loop_thread = LoopThread(ext.name)
+        self.loop_thread = LoopThread(name)
         self.loop_thread.at_exit = self._stop_at_exit
         self.history = JobHistory()
         self.runner = JobRunner(self.loop_thread, self.history, context=self.app_context)
         self.periodic_jobs: dict[str, PeriodicJob] = {}
         self.queues: dict[str, WorkQueue] = {}
-        self.startup_hooks: list[Callable[[], Awaitable[Any]]] = ext._startup_hooks
-        self.shutdown_hooks: list[Callable[[], Awaitable[Any]]] = ext._shutdown_hooks
+        # The extension's lists: a hook added later serves every app.
+        self.startup_hooks = startup_hooks
+        self.shutdown_hooks = shutdown_hooks
         self.shutdown_timeout = 10.0
         self.queue_maxsize = 1000
         self.lock_dir = default_lock_dir()
         self.handle_signals = True
         self.last_report: ShutdownReport | None = None
+        self.settings: Settings | None = None
+        self.backend: Backend = open_backend(None, "")
+        # What runs until stop (queues open, schedules started), closed first at
+        # stop; and what lives until the loop closes (the backend, the hooks'
+        # clients), closed in reverse after the drain.
+        self._running = contextlib.ExitStack()
+        self._components = contextlib.AsyncExitStack()
         self.monitor = LoopMonitor(self.loop_thread)
         self.monitor_enabled = True
         self.job_stats = JobStats()
@@ -136,7 +149,7 @@ class AppState:
         )
         self._idle_waiters: list[Any] = []
         self.loop_thread.add_stop_hook(self._on_stop)
-        self.loop_thread.add_async_shutdown_hook(self._run_shutdown_hooks)
+        self.loop_thread.add_async_shutdown_hook(self._close_components)
         self.loop_thread.add_after_stop_hook(self._after_stop)
         self.loop_thread.add_gave_up_hook(self._gave_up)
         self.runner.add_idle_hook(self._wake_idle)
@@ -195,7 +208,7 @@ class AppState:
         q.add_idle_hook(self._wake_idle)
         self.queues[q.name] = q
         if self.loop_thread.running:
-            self.loop_thread.post(q.open)
+            self.loop_thread.post(self.open_queue, q)
 
     # -- handing work over ----------------------------------------------------------
 
@@ -282,7 +295,7 @@ class AppState:
                 # Before the schedules: a run_at_start job that blocks is caught too.
                 self.monitor.start()
             try:
-                self._run_startup_hooks()
+                self.loop_thread.submit(self._open_components()).result()
             except BaseException:
                 self.stop(timeout=0)
                 raise
@@ -295,10 +308,21 @@ class AppState:
             len(self.queues),
         )
 
-    def _run_startup_hooks(self) -> None:
-        # On the loop, one after the other, before any schedule or queue starts.
+    async def _open_components(self) -> None:
+        # On the loop, in start order; _close_components unwinds them in
+        # reverse after the drain: the shutdown hooks, then the backend.
+        stack = self._components = contextlib.AsyncExitStack()
+        await stack.enter_async_context(_opened(self.backend))
+        stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
-            self.run_startup_hook_now(hook)
+            try:
+                await self._in_app_context(hook)
+            except Exception:
+                log.exception("on_startup hook %s failed", _hook_name(hook))
+                raise
+
+    async def _close_components(self) -> None:
+        await self._components.aclose()
 
     def run_startup_hook_now(self, hook: Callable[[], Awaitable[Any]]) -> None:
         """Run a startup hook on the running loop, in the app context, and wait for it.
@@ -328,11 +352,17 @@ class AppState:
                 log.exception("on_shutdown hook %s failed", _hook_name(hook))
 
     def _start_on_loop(self, periodic: bool = True) -> None:
+        self._running = contextlib.ExitStack()
         for q in self.queues.values():
-            q.open()
+            self.open_queue(q)
         if periodic:
             for pj in self.periodic_jobs.values():
                 self.start_periodic(pj)
+
+    def open_queue(self, q: WorkQueue) -> None:
+        """Open ``q`` on the loop; it closes first thing at stop."""
+        q.open()
+        self._running.callback(q.close)
 
     def start_periodic(self, pj: PeriodicJob) -> None:
         """Begin ``pj``'s schedule on the loop (host scope: with its host lock)."""
@@ -341,13 +371,12 @@ class AppState:
             app = self.require_app()
             lock = HostLock(self.lock_dir, f"asyncbg-{app.import_name}-{pj.name}")
         pj.start(self.loop_thread, context=self.app_context, lock=lock)
+        self._running.callback(pj.stop)
 
     def _on_stop(self) -> None:
-        # On the loop, first thing at stop: no new runs, no new items handed out.
-        for pj in self.periodic_jobs.values():
-            pj.stop()
-        for q in self.queues.values():
-            q.close()
+        # On the loop, first thing at stop: no new runs, no new items handed
+        # out (what started last stops first).
+        self._running.close()
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
         """See :meth:`AsyncBG.stop <asyncbg.AsyncBG.stop>`."""
@@ -452,6 +481,19 @@ class AppState:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+
+@contextlib.asynccontextmanager
+async def _opened(backend: Backend) -> AsyncIterator[Backend]:
+    # Open, then bring the schema up to date, then check the engine's settings.
+    await backend.open()
+    try:
+        await backend.migrate()
+        for warning in await backend.preflight():
+            log.warning("backend %s: %s", backend.scheme, warning)
+        yield backend
+    finally:
+        await backend.close()
 
 
 def _hook_name(hook: Callable[..., Any]) -> str:

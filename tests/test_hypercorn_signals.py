@@ -230,7 +230,7 @@ from flask import Flask
 from asyncbg import AsyncBG
 
 bg = AsyncBG(Flask("forked_app"))  # autostarts in the main thread: handlers in place
-bg._serve_under_server()  # what the ASGI lifespan startup does under Hypercorn
+bg.serve_under_server()  # what the ASGI lifespan startup does under Hypercorn
 ready_r, ready_w = os.pipe()
 child = os.fork()
 if child == 0:

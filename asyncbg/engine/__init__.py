@@ -1,4 +1,4 @@
-"""The engine: the loop thread, jobs, tasks, the runner, consumers, schedules, the monitor and OS signals.
+"""The engine: loop thread, jobs, tasks, runner, consumers, schedules, monitor, OS signals.
 
 Nothing here imports Flask; the Flask glue (``asyncbg.extension``) wires it to apps.
 """
