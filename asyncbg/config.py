@@ -129,7 +129,7 @@ _CHECKS: dict[str, Callable[[str, object], Any]] = {
     "ASYNCBG_AUTOSTART": _flag,
     "ASYNCBG_BACKEND": _anything,  # open_backend checks it, naming the extra to install
     "ASYNCBG_SHUTDOWN_TIMEOUT": lambda k, v: _number(k, v, low=0),
-    "ASYNCBG_QUEUE_MAXSIZE": lambda k, v: _count(k, v, low=0),
+    "ASYNCBG_QUEUE_MAXSIZE": lambda k, v: _count(k, v, low=1),
     "ASYNCBG_JOB_HISTORY_SIZE": lambda k, v: _count(k, v, low=0),
     "ASYNCBG_JOB_HISTORY_AGE": lambda k, v: _number(k, v, low=0),
     "ASYNCBG_HANDLE_SIGNALS": _flag,

@@ -27,7 +27,9 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Sequence
+from types import ModuleType
 
 from ..engine.records import (
     Claim,
@@ -39,8 +41,24 @@ from ..engine.records import (
     Outcome,
     RenewResult,
 )
+from ..errors import BackendUnavailable
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "require_driver"]
+
+
+def require_driver(module: str, extra: str) -> ModuleType:
+    """Import a backend's optional driver, as a backend module does at its top.
+
+    :raises BackendUnavailable: when it is not installed, naming the extra
+        that installs it (``pip install 'asyncbg[postgres]'``).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"this backend needs {module!r}, which is not installed ({exc}): "
+            f"pip install 'asyncbg[{extra}]'"
+        ) from None
 
 
 class Backend(abc.ABC):
