@@ -8,18 +8,34 @@ what it can, cancels the rest and reports.
 from __future__ import annotations
 
 from .asgi import AsyncBGASGI
+from .config import DEFAULT_CONFIG
 from .engine.consumers import WorkQueue
 from .engine.jobs import Job, JobStatus, Progress, Task, TaskOptions, current_job
 from .engine.loop import LoopFuture, LoopThread, ShutdownReport
 from .engine.periodic import PeriodicJob
-from .errors import AsyncBGError, JobCancelled, JobTimedOut, NotRunning, QueueFull, UnknownQueue
-from .extension import DEFAULT_CONFIG, AsyncBG
+from .errors import (
+    AsyncBGError,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    ConfigTypeError,
+    JobCancelled,
+    JobTimedOut,
+    NotRunning,
+    QueueFull,
+    UnknownQueue,
+)
+from .extension import AsyncBG
 
 __all__ = [
     "DEFAULT_CONFIG",
     "AsyncBG",
     "AsyncBGASGI",
     "AsyncBGError",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "ConfigTypeError",
     "Job",
     "JobCancelled",
     "JobStatus",

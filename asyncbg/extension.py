@@ -96,6 +96,9 @@ class AsyncBG:
     and serve every app, before or after ``init_app``. Calls are routed to the
     app of the current app context, or to the only app bound when there is no
     context. See the README for config keys.
+
+    ``backend`` (a URL such as ``"sqlite:///asyncbg.db"``, or a backend object)
+    serves every app whose ``ASYNCBG_BACKEND`` names none; by default, memory.
     """
 
     def __init__(
@@ -256,7 +259,11 @@ class AsyncBG:
         (see docs/observability.md).
 
         :raises RuntimeError: if another AsyncBG is already bound to ``app``.
-        :raises TypeError: if ``ASYNCBG_AUTH`` is set to something not callable.
+        :raises ConfigError: for an ``ASYNCBG_*`` value of the wrong kind or out
+            of range, naming the key (``ConfigTypeError``, also a ``TypeError``,
+            for the wrong kind: ``ASYNCBG_AUTH`` set to something not callable).
+        :raises BackendUnavailable: if ``ASYNCBG_BACKEND`` names an unknown
+            scheme or a backend whose optional driver is missing.
         """
         other = app.extensions.get("asyncbg")
         if other is self and app in self._states:
