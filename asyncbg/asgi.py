@@ -175,28 +175,32 @@ class AsyncBGASGI:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                try:
-                    await asyncio.to_thread(bg.start)
-                except Exception as exc:
-                    log.exception("could not start under the server")
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                if not await _in_a_thread(bg.start, "startup", "could not start", send):
                     return
                 bg.serve_under_server()
                 wakeup.install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # stop() blocks up to the shutdown timeout: off the server's loop.
                 log.info("lifespan shutdown, draining for up to %gs", bg.shutdown_timeout)
                 try:
-                    await asyncio.to_thread(bg.stop)
-                except Exception as exc:
-                    log.exception("error while stopping under the server")
-                    await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
-                    return
+                    stopped = await _in_a_thread(bg.stop, "shutdown", "error while stopping", send)
                 finally:
                     self.bridge.close()
-                await send({"type": "lifespan.shutdown.complete"})
+                if stopped:
+                    await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _in_a_thread(step: Callable[[], object], event: str, failure: str, send: Send) -> bool:
+    # start() and stop() block (stop for up to the shutdown timeout): never on
+    # the server's loop. A failure is logged and told to the server.
+    try:
+        await asyncio.to_thread(step)
+    except Exception as exc:
+        log.exception("%s under the server", failure)
+        await send({"type": f"lifespan.{event}.failed", "message": repr(exc)})
+        return False
+    return True
 
 
 class _NotUnderRoot(ValueError):
