@@ -1,0 +1,45 @@
+"""The backends the contract suite runs against.
+
+A factory takes the test's ``tmp_path`` and is an async context manager that
+yields a new, empty backend (not yet opened) and cleans up after it: it may
+start a server, make a database or a file there. The ``backend`` fixture opens
+and migrates what it yields, and closes it at teardown. Adding a backend to the
+suite is one more line in :data:`BACKENDS` (``marks=`` can skip it when its
+server or driver is missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from asyncbg.backends.base import Backend
+from asyncbg.backends.memory import MemoryBackend
+
+BackendFactory = Callable[[Path], AbstractAsyncContextManager[Backend]]
+
+
+@asynccontextmanager
+async def memory_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    yield MemoryBackend()
+
+
+BACKENDS = [
+    pytest.param(memory_backend, id="memory"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """An opened, migrated, empty backend of each kind in :data:`BACKENDS`."""
+    factory: BackendFactory = request.param
+    async with factory(tmp_path) as made:
+        await made.open()
+        try:
+            await made.migrate()
+            yield made
+        finally:
+            await made.close()
