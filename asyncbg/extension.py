@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.local import LocalProxy
 
+    from .engine.view import StateView
+
 __all__ = ["DEFAULT_CONFIG", "AsyncBG"]
 
 log = logging.getLogger("asyncbg")
@@ -233,7 +235,9 @@ class AsyncBG:
         """The current app's metrics exporter."""
         st = self._state()
         if st.metrics is None:
-            st.metrics = MetricsExporter(self._pinned(st))
+            from .app_view import AppView  # asyncbg.view: the surfaces read the state through it
+
+            st.metrics = MetricsExporter(AppView(st, self.tasks))
         return st.metrics
 
     @property
@@ -373,7 +377,12 @@ class AsyncBG:
         hooks = st.runner.finish_hooks
         if cfg["ASYNCBG_METRICS"] and st.job_stats.record not in hooks:
             hooks.append(st.job_stats.record)
-        view = self._pinned(st)
+        # asyncbg.view: the one view of this app's state that the surfaces read
+        # (web/, cli.py, health_report); they never see the extension itself.
+        from .app_view import AppView
+
+        view = AppView(st, self.tasks)
+        app.extensions["asyncbg.view"] = view
         st.metrics = MetricsExporter(view, cfg["ASYNCBG_METRICS_REGISTRY"])
         if not cfg["ASYNCBG_MOUNT"]:
             return  # the app gets no route, template, static folder or command from asyncbg
@@ -385,11 +394,19 @@ class AsyncBG:
         if prefix and "asyncbg" not in app.blueprints:
             from .web.blueprint import create_blueprint
 
-            app.register_blueprint(create_blueprint(view), url_prefix=prefix)
+            app.register_blueprint(create_blueprint(view, st.metrics), url_prefix=prefix)
         from .cli import asyncbg_cli
 
         if "asyncbg" not in app.cli.commands:
             app.cli.add_command(asyncbg_cli)
+
+    def state_view(self) -> StateView:
+        """The current app's view of its state: what :func:`asyncbg.health.health_report`,
+        the HTTP surface and ``flask asyncbg`` read (see :mod:`asyncbg.engine.view`).
+
+        :raises RuntimeError: if no app is bound yet, or the app is gone.
+        """
+        return cast("StateView", self._state().require_app().extensions["asyncbg.view"])
 
     def _require_app(self) -> Flask:
         return self._state().require_app()
