@@ -9,32 +9,25 @@ the one job and stops again.
 from __future__ import annotations
 
 import json
-import time
-import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .engine.jobs import Job, TaskOptions
-from .errors import JobCancelled, JobTimedOut
-
-if TYPE_CHECKING:
-    from .extension import AsyncBG
+from .engine.view import RunKind, RunResult, StateView
 
 __all__ = ["asyncbg_cli"]
 
 asyncbg_cli = AppGroup("asyncbg", help="Inspect and run asyncbg's jobs.")
 
 
-def _bg() -> AsyncBG:
-    from .extension import AsyncBG
-
-    bg = current_app.extensions.get("asyncbg")
-    if not isinstance(bg, AsyncBG):
+def _view() -> StateView:
+    # The extension keeps each app's view here (AsyncBG.init_app).
+    view: StateView | None = current_app.extensions.get("asyncbg.view")
+    if view is None:
         raise click.ClickException("this app has no AsyncBG (call AsyncBG(app) or init_app)")
-    return bg
+    return view
 
 
 #: The sections of ``flask asyncbg list``: key in the JSON, title, columns. The
@@ -44,28 +37,6 @@ _SECTIONS = (
     ("consumers", "Consumers", ("queue", "concurrency", "size")),
     ("tasks", "Tasks", ("name", "timeout", "retries", "kind")),
 )
-
-
-def _registry(bg: AsyncBG) -> dict[str, list[dict[str, Any]]]:
-    return {
-        "periodic": [
-            {"name": name, "schedule": pj.schedule, "scope": pj.scope, "timeout": pj.timeout}
-            for name, pj in sorted(bg.periodic_jobs.items())
-        ],
-        "consumers": [
-            {"queue": name, "concurrency": q.concurrency, "size": q.maxsize}
-            for name, q in sorted(bg.queues.items())
-        ],
-        "tasks": [
-            {
-                "name": name,
-                "timeout": t.options.timeout,
-                "retries": t.options.retries,
-                "kind": "async" if t.is_async else "sync",
-            }
-            for name, t in sorted(bg.tasks.items())
-        ],
-    }
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -91,7 +62,7 @@ def list_command(as_json: bool) -> None:
     lists, whose objects have the tables' columns as keys (timeouts in seconds
     or null).
     """
-    reg = _registry(_bg())
+    reg = _view().registry()
     if as_json:
         click.echo(json.dumps(reg, indent=2))
         return
@@ -110,6 +81,40 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _parse_kwargs(items: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` options as keyword arguments, each value as :func:`_parse_value`.
+
+    :raises click.BadParameter: for an item without ``=`` or whose key is not a name.
+    """
+    keywords: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--kwarg")
+        keywords[key] = _parse_value(value)
+    return keywords
+
+
+def _resolve(view: StateView, name: str, kind: str | None) -> RunKind:
+    """What ``name`` is: a periodic job or a task (``kind`` chooses when it is both).
+
+    :raises click.UsageError: if it is both and ``kind`` is None, or neither.
+    """
+    reg = view.registry()
+    periodic = {pj["name"] for pj in reg["periodic"]} if kind in (None, "periodic") else set()
+    tasks = {t["name"] for t in reg["tasks"]} if kind in (None, "task") else set()
+    if name in periodic and name in tasks:
+        raise click.UsageError(f"{name!r} is both a periodic job and a task; add --kind")
+    if name in periodic:
+        return "periodic"
+    if name in tasks:
+        return "task"
+    known = sorted({pj["name"] for pj in reg["periodic"]} | {t["name"] for t in reg["tasks"]})
+    raise click.UsageError(
+        f"no periodic job or task named {name!r} (known: {', '.join(known) or 'none'})"
+    )
 
 
 @asyncbg_cli.command("run")
@@ -140,86 +145,43 @@ def run_command(
     queue items it enqueued are done.
     Exit status: 0 if the job succeeded, 1 otherwise.
     """
-    bg = _bg()
-    pj = bg.periodic_jobs.get(name) if kind in (None, "periodic") else None
-    task = bg.tasks.get(name) if kind in (None, "task") else None
-    if pj is not None and task is not None:
-        raise click.UsageError(f"{name!r} is both a periodic job and a task; add --kind")
-    if pj is None and task is None:
-        known = sorted({*bg.periodic_jobs, *bg.tasks})
-        raise click.UsageError(
-            f"no periodic job or task named {name!r} (known: {', '.join(known) or 'none'})"
-        )
+    view = _view()
+    what = _resolve(view, name, kind)
     positional = [_parse_value(a) for a in args]
-    keywords: dict[str, Any] = {}
-    for item in kwargs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--kwarg")
-        keywords[key] = _parse_value(value)
-
-    if pj is not None:
-        if positional or keywords:
-            raise click.UsageError(f"periodic job {name!r} takes no arguments")
-        options = TaskOptions(timeout=pj.timeout)
-        job = bg.runner.create(pj.fn, (), {}, name=pj.name, options=options, is_async=True)
-        what = f"periodic job {name}"
-    else:
-        assert task is not None
-        try:
-            # Before the loop starts: such a job would fail every attempt.
-            task.check_arguments(tuple(positional), keywords)
-        except TypeError as exc:
-            hint = "ARGS are positional, -k KEY=VALUE keywords"
-            raise click.ClickException(f"{exc} ({hint})") from None
-        job = bg.runner.create(
-            task.fn,
-            tuple(positional),
-            keywords,
-            name=task.name,
-            options=task.options,
-            is_async=task.is_async,
-            check_args=False,
-        )
-        what = f"task {name}"
-
-    started_here = not bg.loop_thread.running
-    if started_here:
-        bg.start(periodic=False)
+    keywords = _parse_kwargs(kwargs)
+    if what == "periodic" and (positional or keywords):
+        raise click.UsageError(f"periodic job {name!r} takes no arguments")
     try:
-        ok = _run_and_report(bg, job, what)
-        if started_here:
+        run = view.run_once(what, name, positional, keywords)
+    except TypeError as exc:
+        hint = "ARGS are positional, -k KEY=VALUE keywords"
+        raise click.ClickException(f"{exc} ({hint})") from None
+    try:
+        ok = _report(run, f"periodic job {name}" if what == "periodic" else f"task {name}")
+        if run.started_loop:
             # Items the job queued for consumers are handled before the loop stops.
             try:
-                bg.wait_idle(bg.shutdown_timeout)
+                view.wait_idle()
             except TimeoutError as exc:
                 click.echo(f"asyncbg: {exc}; stopping anyway", err=True)
     finally:
-        if started_here:
-            bg.stop()
+        if run.started_loop:
+            view.stop()
     click.get_current_context().exit(0 if ok else 1)
 
 
-def _run_and_report(bg: AsyncBG, job: Job[Any], what: str) -> bool:
-    t0 = time.monotonic()
-    bg.runner.submit(job)
-    try:
-        job.wait()
-    except KeyboardInterrupt:
-        job.cancel()
-        job.wait(5.0)
+def _report(run: RunResult, what: str) -> bool:
+    """Print how ``run`` went; True if the job succeeded."""
+    status = run.record.status
+    if run.interrupted:
         click.echo(f"{what}: interrupted, cancelled", err=True)
-        return False
-    took = time.monotonic() - t0
-    try:
-        result = job.result(0)
-    except (JobCancelled, JobTimedOut) as exc:
-        click.echo(f"{what}: {job.status.value} after {took:.3f}s: {exc}", err=True)
-        return False
-    except Exception as exc:
-        click.echo(f"{what}: failed after {took:.3f}s", err=True)
-        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
-        return False
-    shown = "" if result is None else f": {result!r}"
-    click.echo(f"{what}: succeeded in {took:.3f}s{shown}")
-    return True
+    elif status == "succeeded":
+        shown = "" if run.result_repr is None else f": {run.result_repr}"
+        click.echo(f"{what}: succeeded in {run.took:.3f}s{shown}")
+        return True
+    elif run.traceback is not None:
+        click.echo(f"{what}: failed after {run.took:.3f}s", err=True)
+        click.echo(run.traceback, err=True)
+    else:
+        click.echo(f"{what}: {status} after {run.took:.3f}s: {run.message}", err=True)
+    return False

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast, o
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
 
+from .app_view import AppView
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .async_views import async_view_bridge
 from .backends import Backend, open_backend
@@ -49,6 +50,8 @@ from .web.metrics import JobStats, MetricsExporter
 if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.local import LocalProxy
+
+    from .engine.view import StateView
 
 __all__ = ["DEFAULT_CONFIG", "AsyncBG"]
 
@@ -210,7 +213,7 @@ class AsyncBG:
         """The current app's metrics exporter."""
         st = self._state()
         if st.metrics is None:
-            st.metrics = MetricsExporter(self._pinned(st))
+            st.metrics = MetricsExporter(AppView(st, self.tasks))
         return st.metrics
 
     @property
@@ -359,7 +362,10 @@ class AsyncBG:
         hooks = st.runner.finish_hooks
         if settings.metrics and st.job_stats.record not in hooks:
             hooks.append(st.job_stats.record)
-        view = self._pinned(st)
+        # The one view of this app's state that the surfaces read (web/,
+        # cli.py, health_report); they never see the extension itself.
+        view = AppView(st, self.tasks)
+        app.extensions["asyncbg.view"] = view
         st.metrics = MetricsExporter(view, cast(Any, settings.metrics_registry))
         if not settings.mount:
             return  # the app gets no route, template, static folder or command from asyncbg
@@ -371,11 +377,19 @@ class AsyncBG:
         if prefix and "asyncbg" not in app.blueprints:
             from .web.blueprint import create_blueprint
 
-            app.register_blueprint(create_blueprint(view), url_prefix=prefix)
+            app.register_blueprint(create_blueprint(view, st.metrics), url_prefix=prefix)
         from .cli import asyncbg_cli
 
         if "asyncbg" not in app.cli.commands:
             app.cli.add_command(asyncbg_cli)
+
+    def state_view(self) -> StateView:
+        """The current app's view of its state: what :func:`asyncbg.health.health_report`,
+        the HTTP surface and ``flask asyncbg`` read (see :mod:`asyncbg.engine.view`).
+
+        :raises RuntimeError: if no app is bound yet, or the app is gone.
+        """
+        return cast("StateView", self._state().require_app().extensions["asyncbg.view"])
 
     def _require_app(self) -> Flask:
         return self._state().require_app()

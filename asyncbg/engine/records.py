@@ -74,12 +74,14 @@ class JobRecord:
     consumer: an item is a job of its consumer); ``task`` names the registered
     callable that runs it. ``token`` grows with every claim and fences the
     claim's writes; ``owner`` is the node holding the claim (None when queued).
+    ``args_json`` is None once the arguments are no longer known (a live job
+    drops them when it finishes).
     """
 
     id: str
     queue: str
     task: str
-    args_json: str = '{"args":[],"kwargs":{}}'
+    args_json: str | None = '{"args":[],"kwargs":{}}'
     status: str = "pending"
     attempts: int = 0
     max_attempts: int = 1
@@ -105,7 +107,9 @@ class JobRecord:
         return self.status in FINAL_STATUSES
 
     def arguments(self) -> tuple[list[Any], dict[str, Any]]:
-        """Return ``(args, kwargs)`` decoded from :attr:`args_json`."""
+        """Return ``(args, kwargs)`` decoded from :attr:`args_json` (empty when unknown)."""
+        if self.args_json is None:
+            return [], {}
         data = json.loads(self.args_json)
         return list(data.get("args", [])), dict(data.get("kwargs", {}))
 
@@ -123,7 +127,7 @@ class JobRecord:
         """A JSON-safe dict of the record, in the shape ``GET /jobs`` answers with.
 
         ``include_error`` defaults to ``include_result``; ``include_args`` adds
-        ``args`` and ``kwargs``.
+        ``args`` and ``kwargs`` (None when no longer known).
         """
         data: dict[str, Any] = {
             "id": self.id,
@@ -147,8 +151,10 @@ class JobRecord:
         if include_result if include_error is None else include_error:
             data["error"] = self.error
         if include_args:
-            args, kwargs = self.arguments()
-            data["args"], data["kwargs"] = args, kwargs
+            if self.args_json is None:
+                data["args"] = data["kwargs"] = None
+            else:
+                data["args"], data["kwargs"] = self.arguments()
         return data
 
     def _progress(self) -> dict[str, Any] | None:
@@ -157,7 +163,8 @@ class JobRecord:
         done, total = self.progress_done, self.progress_total
         fraction = (
             None
-            if total is None or total <= 0 or not math.isfinite(total)
+            # As Progress.fraction: no total or a zero one has no fraction.
+            if not total or not math.isfinite(total)
             else max(0.0, min(1.0, done / total))
         )
         return {

@@ -2,9 +2,10 @@
 
 Counting happens on the loop without ``prometheus_client`` (:class:`JobStats`, a
 few dict updates per finished job); the text format is produced at scrape time
-by :class:`MetricsExporter`, which needs the optional extra
-``pip install 'asyncbg[metrics]'``. Scraping reads state directly and never
-waits for the loop, so a stuck loop can still be scraped. No Flask import.
+by :class:`MetricsExporter` from a :class:`~asyncbg.engine.view.StateView`, and
+needs the optional extra ``pip install 'asyncbg[metrics]'``. Scraping reads
+state directly and never waits for the loop, so a stuck loop can still be
+scraped. No Flask import.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from ..engine.jobs import Job
-    from ..extension import AsyncBG
+    from ..engine.view import StateView
 
 __all__ = ["DURATION_BUCKETS", "JobStats", "MetricsExporter", "MetricsUnavailable"]
 
@@ -128,15 +129,16 @@ def _import_prometheus() -> Any:
 
 
 class MetricsExporter:
-    """Serves an :class:`~asyncbg.AsyncBG`'s state in the Prometheus text format.
+    """Serves the state a :class:`~asyncbg.engine.view.StateView` shows in the
+    Prometheus text format.
 
     :param registry: a ``prometheus_client`` registry to add asyncbg's collector
         to (e.g. ``prometheus_client.REGISTRY`` to serve it with the app's own
         metrics); by default a private one.
     """
 
-    def __init__(self, bg: AsyncBG, registry: CollectorRegistry | None = None) -> None:
-        self.bg = bg
+    def __init__(self, view: StateView, registry: CollectorRegistry | None = None) -> None:
+        self.view = view
         self._registry = registry
         self._registered = False
         self._lock = threading.Lock()
@@ -160,7 +162,7 @@ class MetricsExporter:
             if self._registry is None:
                 self._registry = prometheus_client.CollectorRegistry(auto_describe=True)
             if not self._registered:
-                self._registry.register(_Collector(self.bg))
+                self._registry.register(_Collector(self.view))
                 self._registered = True
             return self._registry
 
@@ -174,148 +176,192 @@ class MetricsExporter:
         return body, str(prometheus_client.CONTENT_TYPE_LATEST)
 
 
-class _Collector:
-    """Builds every asyncbg metric family from the live state at each scrape."""
+_COUNTER, _GAUGE, _HISTOGRAM = "counter", "gauge", "histogram"
 
-    def __init__(self, bg: AsyncBG) -> None:
-        self.bg = bg
+#: Every family asyncbg serves, in the order they are exposed: key, kind,
+#: metric name, help text, labels.
+_FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+    ("jobs", _COUNTER, "asyncbg_jobs", "Jobs finished, by task and outcome.", ("task", "outcome")),
+    (
+        "durations",
+        _HISTOGRAM,
+        "asyncbg_job_duration_seconds",
+        "Run time of finished jobs (first start to finish, retries included).",
+        ("task",),
+    ),
+    ("running", _GAUGE, "asyncbg_jobs_running", "Jobs running on the loop now.", ()),
+    ("q_depth", _GAUGE, "asyncbg_queue_depth", "Items waiting in each queue.", ("queue",)),
+    (
+        "q_capacity",
+        _GAUGE,
+        "asyncbg_queue_capacity",
+        "Capacity (maxsize) of each queue.",
+        ("queue",),
+    ),
+    ("q_active", _GAUGE, "asyncbg_queue_active", "Items being handled now, per queue.", ("queue",)),
+    (
+        "q_items",
+        _COUNTER,
+        "asyncbg_queue_items",
+        "Items handled by each queue's consumer, by outcome.",
+        ("queue", "outcome"),
+    ),
+    ("up", _GAUGE, "asyncbg_loop_up", "1 while the event loop is running.", ()),
+    ("lag", _GAUGE, "asyncbg_loop_lag_seconds", "Event loop lag now (heartbeat lateness).", ()),
+    (
+        "lag_p50",
+        _GAUGE,
+        "asyncbg_loop_lag_p50_seconds",
+        "Median event loop lag over the last window.",
+        (),
+    ),
+    (
+        "lag_p99",
+        _GAUGE,
+        "asyncbg_loop_lag_p99_seconds",
+        "99th percentile event loop lag over the last window.",
+        (),
+    ),
+    (
+        "blocked",
+        _COUNTER,
+        "asyncbg_loop_blocked",
+        "Times the event loop was blocked longer than the threshold.",
+        (),
+    ),
+    (
+        "blocked_by",
+        _COUNTER,
+        "asyncbg_loop_blocked_by_offender",
+        "Times the event loop was blocked, by the task or callback blocking it.",
+        ("offender",),
+    ),
+    ("p_runs", _COUNTER, "asyncbg_periodic_runs", "Runs of each periodic job.", ("job",)),
+    (
+        "p_failures",
+        _COUNTER,
+        "asyncbg_periodic_failures",
+        "Failed runs of each periodic job.",
+        ("job",),
+    ),
+    (
+        "p_skips",
+        _COUNTER,
+        "asyncbg_periodic_skips",
+        "Ticks of each periodic job skipped (previous run still going, loop busy).",
+        ("job",),
+    ),
+    (
+        "p_duration",
+        _GAUGE,
+        "asyncbg_periodic_last_duration_seconds",
+        "Run time of each periodic job's last run.",
+        ("job",),
+    ),
+    (
+        "p_next",
+        _GAUGE,
+        "asyncbg_periodic_next_due_timestamp_seconds",
+        "When each periodic job is next due (Unix time).",
+        ("job",),
+    ),
+)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+class _Collector:
+    """Builds every asyncbg metric family from the view at each scrape."""
+
+    def __init__(self, view: StateView) -> None:
+        self.view = view
 
     def describe(self) -> list[Metric]:
         # Names only, for the registry's duplicate check; no state read.
-        return list(self._families(describe=True))
+        return list(_new_families().values())
 
     def collect(self) -> Iterator[Metric]:
-        return self._families(describe=False)
+        families = _new_families()
+        self._add_jobs(families)
+        self._add_queues(families)
+        self._add_loop(families)
+        self._add_periodic(families)
+        return iter(families.values())
 
-    def _families(self, *, describe: bool) -> Iterator[Metric]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+    def _add_jobs(self, f: dict[str, Any]) -> None:
         from prometheus_client.utils import floatToGoString
 
-        bg = self.bg
-        stats = bg.job_stats
-
-        jobs = CounterMetricFamily(
-            "asyncbg_jobs", "Jobs finished, by task and outcome.", labels=["task", "outcome"]
-        )
-        durations = HistogramMetricFamily(
-            "asyncbg_job_duration_seconds",
-            "Run time of finished jobs (first start to finish, retries included).",
-            labels=["task"],
-        )
-        running = GaugeMetricFamily("asyncbg_jobs_running", "Jobs running on the loop now.")
-        q_depth = GaugeMetricFamily(
-            "asyncbg_queue_depth", "Items waiting in each queue.", labels=["queue"]
-        )
-        q_capacity = GaugeMetricFamily(
-            "asyncbg_queue_capacity", "Capacity (maxsize) of each queue.", labels=["queue"]
-        )
-        q_active = GaugeMetricFamily(
-            "asyncbg_queue_active", "Items being handled now, per queue.", labels=["queue"]
-        )
-        q_items = CounterMetricFamily(
-            "asyncbg_queue_items",
-            "Items handled by each queue's consumer, by outcome.",
-            labels=["queue", "outcome"],
-        )
-        up = GaugeMetricFamily("asyncbg_loop_up", "1 while the event loop is running.")
-        lag = GaugeMetricFamily(
-            "asyncbg_loop_lag_seconds", "Event loop lag now (heartbeat lateness)."
-        )
-        lag_p50 = GaugeMetricFamily(
-            "asyncbg_loop_lag_p50_seconds", "Median event loop lag over the last window."
-        )
-        lag_p99 = GaugeMetricFamily(
-            "asyncbg_loop_lag_p99_seconds", "99th percentile event loop lag over the last window."
-        )
-        blocked = CounterMetricFamily(
-            "asyncbg_loop_blocked",
-            "Times the event loop was blocked longer than the threshold.",
-        )
-        blocked_by = CounterMetricFamily(
-            "asyncbg_loop_blocked_by_offender",
-            "Times the event loop was blocked, by the task or callback blocking it.",
-            labels=["offender"],
-        )
-        p_runs = CounterMetricFamily(
-            "asyncbg_periodic_runs", "Runs of each periodic job.", labels=["job"]
-        )
-        p_failures = CounterMetricFamily(
-            "asyncbg_periodic_failures", "Failed runs of each periodic job.", labels=["job"]
-        )
-        p_skips = CounterMetricFamily(
-            "asyncbg_periodic_skips",
-            "Ticks of each periodic job skipped (previous run still going, loop busy).",
-            labels=["job"],
-        )
-        p_duration = GaugeMetricFamily(
-            "asyncbg_periodic_last_duration_seconds",
-            "Run time of each periodic job's last run.",
-            labels=["job"],
-        )
-        p_next = GaugeMetricFamily(
-            "asyncbg_periodic_next_due_timestamp_seconds",
-            "When each periodic job is next due (Unix time).",
-            labels=["job"],
-        )
-        families = [
-            jobs,
-            durations,
-            running,
-            q_depth,
-            q_capacity,
-            q_active,
-            q_items,
-            up,
-            lag,
-            lag_p50,
-            lag_p99,
-            blocked,
-            blocked_by,
-            p_runs,
-            p_failures,
-            p_skips,
-            p_duration,
-            p_next,
-        ]
-        if describe:
-            yield from families
-            return
-
-        for (task, outcome), count in sorted(stats.outcome_counts().items()):
-            jobs.add_metric([task, outcome], count)
-        for task, (counts, total) in sorted(stats.histograms().items()):
+        view = self.view
+        stats = view.job_stats()
+        for (task, outcome), count in sorted(stats["outcomes"].items()):
+            f["jobs"].add_metric([task, outcome], count)
+        for task, (counts, total) in sorted(stats["histograms"].items()):
             cumulative = 0
             buckets: list[tuple[str, float]] = []
-            for bound, n in zip(stats.buckets, counts, strict=True):
+            for bound, n in zip(stats["buckets"], counts, strict=True):
                 cumulative += n
                 buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
-            durations.add_metric([task], buckets, total)
-        running.add_metric([], bg.runner.active)
-        for name, q in sorted(bg.queues.items()):
-            q_depth.add_metric([name], q.depth)
-            q_capacity.add_metric([name], q.maxsize)
-            q_active.add_metric([name], q.active)
-            q_items.add_metric([name, "processed"], q.processed)
-            q_items.add_metric([name, "failed"], q.failed)
-        up.add_metric([], 1.0 if bg.loop_thread.running else 0.0)
-        lag_stats = bg.monitor.lag_stats()
-        for family, key in ((lag, "current"), (lag_p50, "p50"), (lag_p99, "p99")):
-            value = lag_stats[key]
-            family.add_metric([], math.nan if value is None else value)
-        monitor = bg.monitor
-        blocked.add_metric([], monitor.blocked_total)
-        for offender, count in sorted(dict(monitor.blocked_by_offender).items()):
-            blocked_by.add_metric([offender], count)
-        for name, pj in sorted(bg.periodic_jobs.items()):
-            p_runs.add_metric([name], pj.runs)
-            p_failures.add_metric([name], pj.failures)
-            p_skips.add_metric([name], pj.skips)
-            p_duration.add_metric(
-                [name], math.nan if pj.last_duration is None else pj.last_duration
-            )
-            p_next.add_metric([name], math.nan if pj.next_due is None else pj.next_due)
-        yield from families
+            f["durations"].add_metric([task], buckets, total)
+        f["running"].add_metric([], view.job_counts()["active"])
+
+    def _add_queues(self, f: dict[str, Any]) -> None:
+        queues = self.view.queue_snapshots()
+        _add_per_name(f, queues, _QUEUE_SAMPLES)
+        for q in queues:
+            f["q_items"].add_metric([q["name"], "processed"], q["processed"])
+            f["q_items"].add_metric([q["name"], "failed"], q["failed"])
+
+    def _add_loop(self, f: dict[str, Any]) -> None:
+        view = self.view
+        f["up"].add_metric([], 1.0 if view.loop_running() else 0.0)
+        stats = view.loop_stats()
+        for key, stat in (("lag", "current"), ("lag_p50", "p50"), ("lag_p99", "p99")):
+            f[key].add_metric([], _nan_if_none(stats["lag"][stat]))
+        blocked = stats["blocked"]
+        f["blocked"].add_metric([], blocked["count"])
+        for offender, count in sorted(blocked["by_offender"].items()):
+            f["blocked_by"].add_metric([offender], count)
+
+    def _add_periodic(self, f: dict[str, Any]) -> None:
+        _add_per_name(f, self.view.periodic_snapshots(), _PERIODIC_SAMPLES)
+
+
+#: (family key, snapshot field) of the one-sample-per-name families.
+_QUEUE_SAMPLES = (("q_depth", "depth"), ("q_capacity", "capacity"), ("q_active", "active"))
+_PERIODIC_SAMPLES = (
+    ("p_runs", "runs"),
+    ("p_failures", "failures"),
+    ("p_skips", "skips"),
+    ("p_duration", "last_duration"),
+    ("p_next", "next_due"),
+)
+
+
+def _add_per_name(
+    f: dict[str, Any], snapshots: list[dict[str, Any]], samples: tuple[tuple[str, str], ...]
+) -> None:
+    # One sample per snapshot, labelled with its name; None (not yet known) is NaN.
+    for snapshot in snapshots:
+        for key, field in samples:
+            f[key].add_metric([snapshot["name"]], _nan_if_none(snapshot[field]))
+
+
+def _new_families() -> dict[str, Any]:
+    # Made afresh for every scrape: a family holds the samples added to it.
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    kinds = {
+        _COUNTER: CounterMetricFamily,
+        _GAUGE: GaugeMetricFamily,
+        _HISTOGRAM: HistogramMetricFamily,
+    }
+    return {
+        key: kinds[kind](name, doc, labels=list(labels))
+        for key, kind, name, doc, labels in _FAMILIES
+    }

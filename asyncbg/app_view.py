@@ -1,0 +1,311 @@
+"""The :class:`~asyncbg.engine.view.StateView` of one app, answered from this process.
+
+The HTTP surface, health, metrics and the CLI read an app's asyncbg only
+through its view; :class:`AppView` answers from the app's
+:class:`~asyncbg.lifecycle.AppState` and the extension's task registry. Live
+:class:`~asyncbg.Job` handles never leave it: jobs go out as
+:class:`~asyncbg.engine.records.JobRecord`.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .engine.jobs import Job, JobStatus, Task, TaskOptions
+from .engine.jsonsafe import json_safe
+from .engine.records import CancelResult, JobPage, JobQuery, JobRecord, encode_json
+from .engine.view import RunKind, RunResult
+from .errors import JobCancelled, JobTimedOut, NotRunning
+
+if TYPE_CHECKING:
+    from .lifecycle import AppState
+
+__all__ = ["AppView", "job_record"]
+
+#: How long an interrupted ``run_once`` waits for the cancelled job to end.
+_INTERRUPT_WAIT = 5.0
+
+
+def job_record(job: Job[Any]) -> JobRecord:
+    """Return the record of a live job, as it is now.
+
+    Its :meth:`JobRecord.to_dict` is :meth:`Job.to_dict` to the byte: the
+    result and arguments are made JSON-safe here, as ``Job.to_dict`` does, so
+    that decoding them gives back what it would show; the error is the same
+    ``"Type: message"``.
+    """
+    # Read once: the loop may finish the job while this runs.
+    status = job.status
+    progress = job.progress
+    exc = job._exception
+    args, kwargs = job._args, job._kwargs
+    return JobRecord(
+        id=job.id,
+        queue=job.name,
+        task=job.name,
+        args_json=(
+            None
+            if args is None or kwargs is None
+            # json_safe's output is always JSON: encode_json never raises here.
+            else encode_json(
+                {"args": json_safe(list(args)), "kwargs": json_safe(dict(kwargs))}, "arguments"
+            )
+        ),
+        status=status.value,
+        attempts=job.attempts,
+        max_attempts=job.options.retries + 1,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress_done=None if progress is None else progress.done,
+        progress_total=None if progress is None else progress.total,
+        progress_message=None if progress is None else progress.message,
+        result_json=(
+            encode_json(json_safe(job._result), "result") if status is JobStatus.SUCCEEDED else None
+        ),
+        error=None if exc is None else f"{type(exc).__name__}: {exc}",
+        timeout=job.options.timeout,
+    )
+
+
+class AppView:
+    """One app's :class:`~asyncbg.engine.view.StateView`, from its state in this process.
+
+    :param state: the app's state.
+    :param tasks: the extension's task registry (read live: tasks declared
+        later are seen).
+    """
+
+    def __init__(self, state: AppState, tasks: Mapping[str, Task[Any, Any]]) -> None:
+        self._state = state
+        self._tasks = tasks
+
+    def __repr__(self) -> str:
+        return f"<AppView of {self._state!r}>"
+
+    @property
+    def name(self) -> str:
+        """The extension's name."""
+        return self._state.name
+
+    # -- the loop ------------------------------------------------------------------
+
+    def loop_running(self) -> bool:
+        """True while the app's event loop runs."""
+        return self._state.loop_thread.running
+
+    def loop_lag(self) -> float | None:
+        """The loop's lag now (None while unmonitored or before the first heartbeat)."""
+        return self._state.monitor.current_lag()
+
+    def loop_stats(self) -> dict[str, Any]:
+        """The monitor's readings (see :meth:`StateView.loop_stats`)."""
+        monitor = self._state.monitor
+        return {
+            "lag": monitor.lag_stats(),
+            "monitored": monitor.active,
+            "window": monitor.window,
+            "blocked": monitor.blocked_stats(),
+        }
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def _live(self, job_id: str) -> Job[Any] | None:
+        return self._state.history.get(job_id) if isinstance(job_id, str) else None
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """A job's record, or None when unknown or forgotten."""
+        job = self._live(job_id)
+        return None if job is None else job_record(job)
+
+    def query_jobs(self, query: JobQuery) -> JobPage:
+        """A page of job records, newest first (only the page is converted)."""
+        statuses, task = query.statuses, query.task
+        selected = [
+            job
+            for job in reversed(self._state.history.jobs())
+            # A JobStatus is a StrEnum: it is found in a set of status strings.
+            if (statuses is None or job.status in statuses) and (task is None or job.name == task)
+        ]
+        page = selected[query.offset : query.offset + query.limit]
+        return JobPage(tuple(job_record(job) for job in page), len(selected))
+
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs are running, pending, known and active."""
+        jobs = self._state.history.jobs()
+        return {
+            "running": sum(1 for j in jobs if j.status is JobStatus.RUNNING),
+            "pending": sum(1 for j in jobs if j.status is JobStatus.PENDING),
+            "known": len(jobs),
+            "active": self._state.runner.active,
+        }
+
+    def job_stats(self) -> dict[str, Any]:
+        """The statistics of finished jobs (copies)."""
+        stats = self._state.job_stats
+        return {
+            "buckets": stats.buckets,
+            "outcomes": stats.outcome_counts(),
+            "histograms": stats.histograms(),
+        }
+
+    # -- queues, schedules and definitions -----------------------------------------
+
+    def queue_snapshots(self) -> list[dict[str, Any]]:
+        """Each queue's state, sorted by name."""
+        return [q.snapshot() for _, q in sorted(self._state.queues.items())]
+
+    def periodic_snapshots(self) -> list[dict[str, Any]]:
+        """Each periodic job's state, sorted by name."""
+        return [pj.snapshot() for _, pj in sorted(self._state.periodic_jobs.items())]
+
+    def registry(self) -> dict[str, list[dict[str, Any]]]:
+        """What is registered (see :meth:`StateView.registry`)."""
+        st = self._state
+        return {
+            "periodic": [
+                {"name": name, "schedule": pj.schedule, "scope": pj.scope, "timeout": pj.timeout}
+                for name, pj in sorted(st.periodic_jobs.items())
+            ],
+            "consumers": [
+                {"queue": name, "concurrency": q.concurrency, "size": q.maxsize}
+                for name, q in sorted(st.queues.items())
+            ],
+            "tasks": [
+                {
+                    "name": name,
+                    "timeout": t.options.timeout,
+                    "retries": t.options.retries,
+                    "kind": "async" if t.is_async else "sync",
+                }
+                for name, t in sorted(self._tasks.items())
+            ],
+        }
+
+    # -- acting ----------------------------------------------------------------------
+
+    def cancel_job(self, job_id: str, *, wait: float = 0.0) -> tuple[str, JobRecord | None]:
+        """Ask for a job to be cancelled and wait up to ``wait`` seconds for its end.
+
+        The live job is held across both, so its record is found even if the
+        history forgets it the moment it ends (``ASYNCBG_JOB_HISTORY_SIZE = 0``).
+
+        :raises NotRunning: if the job is not final and the loop is not running.
+        :raises RuntimeError: if called on the loop thread with ``wait`` > 0.
+        """
+        job = self._live(job_id)
+        if job is None:
+            return CancelResult.UNKNOWN, None
+        # cancel() is False for a job that has ended, and when the loop is gone.
+        if job.done() or not job.cancel():
+            if job.done():
+                return CancelResult.FINAL, job_record(job)
+            raise NotRunning("the event loop is not running")
+        if wait > 0:
+            job.wait(wait)
+        return CancelResult.REQUESTED, job_record(job)
+
+    def wait_job(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait up to ``timeout`` seconds for a job's end; its record then, or None.
+
+        :raises RuntimeError: if called on the loop thread while the job runs.
+        """
+        job = self._live(job_id)
+        if job is None:
+            return None
+        job.wait(timeout)
+        return job_record(job)
+
+    def run_periodic_now(self, name: str, *, timeout: float) -> tuple[bool, dict[str, Any]]:
+        """Start a run of the periodic job ``name`` now (see :meth:`StateView.run_periodic_now`).
+
+        :raises KeyError: if there is no periodic job of that name.
+        :raises NotRunning: if the loop is not running.
+        :raises TimeoutError: if the loop does not answer within ``timeout``.
+        """
+        pj = self._state.periodic_jobs[name]
+        started = self._state.loop_thread.call(pj.run_now, timeout=timeout)
+        return started, pj.snapshot()
+
+    def run_once(
+        self, kind: RunKind, name: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> RunResult:
+        """Run one periodic job or task once here (see :meth:`StateView.run_once`).
+
+        :raises KeyError: if there is no periodic job or task of that kind and name.
+        :raises TypeError: if the arguments do not fit.
+        :raises RuntimeError: if the loop cannot start.
+        """
+        job = self._new_job(kind, name, tuple(args), kwargs)
+        st = self._state
+        started_loop = not st.loop_thread.running
+        if started_loop:
+            st.start(periodic=False)
+        try:
+            t0 = time.monotonic()
+            st.runner.submit(job)
+            try:
+                job.wait()
+            except KeyboardInterrupt:
+                job.cancel()
+                job.wait(_INTERRUPT_WAIT)
+                took = time.monotonic() - t0
+                return RunResult(job_record(job), took, started_loop, interrupted=True)
+            return _run_result(job, time.monotonic() - t0, started_loop)
+        except BaseException:
+            # The caller stops a loop this started only once it has the result.
+            if started_loop:
+                st.stop()
+            raise
+
+    def _new_job(
+        self, kind: RunKind, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Job[Any]:
+        # Checked here, before the loop starts: such a job would fail every attempt.
+        runner = self._state.runner
+        if kind == "periodic":
+            pj = self._state.periodic_jobs[name]
+            if args or kwargs:
+                raise TypeError(f"periodic job {name!r} takes no arguments")
+            options = TaskOptions(timeout=pj.timeout)
+            return runner.create(pj.fn, (), {}, name=pj.name, options=options, is_async=True)
+        task = self._tasks[name]
+        task.check_arguments(args, kwargs)
+        return runner.create(
+            task.fn,
+            args,
+            kwargs,
+            name=task.name,
+            options=task.options,
+            is_async=task.is_async,
+            check_args=False,
+        )
+
+    def wait_idle(self) -> None:
+        """Wait, at most ``ASYNCBG_SHUTDOWN_TIMEOUT``, for every job and queue item.
+
+        :raises TimeoutError: if work is still going then.
+        :raises RuntimeError: if called from the loop thread.
+        """
+        self._state.wait_idle(self._state.shutdown_timeout)
+
+    def stop(self) -> None:
+        """Stop the app's loop gracefully; idempotent."""
+        self._state.stop()
+
+
+def _run_result(job: Job[Any], took: float, started_loop: bool) -> RunResult:
+    # The texts come from the live outcome: the repr of the return value, the
+    # message of a cancellation or timeout, the traceback of a failure.
+    try:
+        result = job.result(0)
+    except (JobCancelled, JobTimedOut) as exc:
+        return RunResult(job_record(job), took, started_loop, message=str(exc))
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        return RunResult(job_record(job), took, started_loop, traceback=text)
+    shown = None if result is None else repr(result)
+    return RunResult(job_record(job), took, started_loop, result_repr=shown)
