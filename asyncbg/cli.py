@@ -17,7 +17,8 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .engine.jobs import Job, TaskOptions
+from .engine.jobs import Job
+from .engine.tasks import TaskOptions
 from .errors import JobCancelled, JobTimedOut
 
 if TYPE_CHECKING:

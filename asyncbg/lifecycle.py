@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .engine.consumers import WorkQueue
 from .engine.host_lock import HostLock, default_lock_dir
-from .engine.jobs import Job, JobHistory, JobRunner
+from .engine.jobs import Job, JobHistory
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob
+from .engine.runner import JobRunner
 from .errors import NotRunning, UnknownQueue
 from .web.metrics import JobStats, MetricsExporter
 

@@ -21,8 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotRunning, QueueFull
-from .jobs import FAILURE_LOG_INTERVAL, CloseTolerant, is_async_callable, set_if_pending
+from .jobs import set_if_pending
 from .logthrottle import FlushTimer, LogThrottle, describe_exception, short_repr
+from .runner import FAILURE_LOG_INTERVAL, CloseTolerant
+from .tasks import is_async_callable
 
 if TYPE_CHECKING:
     from .loop import LoopThread

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from croniter import croniter
 
 from .host_lock import HostLock
-from .jobs import is_async_callable
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
+from .tasks import is_async_callable
 
 if TYPE_CHECKING:
     from .loop import LoopThread
