@@ -32,6 +32,7 @@ from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob, Scope
 from .engine.runner import JobRunner
+from .engine.stats import JobStats
 from .engine.tasks import (
     CoroutineFunction,
     Task,
@@ -41,7 +42,7 @@ from .engine.tasks import (
     is_async_callable,
 )
 from .lifecycle import AppState, in_job_context_transition
-from .web.metrics import JobStats, MetricsExporter
+from .web.metrics import MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask

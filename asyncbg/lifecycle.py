@@ -31,8 +31,9 @@ from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob
 from .engine.runner import JobRunner
+from .engine.stats import JobStats
 from .errors import NotRunning, UnknownQueue
-from .web.metrics import JobStats, MetricsExporter
+from .web.metrics import MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask
