@@ -95,13 +95,17 @@ class Arguments:
                     return False
             elif position < n:  # given twice
                 return False
-        if n < self.min_positional:
-            if n < self.positional_only:
-                return False
-            for name in self.positional_names[n : self.min_positional]:
-                if name not in kwargs:
-                    return False
+        if n < self.min_positional and not self._keywords_fill_positions(n, kwargs):
+            return False
         return kwargs.keys() >= self.required_keywords
+
+    def _keywords_fill_positions(self, n: int, kwargs: dict[str, Any]) -> bool:
+        # Fewer positional arguments than required: the keywords must name
+        # every required position past the n given, and none of those may be
+        # positional-only.
+        if n < self.positional_only:
+            return False
+        return all(name in kwargs for name in self.positional_names[n : self.min_positional])
 
     def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
         """Return if ``fn(*args, **kwargs)`` binds.

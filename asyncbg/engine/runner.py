@@ -253,129 +253,164 @@ class JobRunner:
                 idle()
 
     async def _execute(self, job: Job[Any]) -> None:
+        # Once per job: the success path stays a straight line (no extra awaits
+        # or objects); failures, retries and escapes are handled by the steps below.
         _current_job.set(job)
         job.status = JobStatus.RUNNING
         job.started_at = time.time()
-        options = job.options
+        timeout = job.options.timeout
         try:
             with CloseTolerant(self.context()):
                 while True:
                     job.attempts += 1
                     expired = False
                     try:
-                        if options.timeout is None:
+                        if timeout is None:
                             result = await self._call(job)
                         else:
-                            async with asyncio.timeout(options.timeout) as scope:
+                            async with asyncio.timeout(timeout) as scope:
                                 try:
                                     result = await self._call(job)
                                 finally:
                                     expired = scope.expired()
-                    except asyncio.CancelledError:
-                        if not expired:
-                            job._finish(JobStatus.CANCELLED)
-                            raise
-                        exc: BaseException = JobTimedOut(f"timed out after {options.timeout}s")
+                    except asyncio.CancelledError as cancelled:
+                        exc: BaseException = self._timed_out(job, cancelled, expired)
                     except Exception as error:
                         exc = error
                     except (SystemExit, KeyboardInterrupt) as error:
-                        # Asyncio would let these end the loop every job shares.
-                        # The code asked to stop, so no retry: a failure, recorded.
-                        self.log_failure(
-                            "job",
-                            job.name,
-                            error,
-                            "job %s %s raised %s; recorded as failed, not retried",
-                            job.name,
-                            job.id,
-                            type(error).__name__,
-                        )
-                        job._finish(JobStatus.FAILED, exc=error)
+                        self._fail_on_exit_request(job, error)
                         return
                     else:
                         job._finish(JobStatus.SUCCEEDED, result)
                         return
-                    if isinstance(exc, TimeoutError) and expired:
-                        status = JobStatus.TIMED_OUT
-                    else:
-                        status = JobStatus.FAILED
-                    if job.attempts <= options.retries:
-                        delay = options.backoff(job.attempts)
-                        self.log_failure(
-                            "job attempt",
-                            job.name,
-                            exc,
-                            "job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
-                            job.name,
-                            job.id,
-                            job.attempts,
-                            options.retries + 1,
-                            status.value,
-                            describe_exception(exc),
-                            delay,
-                            level=logging.WARNING,
-                        )
-                        try:
-                            await asyncio.sleep(delay)
-                        except asyncio.CancelledError:
-                            job._finish(JobStatus.CANCELLED)
-                            raise
-                        continue
-                    if status is JobStatus.TIMED_OUT:
-                        timed_out = JobTimedOut(str(exc))
-                        self.log_failure(
-                            "job",
-                            job.name,
-                            timed_out,
-                            "job %s %s timed out after %ss (%d attempt(s))",
-                            job.name,
-                            job.id,
-                            options.timeout,
-                            job.attempts,
-                        )
-                        job._finish(status, exc=timed_out)
-                    else:
-                        self.log_failure(
-                            "job",
-                            job.name,
-                            exc,
-                            "job %s %s failed (%d attempt(s))",
-                            job.name,
-                            job.id,
-                            job.attempts,
-                        )
-                        job._finish(status, exc=exc)
-                    return
+                    delay = self._after_failed_attempt(job, exc, expired)
+                    if delay is None:
+                        return
+                    await self._back_off(job, delay)
         except BaseException as exc:
-            # Outside the attempts: the app context could not be pushed, or its
-            # teardown raised before the job was recorded. Never leave it running.
-            if isinstance(exc, GeneratorExit):
-                # Closed by the loop after it ignored cancellation at stop.
-                job._finish(
-                    JobStatus.CANCELLED,
-                    exc=JobCancelled(
-                        f"job {job.name} {job.id} was abandoned: it ignored cancellation at stop"
-                    ),
-                )
+            if self._settle_escape(job, exc):
                 raise
-            if not job.done():
-                cancelled = isinstance(exc, asyncio.CancelledError)
-                if not cancelled:
-                    self.log_failure(
-                        "job",
-                        job.name,
-                        exc,
-                        "job %s %s failed outside its code",
-                        job.name,
-                        job.id,
-                    )
-                job._finish(
-                    JobStatus.CANCELLED if cancelled else JobStatus.FAILED,
-                    exc=None if cancelled else exc,
-                )
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                return  # recorded; never out into the loop
+
+    @staticmethod
+    def _timed_out(job: Job[Any], cancelled: asyncio.CancelledError, expired: bool) -> JobTimedOut:
+        """The error of an attempt its own timeout cancelled; any other
+        cancellation (``job.cancel()``, the loop stopping) finishes the job and
+        goes on out of the task."""
+        if not expired:
+            job._finish(JobStatus.CANCELLED)
+            raise cancelled
+        return JobTimedOut(f"timed out after {job.options.timeout}s")
+
+    def _fail_on_exit_request(self, job: Job[Any], error: BaseException) -> None:
+        # SystemExit or KeyboardInterrupt from the job's code: asyncio would let
+        # these end the loop every job shares. The code asked to stop, so no
+        # retry: a failure, recorded.
+        self.log_failure(
+            "job",
+            job.name,
+            error,
+            "job %s %s raised %s; recorded as failed, not retried",
+            job.name,
+            job.id,
+            type(error).__name__,
+        )
+        job._finish(JobStatus.FAILED, exc=error)
+
+    def _after_failed_attempt(
+        self, job: Job[Any], exc: BaseException, expired: bool
+    ) -> float | None:
+        """Log a failed attempt; return the delay before the retry, or None once
+        the job is finished (failed or timed out, its retries spent)."""
+        options = job.options
+        if isinstance(exc, TimeoutError) and expired:
+            status = JobStatus.TIMED_OUT
+        else:
+            status = JobStatus.FAILED
+        if job.attempts <= options.retries:
+            delay = options.backoff(job.attempts)
+            self.log_failure(
+                "job attempt",
+                job.name,
+                exc,
+                "job %s %s attempt %d/%d %s (%s); retrying in %.3gs",
+                job.name,
+                job.id,
+                job.attempts,
+                options.retries + 1,
+                status.value,
+                describe_exception(exc),
+                delay,
+                level=logging.WARNING,
+            )
+            return delay
+        if status is JobStatus.TIMED_OUT:
+            timed_out = JobTimedOut(str(exc))
+            self.log_failure(
+                "job",
+                job.name,
+                timed_out,
+                "job %s %s timed out after %ss (%d attempt(s))",
+                job.name,
+                job.id,
+                options.timeout,
+                job.attempts,
+            )
+            job._finish(status, exc=timed_out)
+        else:
+            self.log_failure(
+                "job",
+                job.name,
+                exc,
+                "job %s %s failed (%d attempt(s))",
+                job.name,
+                job.id,
+                job.attempts,
+            )
+            job._finish(status, exc=exc)
+        return None
+
+    @staticmethod
+    async def _back_off(job: Job[Any], delay: float) -> None:
+        # Only on the retry path: the extra await costs nothing per job.
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            job._finish(JobStatus.CANCELLED)
             raise
+
+    def _settle_escape(self, job: Job[Any], exc: BaseException) -> bool:
+        """Record a job that something outside its attempts ended; True if
+        ``exc`` must be re-raised.
+
+        The app context could not be pushed, or its teardown raised before the
+        job was recorded, or the loop closed the coroutine: never leave it running.
+        """
+        if isinstance(exc, GeneratorExit):
+            # Closed by the loop after it ignored cancellation at stop.
+            job._finish(
+                JobStatus.CANCELLED,
+                exc=JobCancelled(
+                    f"job {job.name} {job.id} was abandoned: it ignored cancellation at stop"
+                ),
+            )
+            return True
+        if not job.done():
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if not cancelled:
+                self.log_failure(
+                    "job",
+                    job.name,
+                    exc,
+                    "job %s %s failed outside its code",
+                    job.name,
+                    job.id,
+                )
+            job._finish(
+                JobStatus.CANCELLED if cancelled else JobStatus.FAILED,
+                exc=None if cancelled else exc,
+            )
+        # SystemExit and KeyboardInterrupt are recorded; never out into the loop.
+        return not isinstance(exc, (SystemExit, KeyboardInterrupt))
 
     def _call(self, job: Job[Any]) -> Awaitable[Any]:
         fn = job._fn
