@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .host_lock import HostLock
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
+from .runner import FAILURE_LOG_INTERVAL
 from .tasks import is_async_callable
 from .triggers import CronTrigger, DelayTrigger, RateTrigger, Trigger
 
@@ -33,10 +34,6 @@ log = logging.getLogger("asyncbg")
 Scope = Literal["process", "host"]
 
 _SKIP_LOG_INTERVAL = 60.0
-
-#: A failing job logs one failure in full with its traceback, then at most one
-#: summary line, per this many seconds (every failure is still counted).
-FAILURE_LOG_INTERVAL = 60.0
 
 #: Longest ``last_error`` / ``lock_error`` kept: they go into health reports.
 _ERROR_TEXT_LIMIT = 500
@@ -196,8 +193,7 @@ class PeriodicJob:
         """
         if self._lock is not None:
             self._lock.release()
-        self._flush_timer.close()
-        self.log_throttle.flush(force=True)
+        self._flush_timer.close_and_flush(self.log_throttle)
 
     def run_now(self) -> bool:
         """Start one run now, outside the schedule, unless one is running. Loop thread only."""
@@ -293,10 +289,9 @@ class PeriodicJob:
         return held
 
     def _log_failure(self, kind: str, exc: BaseException, msg: str, *args: object) -> None:
-        throttled = not self.log_throttle.failure(log, kind, self.name, exc, msg, *args)
-        if throttled and self._lt is not None and self._active:
-            self._flush_timer.throttle = self.log_throttle  # it may have been replaced
-            self._flush_timer.arm(self._lt.loop)
+        logged = self.log_throttle.failure(log, kind, self.name, exc, msg, *args)
+        # Called on the loop only (a tick or a run): the running loop is its loop.
+        self._flush_timer.after_failure(self.log_throttle, logged, arm=self._active)
 
     async def _run(self, due: float | None) -> None:
         loop = asyncio.get_running_loop()

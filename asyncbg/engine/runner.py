@@ -13,13 +13,12 @@ import contextvars
 import functools
 import inspect
 import logging
-import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import JobCancelled, JobTimedOut, NotRunning
+from .after_fork import ResetAfterFork
 from .arguments import check_arguments
 from .jobs import Job, JobHistory, JobStatus, _current_job
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
@@ -32,20 +31,13 @@ __all__ = ["FAILURE_LOG_INTERVAL", "CloseTolerant", "JobRunner"]
 
 log = logging.getLogger("asyncbg")
 
-#: Seconds during which further failures of one task are counted, not logged.
+#: A failing job, queue consumer or periodic job logs one failure in full with
+#: its traceback, then at most one summary line, per this many seconds (every
+#: failure is still counted).
 FAILURE_LOG_INTERVAL = 60.0
 
-_runners: weakref.WeakSet[JobRunner] = weakref.WeakSet()
-
-
-def _reset_runners_after_fork() -> None:
-    # The parent's jobs are the parent's: the child neither runs nor waits for them.
-    for runner in list(_runners):
-        runner._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_runners_after_fork)
+# The parent's jobs are the parent's: a forked child neither runs nor waits for them.
+_after_fork: ResetAfterFork[JobRunner] = ResetAfterFork(lambda runner: runner._reset_after_fork())
 
 
 def _finish_if_never_ran(job: Job[Any], task: asyncio.Task[None]) -> None:
@@ -107,7 +99,7 @@ class JobRunner:
         self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
         self._flush_timer = FlushTimer(self.log_throttle)
         loop_thread.on_abandon(self._start, self._abandon_start)
-        _runners.add(self)
+        _after_fork.add(self)
 
     def _reset_after_fork(self) -> None:
         self.active = 0
@@ -212,15 +204,12 @@ class JobRunner:
     ) -> None:
         """Log a failure of ``name`` through the throttle: the first in full, then
         a count per interval. Loop thread only."""
-        self._flush_timer.throttle = self.log_throttle  # it may have been replaced
-        if not self.log_throttle.failure(log, kind, name, exc, msg, *args, level=level):
-            with contextlib.suppress(RuntimeError):  # no loop: a coroutine closed late
-                self._flush_timer.arm(asyncio.get_running_loop())
+        logged = self.log_throttle.failure(log, kind, name, exc, msg, *args, level=level)
+        self._flush_timer.after_failure(self.log_throttle, logged)
 
     def flush_logs(self) -> None:
         """Say every failure count not logged yet (at stop)."""
-        self._flush_timer.close()
-        self.log_throttle.flush(force=True)
+        self._flush_timer.close_and_flush(self.log_throttle)
 
     def settle_unfinished(self, why: str, *, from_loop: bool = True) -> int:
         """Mark every job not yet final as cancelled (``why`` says how it was
