@@ -13,5 +13,8 @@ Where a job is...
 - consumed from a queue: :mod:`.consumers`;
 - counted: :mod:`.stats`; watched: :mod:`.monitor`;
 - shut down: :mod:`.loop` (the loop thread, its stop and report) and
-  :mod:`.os_signals`.
+  :mod:`.os_signals`; reset in a forked child: :mod:`.after_fork`.
+
+Failures are logged through :mod:`.logthrottle`; served values made JSON-safe
+by :mod:`.jsonsafe`.
 """
