@@ -14,9 +14,10 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .engine.jobs import Job, JobStatus, Task, TaskOptions
+from .engine.jobs import Job, JobStatus
 from .engine.jsonsafe import json_safe
 from .engine.records import CancelResult, JobPage, JobQuery, JobRecord, encode_json
+from .engine.tasks import Task, TaskOptions
 from .engine.view import RunKind, RunResult
 from .errors import JobCancelled, JobTimedOut, NotRunning
 

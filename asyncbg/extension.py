@@ -29,23 +29,23 @@ from .backends import Backend, open_backend
 from .config import DEFAULT_CONFIG, Settings, load_settings
 from .engine.consumers import WorkQueue
 from .engine.host_lock import default_lock_dir
-from .engine.jobs import (
+from .engine.jobs import Job, JobHistory
+from .engine.loop import LoopThread, ShutdownReport
+from .engine.monitor import LoopMonitor
+from .engine.os_signals import ShutdownSignals
+from .engine.periodic import PeriodicJob, Scope
+from .engine.runner import JobRunner
+from .engine.stats import JobStats
+from .engine.tasks import (
     CoroutineFunction,
-    Job,
-    JobHistory,
-    JobRunner,
     Task,
     TaskDecorator,
     TaskOptions,
     deprecated,
     is_async_callable,
 )
-from .engine.loop import LoopThread, ShutdownReport
-from .engine.monitor import LoopMonitor
-from .engine.os_signals import ShutdownSignals
-from .engine.periodic import PeriodicJob, Scope
 from .lifecycle import AppState, in_job_context_transition
-from .web.metrics import JobStats, MetricsExporter
+from .web.metrics import MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -27,13 +27,15 @@ from .backends import Backend, open_backend
 from .config import Settings
 from .engine.consumers import WorkQueue
 from .engine.host_lock import HostLock, default_lock_dir
-from .engine.jobs import Job, JobHistory, JobRunner
+from .engine.jobs import Job, JobHistory
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob
+from .engine.runner import JobRunner
+from .engine.stats import JobStats
 from .errors import NotRunning, UnknownQueue
-from .web.metrics import JobStats, MetricsExporter
+from .web.metrics import MetricsExporter
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -21,7 +21,7 @@ import pytest
 from flask import Flask
 
 from asyncbg import AsyncBG, JobStatus
-from asyncbg.engine.jobs import is_async_callable
+from asyncbg.engine.tasks import is_async_callable
 
 WAIT = 10.0
 
@@ -207,7 +207,8 @@ CALLS: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
 
 @pytest.mark.parametrize("fn", [_f0, _f1, _f2, _f3, _f4, _f5, _f6, _f7, _f8])
 def test_the_check_refuses_exactly_what_python_refuses(fn: Callable[..., None]) -> None:
-    from asyncbg.engine.jobs import arguments_of, check_arguments  # here: absent before the checks
+    # here: absent before the checks
+    from asyncbg.engine.arguments import arguments_of, check_arguments
 
     for args, kwargs in CALLS:
         try:
@@ -229,7 +230,7 @@ def test_the_check_refuses_exactly_what_python_refuses(fn: Callable[..., None]) 
 
 
 def test_a_closure_made_per_call_is_inspected_once() -> None:
-    from asyncbg.engine.jobs import arguments_of
+    from asyncbg.engine.arguments import arguments_of
 
     def make(n: int) -> Callable[[int], int]:
         return lambda x: x + n

@@ -75,6 +75,15 @@ def check(loop: asyncio.AbstractEventLoop) -> str | None:
     Must run on the loop's thread, in a callback outside any task (where
     ``spawn()`` uses it). Not to be called on 3.12+ (the stock factory is used).
     """
+    why_not = _unsupported(loop)
+    if why_not is not None:
+        return why_not
+    assert isinstance(loop, EagerStartLoop)
+    return _probe(loop)
+
+
+def _unsupported(loop: asyncio.AbstractEventLoop) -> str | None:
+    # What rules the trick out before it is even tried.
     if forced_off(NAME):
         return f"turned off by the {ENV_SWITCH} test switch"
     if not isinstance(loop, EagerStartLoop):
@@ -83,6 +92,12 @@ def check(loop: asyncio.AbstractEventLoop) -> str | None:
         return "asyncio.Handle has no _run()"
     if asyncio.current_task(loop) is not None:
         return "checked from inside a running task"
+    return None
+
+
+def _probe(loop: EagerStartLoop) -> str | None:
+    # Start one task eagerly and check that its first step ran here, as its
+    # own task, and left the loop as it was.
     seen: list[asyncio.Task[Any] | None] = []
 
     async def probe() -> int:

@@ -13,16 +13,17 @@ import collections
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotRunning, QueueFull
-from .jobs import FAILURE_LOG_INTERVAL, CloseTolerant, is_async_callable, set_if_pending
+from .after_fork import ResetAfterFork
+from .jobs import set_if_pending
 from .logthrottle import FlushTimer, LogThrottle, describe_exception, short_repr
+from .runner import FAILURE_LOG_INTERVAL, CloseTolerant
+from .tasks import is_async_callable
 
 if TYPE_CHECKING:
     from .loop import LoopThread
@@ -31,16 +32,7 @@ __all__ = ["WorkQueue"]
 
 log = logging.getLogger("asyncbg")
 
-_instances: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
-
-
-def _reset_all_after_fork() -> None:
-    for q in list(_instances):
-        q._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_all_after_fork)
+_after_fork: ResetAfterFork[WorkQueue] = ResetAfterFork(lambda q: q._reset_after_fork())
 
 # A worker that never suspends would starve the loop; it yields every so often.
 _YIELD_EVERY = 32
@@ -93,7 +85,7 @@ class WorkQueue:
         #: Which failures are logged in full (the first per minute); items as short reprs.
         self.log_throttle = LogThrottle(FAILURE_LOG_INTERVAL)
         self._flush_timer = FlushTimer(self.log_throttle)
-        _instances.add(self)
+        _after_fork.add(self)
 
     def _reset_after_fork(self) -> None:
         # In a forked child: another thread may have held the lock at fork time
@@ -309,7 +301,6 @@ class WorkQueue:
             self.processed += 1
 
     def _log_failure(self, exc: BaseException, item: Any) -> None:
-        self._flush_timer.throttle = self.log_throttle  # it may have been replaced
         logged = self.log_throttle.failure(
             log,
             "consumer",
@@ -319,14 +310,11 @@ class WorkQueue:
             self.name,
             short_repr(item),
         )
-        if not logged:
-            with contextlib.suppress(RuntimeError):  # no running loop
-                self._flush_timer.arm(asyncio.get_running_loop())
+        self._flush_timer.after_failure(self.log_throttle, logged)
 
     def flush_logs(self) -> None:
         """Say every failure count not logged yet (at stop)."""
-        self._flush_timer.close()
-        self.log_throttle.flush(force=True)
+        self._flush_timer.close_and_flush(self.log_throttle)
 
     def close(self) -> int:
         """Stop handing out items; wake blocked producers; return how many are left.

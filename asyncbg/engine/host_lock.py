@@ -17,7 +17,8 @@ import os
 import re
 import stat
 import tempfile
-import weakref
+
+from .after_fork import ResetAfterFork
 
 __all__ = ["HostLock", "HostLockError", "default_lock_dir"]
 
@@ -27,7 +28,11 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
-_instances: weakref.WeakSet[HostLock] = weakref.WeakSet()
+# A forked child (a multiprocessing pool, a job that forks) inherits the
+# holder's descriptor and with it the flock: if the holder then died, the
+# child would keep the lock, without running the job, for as long as it
+# lives. Drop the child's copy at once instead of on its next use.
+_after_fork: ResetAfterFork[HostLock] = ResetAfterFork(lambda lock: lock._forget_if_forked())
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -87,19 +92,6 @@ def _open_private_dir(path: str) -> int:
     return fd
 
 
-def _forget_all_after_fork() -> None:
-    for lock in list(_instances):
-        lock._forget_if_forked()
-
-
-if hasattr(os, "register_at_fork"):
-    # A forked child (a multiprocessing pool, a job that forks) inherits the
-    # holder's descriptor and with it the flock: if the holder then died, the
-    # child would keep the lock, without running the job, for as long as it
-    # lives. Drop the child's copy at once instead of on its next use.
-    os.register_at_fork(after_in_child=_forget_all_after_fork)
-
-
 class HostLock:
     """An exclusive, non-blocking lock on ``<directory>/<name>.lock``.
 
@@ -123,7 +115,7 @@ class HostLock:
         self.path = os.path.join(self.directory, self.filename)
         self._fd: int | None = None
         self._pid = 0
-        _instances.add(self)
+        _after_fork.add(self)
 
     @property
     def held(self) -> bool:

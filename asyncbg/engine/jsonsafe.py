@@ -46,6 +46,12 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         return {_json_key(k): json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [json_safe(v, depth + 1) for v in value]
+    return _json_safe_other(value, depth)
+
+
+def _json_safe_other(value: Any, depth: int) -> Any:
+    # Neither a JSON value nor a container: the types user code returns most,
+    # by what they mean; a repr for the rest.
     if isinstance(value, enum.Enum):
         return json_safe(value.value, depth + 1)
     if isinstance(value, (datetime.date, datetime.time)):
@@ -63,14 +69,20 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         except Exception:
             return short_repr(value)
     if isinstance(value, numbers.Number):
-        try:
-            if isinstance(value, numbers.Integral):
-                return int(value)
-            number = float(cast("SupportsFloat", value))  # Real, or a float-able Number
-        except Exception:
-            return short_repr(value)
-        return number if math.isfinite(number) else None
+        return _json_number(value)
     return short_repr(value)
+
+
+def _json_number(value: numbers.Number) -> Any:
+    # Decimal, Fraction, numpy numbers...: an int or a finite float, else None;
+    # a repr if the conversion itself fails.
+    try:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        number = float(cast("SupportsFloat", value))  # Real, or a float-able Number
+    except Exception:
+        return short_repr(value)
+    return number if math.isfinite(number) else None
 
 
 def _json_key(key: object) -> str:

@@ -27,6 +27,7 @@ every failure in their statistics and metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import reprlib
 import threading
@@ -293,3 +294,21 @@ class FlushTimer:
         if self._handle is not None:
             self._handle.cancel()
         self._handle = None
+
+    def close_and_flush(self, throttle: LogThrottle) -> None:
+        """Cancel the scheduled summary and log every count ``throttle`` holds (at stop)."""
+        self.close()
+        throttle.flush(force=True)
+
+    def after_failure(self, throttle: LogThrottle, logged: bool, *, arm: bool = True) -> None:
+        """After ``throttle.failure(...)`` returned ``logged``: if the line was held
+        back, arm on the running loop so that its count is said on time.
+
+        ``throttle`` is the owner's current one (owners let it be replaced);
+        ``arm=False`` once the owner has stopped (its counts are said at stop).
+        """
+        self.throttle = throttle
+        if logged or not arm:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: a coroutine closed late
+            self.arm(asyncio.get_running_loop())

@@ -1,8 +1,9 @@
-"""Periodic jobs: fixed-rate, fixed-delay and cron schedules on the loop's clock.
+"""Periodic jobs on the loop: the timers that start their runs, the overlap
+policy, the statistics of their runs and, for host-scoped ones, the host lock.
 
-Fixed rate means run N is due at ``start + N * period`` on the loop's monotonic
-clock, so the time a run takes never shifts the ones after it. A run still
-going when the next is due is not overlapped: that tick is skipped and counted.
+When a run is due is :mod:`asyncbg.engine.triggers`' arithmetic; this module
+reads the clocks and arms ``loop.call_at``. A run still going when the next is
+due is not overlapped: that tick is skipped and counted.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from croniter import croniter
-
 from .host_lock import HostLock
-from .jobs import is_async_callable
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
+from .runner import FAILURE_LOG_INTERVAL
+from .tasks import is_async_callable
+from .triggers import CronTrigger, DelayTrigger, RateTrigger, Trigger
 
 if TYPE_CHECKING:
     from .loop import LoopThread
@@ -33,10 +34,6 @@ log = logging.getLogger("asyncbg")
 Scope = Literal["process", "host"]
 
 _SKIP_LOG_INTERVAL = 60.0
-
-#: A failing job logs one failure in full with its traceback, then at most one
-#: summary line, per this many seconds (every failure is still counted).
-FAILURE_LOG_INTERVAL = 60.0
 
 #: Longest ``last_error`` / ``lock_error`` kept: they go into health reports.
 _ERROR_TEXT_LIMIT = 500
@@ -82,8 +79,7 @@ class PeriodicJob:
     ) -> None:
         if sum(x is not None for x in (every, delay, cron)) != 1:
             raise ValueError("give exactly one of every=, delay= or cron=")
-        if cron is not None and not croniter.is_valid(cron):
-            raise ValueError(f"not a valid cron expression: {cron!r}")
+        cron_trigger = None if cron is None else CronTrigger(cron)
         if scope not in ("process", "host"):
             raise ValueError(f"scope must be 'process' or 'host', got {scope!r}")
         if not is_async_callable(fn):
@@ -101,6 +97,14 @@ class PeriodicJob:
         self.timeout = _seconds(timeout, "timeout")
         self.scope: Scope = scope
         self.tz = tz
+        self._trigger: Trigger
+        if cron_trigger is not None:
+            self._trigger = cron_trigger
+        elif self.every is not None:
+            self._trigger = RateTrigger(self.every)
+        else:
+            assert self.delay is not None
+            self._trigger = DelayTrigger(self.delay)
         # statistics
         self.runs = 0
         self.failures = 0
@@ -117,9 +121,6 @@ class PeriodicJob:
         self._lock: HostLock | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._run_task: asyncio.Task[None] | None = None
-        self._anchor = 0.0
-        self._n = 0
-        self._cron_iter: Any = None
         self._active = False
         self._last_skip_log = -math.inf
         #: Decides which failures are logged in full; replace it to change the interval.
@@ -132,16 +133,18 @@ class PeriodicJob:
     @property
     def schedule(self) -> str:
         """The schedule in words, e.g. ``every 5s``, ``delay 1s``, ``cron */5 * * * *``."""
-        if self.every is not None:
-            return f"every {self.every:g}s"
-        if self.delay is not None:
-            return f"delay {self.delay:g}s"
-        return f"cron {self.cron}"
+        return str(self._trigger)
 
     @property
     def running(self) -> bool:
         """True while a run is in progress."""
         return self._run_task is not None
+
+    @property
+    def _anchor(self) -> float:
+        # The loop time a fixed-rate schedule counts its periods from (read by
+        # benchmarks/periodic.py to tell which slot a run was due in).
+        return self._trigger.anchor if isinstance(self._trigger, RateTrigger) else 0.0
 
     @property
     def holds_lock(self) -> bool | None:
@@ -164,16 +167,13 @@ class PeriodicJob:
         self._active = True
         loop = loop_thread.loop
         now = loop.time()
-        if self.cron is not None:
+        trigger = self._trigger
+        if isinstance(trigger, CronTrigger):
             tz = self.tz or dt.datetime.now().astimezone().tzinfo
-            self._cron_iter = croniter(self.cron, dt.datetime.now(tz))
-            due = self._next_cron_due() if not self.run_at_start else now
+            trigger.start(dt.datetime.now(tz))
+            due = self._next_cron_due(trigger) if not self.run_at_start else now
         else:
-            period = self.every if self.every is not None else self.delay
-            assert period is not None
-            self._anchor = now
-            self._n = 0 if self.run_at_start else 1
-            due = now + self._n * period
+            due = trigger.first_due(now, self.run_at_start)
         self._arm(due)
 
     def stop(self) -> None:
@@ -193,8 +193,7 @@ class PeriodicJob:
         """
         if self._lock is not None:
             self._lock.release()
-        self._flush_timer.close()
-        self.log_throttle.flush(force=True)
+        self._flush_timer.close_and_flush(self.log_throttle)
 
     def run_now(self) -> bool:
         """Start one run now, outside the schedule, unless one is running. Loop thread only."""
@@ -212,27 +211,20 @@ class PeriodicJob:
         self._handle = loop.call_at(when, self._fire, when)
         self.next_due = time.time() + (when - loop.time())
 
-    def _next_cron_due(self) -> float:
+    def _next_cron_due(self, trigger: CronTrigger) -> float:
+        # Cron counts in wall-clock time, timers in loop time: convert at "now".
         assert self._lt is not None
         now_wall = time.time()
-        nxt: float = self._cron_iter.get_next(float)
-        while nxt < now_wall - 1.0:  # occurrences missed while the loop was busy
+        nxt, missed = trigger.next_due(now_wall)
+        for _ in range(missed):  # occurrences missed while the loop was busy
             self._count_skip("the loop was busy")
-            nxt = self._cron_iter.get_next(float)
         return self._lt.loop.time() + (nxt - now_wall)
 
-    def _next_rate_due(self) -> float:
+    def _next_rate_due(self, trigger: RateTrigger) -> float:
         assert self._lt is not None
-        assert self.every is not None
-        self._n += 1
-        due = self._anchor + self._n * self.every
-        late = self._lt.loop.time() - due
-        if late >= self.every:  # whole periods missed while the loop was busy
-            missed = int(late // self.every)
-            self._n += missed
-            for _ in range(missed):
-                self._count_skip("the loop was busy")
-            due = self._anchor + self._n * self.every
+        due, missed = trigger.next_due(self._lt.loop.time())
+        for _ in range(missed):  # whole periods missed while the loop was busy
+            self._count_skip("the loop was busy")
         return due
 
     def _count_skip(self, why: str) -> None:
@@ -264,15 +256,15 @@ class PeriodicJob:
             task = lt.spawn(self._run(due), name=f"asyncbg:periodic:{self.name}")
             # Started eagerly, a run that never suspends is already over.
             self._run_task = None if task.done() else task
-        if self.every is not None:
-            self._arm(self._next_rate_due())
-        elif self.cron is not None:
-            self._arm(self._next_cron_due())
+        trigger = self._trigger
+        if isinstance(trigger, RateTrigger):
+            self._arm(self._next_rate_due(trigger))
+        elif isinstance(trigger, CronTrigger):
+            self._arm(self._next_cron_due(trigger))
         elif (not started or self._run_task is None) and self._handle is None and self._active:
             # fixed delay: the run re-arms when it ends; if none started (or it
             # finished at once, eagerly, and did not re-arm), arm from now.
-            assert self.delay is not None
-            self._arm(lt.loop.time() + self.delay)
+            self._arm(trigger.due_after(lt.loop.time()))
 
     def _try_lock(self) -> bool:
         assert self._lock is not None
@@ -297,10 +289,9 @@ class PeriodicJob:
         return held
 
     def _log_failure(self, kind: str, exc: BaseException, msg: str, *args: object) -> None:
-        throttled = not self.log_throttle.failure(log, kind, self.name, exc, msg, *args)
-        if throttled and self._lt is not None and self._active:
-            self._flush_timer.throttle = self.log_throttle  # it may have been replaced
-            self._flush_timer.arm(self._lt.loop)
+        logged = self.log_throttle.failure(log, kind, self.name, exc, msg, *args)
+        # Called on the loop only (a tick or a run): the running loop is its loop.
+        self._flush_timer.after_failure(self.log_throttle, logged, arm=self._active)
 
     async def _run(self, due: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -329,8 +320,9 @@ class PeriodicJob:
             self.runs += 1
             self.last_duration = loop.time() - t0
             self._run_task = None
-            if self.delay is not None and self._active and due is not None:
-                self._arm(loop.time() + self.delay)
+            trigger = self._trigger
+            if isinstance(trigger, DelayTrigger) and self._active and due is not None:
+                self._arm(trigger.due_after(loop.time()))
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-safe summary: schedule, counts, last start/duration/error, next due,
