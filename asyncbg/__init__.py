@@ -10,10 +10,10 @@ from __future__ import annotations
 from .asgi import AsyncBGASGI
 from .config import DEFAULT_CONFIG
 from .engine.consumers import WorkQueue
-from .engine.jobs import Job, JobStatus, Progress, current_job
+from .engine.jobs import Job, JobStatus, Progress, TaskOptions, current_job
 from .engine.loop import LoopFuture, LoopThread, ShutdownReport
 from .engine.periodic import PeriodicJob
-from .engine.tasks import Task, TaskOptions
+from .engine.tasks import Task
 from .errors import (
     AsyncBGError,
     BackendError,

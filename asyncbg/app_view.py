@@ -14,62 +14,19 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .engine.jobs import Job, JobStatus
-from .engine.jsonsafe import json_safe
-from .engine.records import CancelResult, JobPage, JobQuery, JobRecord, encode_json
-from .engine.tasks import Task, TaskOptions
+from .engine.jobs import Job, JobStatus, TaskOptions
+from .engine.records import CancelResult, JobPage, JobQuery, JobRecord
+from .engine.tasks import Task
 from .engine.view import RunKind, RunResult
 from .errors import JobCancelled, JobTimedOut, NotRunning
 
 if TYPE_CHECKING:
     from .lifecycle import AppState
 
-__all__ = ["AppView", "job_record"]
+__all__ = ["AppView"]
 
 #: How long an interrupted ``run_once`` waits for the cancelled job to end.
 _INTERRUPT_WAIT = 5.0
-
-
-def job_record(job: Job[Any]) -> JobRecord:
-    """Return the record of a live job, as it is now.
-
-    Its :meth:`JobRecord.to_dict` is :meth:`Job.to_dict` to the byte: the
-    result and arguments are made JSON-safe here, as ``Job.to_dict`` does, so
-    that decoding them gives back what it would show; the error is the same
-    ``"Type: message"``.
-    """
-    # Read once: the loop may finish the job while this runs.
-    status = job.status
-    progress = job.progress
-    exc = job._exception
-    args, kwargs = job._args, job._kwargs
-    return JobRecord(
-        id=job.id,
-        queue=job.name,
-        task=job.name,
-        args_json=(
-            None
-            if args is None or kwargs is None
-            # json_safe's output is always JSON: encode_json never raises here.
-            else encode_json(
-                {"args": json_safe(list(args)), "kwargs": json_safe(dict(kwargs))}, "arguments"
-            )
-        ),
-        status=status.value,
-        attempts=job.attempts,
-        max_attempts=job.options.retries + 1,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        progress_done=None if progress is None else progress.done,
-        progress_total=None if progress is None else progress.total,
-        progress_message=None if progress is None else progress.message,
-        result_json=(
-            encode_json(json_safe(job._result), "result") if status is JobStatus.SUCCEEDED else None
-        ),
-        error=None if exc is None else f"{type(exc).__name__}: {exc}",
-        timeout=job.options.timeout,
-    )
 
 
 class AppView:
@@ -120,7 +77,7 @@ class AppView:
     def get_job(self, job_id: str) -> JobRecord | None:
         """A job's record, or None when unknown or forgotten."""
         job = self._live(job_id)
-        return None if job is None else job_record(job)
+        return None if job is None else job.record()
 
     def query_jobs(self, query: JobQuery) -> JobPage:
         """A page of job records, newest first (only the page is converted)."""
@@ -132,7 +89,7 @@ class AppView:
             if (statuses is None or job.status in statuses) and (task is None or job.name == task)
         ]
         page = selected[query.offset : query.offset + query.limit]
-        return JobPage(tuple(job_record(job) for job in page), len(selected))
+        return JobPage(tuple(job.record() for job in page), len(selected))
 
     def job_counts(self) -> dict[str, int]:
         """How many jobs are running, pending, known and active."""
@@ -203,11 +160,11 @@ class AppView:
         # cancel() is False for a job that has ended, and when the loop is gone.
         if job.done() or not job.cancel():
             if job.done():
-                return CancelResult.FINAL, job_record(job)
+                return CancelResult.FINAL, job.record()
             raise NotRunning("the event loop is not running")
         if wait > 0:
             job.wait(wait)
-        return CancelResult.REQUESTED, job_record(job)
+        return CancelResult.REQUESTED, job.record()
 
     def wait_job(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait up to ``timeout`` seconds for a job's end; its record then, or None.
@@ -218,7 +175,7 @@ class AppView:
         if job is None:
             return None
         job.wait(timeout)
-        return job_record(job)
+        return job.record()
 
     def run_periodic_now(self, name: str, *, timeout: float) -> tuple[bool, dict[str, Any]]:
         """Start a run of the periodic job ``name`` now (see :meth:`StateView.run_periodic_now`).
@@ -254,7 +211,7 @@ class AppView:
                 job.cancel()
                 job.wait(_INTERRUPT_WAIT)
                 took = time.monotonic() - t0
-                return RunResult(job_record(job), took, started_loop, interrupted=True)
+                return RunResult(job.record(), took, started_loop, interrupted=True)
             return _run_result(job, time.monotonic() - t0, started_loop)
         except BaseException:
             # The caller stops a loop this started only once it has the result.
@@ -273,17 +230,7 @@ class AppView:
                 raise TypeError(f"periodic job {name!r} takes no arguments")
             options = TaskOptions(timeout=pj.timeout)
             return runner.create(pj.fn, (), {}, name=pj.name, options=options, is_async=True)
-        task = self._tasks[name]
-        task.check_arguments(args, kwargs)
-        return runner.create(
-            task.fn,
-            args,
-            kwargs,
-            name=task.name,
-            options=task.options,
-            is_async=task.is_async,
-            check_args=False,
-        )
+        return runner.create_for(self._tasks[name], args, kwargs)
 
     def wait_idle(self) -> None:
         """Wait, at most ``ASYNCBG_SHUTDOWN_TIMEOUT``, for every job and queue item.
@@ -304,9 +251,9 @@ def _run_result(job: Job[Any], took: float, started_loop: bool) -> RunResult:
     try:
         result = job.result(0)
     except (JobCancelled, JobTimedOut) as exc:
-        return RunResult(job_record(job), took, started_loop, message=str(exc))
+        return RunResult(job.record(), took, started_loop, message=str(exc))
     except Exception as exc:
         text = "".join(traceback.format_exception(exc)).rstrip()
-        return RunResult(job_record(job), took, started_loop, traceback=text)
+        return RunResult(job.record(), took, started_loop, traceback=text)
     shown = None if result is None else repr(result)
-    return RunResult(job_record(job), took, started_loop, result_repr=shown)
+    return RunResult(job.record(), took, started_loop, result_repr=shown)

@@ -32,6 +32,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
+from .engine.checks import at_least
+
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -243,14 +245,10 @@ class WSGIBridge:
         is_probe: Callable[[str, str], bool] | None = None,
         probe_threads: int = DEFAULT_PROBE_THREADS,
     ) -> None:
-        if threads < 1 or probe_threads < 1:
-            raise ValueError(f"thread counts must be at least 1, got {threads}, {probe_threads}")
-        if max_body_size < 0:
-            raise ValueError(f"max_body_size must be at least 0, got {max_body_size}")
+        self.threads = at_least("threads", threads, 1)
+        self.probe_threads = at_least("probe_threads", probe_threads, 1)
+        self.max_body_size = at_least("max_body_size", max_body_size, 0)
         self.app = wsgi_app
-        self.max_body_size = max_body_size
-        self.threads = threads
-        self.probe_threads = probe_threads
         self._is_probe = is_probe
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()

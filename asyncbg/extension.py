@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import datetime as dt
 import functools
 import inspect
 import logging
@@ -17,7 +16,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, Unpack, cast, overload
 
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
@@ -33,7 +32,7 @@ from .engine.jobs import Job, JobHistory
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
-from .engine.periodic import PeriodicJob, Scope
+from .engine.periodic import PeriodicJob, Schedule
 from .engine.runner import JobRunner
 from .engine.stats import JobStats
 from .engine.tasks import (
@@ -43,6 +42,7 @@ from .engine.tasks import (
     TaskOptions,
     deprecated,
     is_async_callable,
+    require_findable,
 )
 from .lifecycle import AppState, in_job_context_transition
 from .web.metrics import MetricsExporter
@@ -338,6 +338,7 @@ class AsyncBG:
             concurrency=spec["concurrency"],
             maxsize=spec["maxsize"] or st.queue_maxsize,
             context=st.app_context,
+            durable=spec["durable"],
         )
 
     def _new_state(self) -> AppState:
@@ -413,6 +414,7 @@ class AsyncBG:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
+        durable: bool | None = None,
     ) -> TaskDecorator: ...
 
     # fn is not positional-only here: mypy then wrongly finds that the
@@ -426,6 +428,7 @@ class AsyncBG:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 60.0,
+        durable: bool | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Declare a named task: ``@bg.task`` or ``@bg.task(timeout=30, retries=3)``.
 
@@ -437,12 +440,14 @@ class AsyncBG:
 
         :raises ValueError: on a bad option or a name already taken.
         """
-        options = TaskOptions(timeout, retries, retry_backoff, retry_backoff_max)
+        options = TaskOptions(timeout, retries, retry_backoff, retry_backoff_max, durable)
 
         def decorate(func: Callable[..., Any], /) -> Task[Any, Any]:
             task_name = name or _qualified_name(func)
             if task_name in self.tasks:
                 raise ValueError(f"a task named {task_name!r} is already registered")
+            if durable:
+                require_findable(func, f"task {task_name!r}")
             t: Task[Any, Any] = Task(func, task_name, options, self._submit_task)
             self.tasks[task_name] = t
             return t
@@ -450,39 +455,23 @@ class AsyncBG:
         return decorate(fn) if fn is not None else decorate
 
     def periodic(
-        self,
-        *,
-        every: float | dt.timedelta | None = None,
-        delay: float | dt.timedelta | None = None,
-        cron: str | None = None,
-        jitter: float | dt.timedelta = 0.0,
-        run_at_start: bool = False,
-        timeout: float | dt.timedelta | None = None,
-        scope: Scope = "process",
-        name: str | None = None,
-        tz: dt.tzinfo | None = None,
+        self, *, name: str | None = None, **schedule: Unpack[Schedule]
     ) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], PeriodicJob]:
         """Run an ``async def`` function on a schedule while the loop runs.
 
         ``every=`` fixed rate (run N at start + N * period), ``delay=`` fixed
         delay after each run ends, or ``cron=`` (5 fields, ``tz`` for its time
         zone). ``scope="host"`` runs it in one process per host at a time (a
-        file lock in ``ASYNCBG_LOCK_DIR``). Returns the :class:`PeriodicJob` of
-        the first app (each app bound has its own, with its own statistics).
+        file lock in ``ASYNCBG_LOCK_DIR``). ``jitter=`` adds up to that many
+        seconds at random to each start, ``run_at_start=True`` runs once at once,
+        ``timeout=`` cancels a run that takes longer (see :class:`Schedule`).
+        Returns the :class:`PeriodicJob` of the first app (each app bound has its
+        own, with its own statistics).
 
         :raises ValueError: on a bad schedule or a name already taken.
-        :raises TypeError: if the function is not async.
+        :raises TypeError: if the function is not async, or on an unknown option.
         """
-        options: dict[str, Any] = {
-            "every": every,
-            "delay": delay,
-            "cron": cron,
-            "jitter": jitter,
-            "run_at_start": run_at_start,
-            "timeout": timeout,
-            "scope": scope,
-            "tz": tz,
-        }
+        options: Schedule = {**schedule}
 
         def decorate(fn: Callable[[], Coroutine[Any, Any, Any]]) -> PeriodicJob:
             job_name = name or _qualified_name(fn)
@@ -497,7 +486,12 @@ class AsyncBG:
         return decorate
 
     def consumer(
-        self, queue: str, *, concurrency: int = 1, maxsize: int | None = None
+        self,
+        queue: str,
+        *,
+        concurrency: int = 1,
+        maxsize: int | None = None,
+        durable: bool | None = None,
     ) -> Callable[[Callable[[Any], Awaitable[Any]]], WorkQueue]:
         """Consume the named queue with ``concurrency`` workers on the loop.
 
@@ -509,11 +503,13 @@ class AsyncBG:
 
         :raises ValueError: if the queue already has a consumer, or on bad sizes.
         """
-        spec: dict[str, Any] = {"concurrency": concurrency, "maxsize": maxsize}
+        spec: dict[str, Any] = {"concurrency": concurrency, "maxsize": maxsize, "durable": durable}
 
         def decorate(fn: Callable[[Any], Awaitable[Any]]) -> WorkQueue:
             if queue in self._consumer_defs:
                 raise ValueError(f"queue {queue!r} already has a consumer")
+            if durable:
+                require_findable(fn, f"the consumer of {queue!r}")
             spec["fn"] = fn
             made = [self._new_queue(st, queue, spec) for st in self._every_state()]
             self._consumer_defs[queue] = spec
@@ -563,17 +559,8 @@ class AsyncBG:
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Job[T]:
-        task.check_arguments(args, kwargs)
         st = self._state()
-        job = st.runner.create(
-            task.fn,
-            args,
-            kwargs,
-            name=task.name,
-            options=task.options,
-            is_async=task.is_async,
-            check_args=False,
-        )
+        job = st.runner.create_for(task, args, kwargs)
         return st.dispatch(job)
 
     # Task first: it is callable too, but its __call__ does not say whether it

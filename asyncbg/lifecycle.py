@@ -32,6 +32,7 @@ from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob
+from .engine.records import encode_json
 from .engine.runner import JobRunner
 from .engine.stats import JobStats
 from .errors import NotRunning, UnknownQueue
@@ -258,6 +259,7 @@ class AppState:
     def enqueue(self, queue: str, item: Any, timeout: float | None) -> None:
         """See :meth:`AsyncBG.enqueue <asyncbg.AsyncBG.enqueue>`."""
         q = self.get_queue(queue)
+        _check_storable(q, item)
         self.ensure_started()
         if self.eager and not self.loop_thread.in_loop_thread():
             self.loop_thread.run_sync(q.handle(item, propagate=True), context=None)
@@ -267,6 +269,7 @@ class AppState:
     async def enqueue_async(self, queue: str, item: Any, timeout: float | None) -> None:
         """See :meth:`AsyncBG.enqueue_async <asyncbg.AsyncBG.enqueue_async>`."""
         q = self.get_queue(queue)
+        _check_storable(q, item)
         self.ensure_started()
         if self.eager:
             await self.loop_thread.run(q.handle(item, propagate=True))
@@ -483,6 +486,12 @@ class AppState:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+
+def _check_storable(q: WorkQueue, item: Any) -> None:
+    # A durable queue stores its items as JSON: say so at enqueue, not later.
+    if q.durable:
+        encode_json(item, f"an item for the durable queue {q.name!r}")
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import NotRunning, QueueFull
 from .after_fork import ResetAfterFork
+from .checks import at_least
 from .jobs import set_if_pending
 from .logthrottle import FlushTimer, LogThrottle, describe_exception, short_repr
 from .runner import FAILURE_LOG_INTERVAL, CloseTolerant
@@ -56,15 +57,14 @@ class WorkQueue:
         concurrency: int = 1,
         maxsize: int = 1000,
         context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        durable: bool | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be >= 1, got {maxsize!r}")
+        self.concurrency = at_least("concurrency", concurrency, 1)
+        self.maxsize = at_least("maxsize", maxsize, 1)
+        #: True: items are stored (JSON, checked at enqueue); None: as the backend.
+        self.durable = durable
         self.name = name
         self.handler = handler
-        self.concurrency = concurrency
-        self.maxsize = maxsize
         self.loop_thread = loop_thread
         self.context = context
         self._is_async = is_async_callable(handler)

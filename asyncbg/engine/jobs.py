@@ -26,14 +26,14 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from ..errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
+from .records import JobRecord, encode_json
 
 if TYPE_CHECKING:
-    from .runner import JobRunner
-    from .tasks import TaskOptions
+    from .loop import LoopThread
 
 __all__ = [
     "Job",
@@ -138,6 +138,48 @@ class Progress:
         return max(0.0, min(1.0, self.done / self.total))
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """How a job runs: per-attempt ``timeout`` (seconds), ``retries`` after the
+    first attempt, and exponential backoff ``retry_backoff * 2**n`` capped at
+    ``retry_backoff_max``. ``durable``: None follows the backend (durable
+    when it is); True asks for a stored job (arguments must be JSON, checked
+    at submit); False keeps it in memory whatever the backend."""
+
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 60.0
+    durable: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
+        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
+            raise ValueError("retry_backoff and retry_backoff_max must be >= 0")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based)."""
+        return float(min(self.retry_backoff_max, self.retry_backoff * 2.0 ** (attempt - 1)))
+
+
+#: The options of a job submitted without any.
+DEFAULT_OPTIONS = TaskOptions()
+
+
+class _Owner(Protocol):
+    """What a job asks of the runner that made it (see ``engine/runner.py``)."""
+
+    @property
+    def loop_thread(self) -> LoopThread: ...
+
+    def _cancel(self, job: Job[Any]) -> None: ...
+
+    def _finished(self, job: Job[Any]) -> None: ...
+
+
 class Job(Generic[T]):
     """One unit of background work and its outcome.
 
@@ -170,7 +212,7 @@ class Job(Generic[T]):
 
     def __init__(
         self,
-        runner: JobRunner,
+        runner: _Owner,
         fn: Callable[..., Any] | Coroutine[Any, Any, T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -342,41 +384,53 @@ class Job(Generic[T]):
 
         ``include_error`` (default: same as ``include_result``) adds the error
         (``"Type: message"``); ``include_args`` adds ``args`` and ``kwargs``,
-        known only until the job finishes (None afterwards).
+        known only until the job finishes (None afterwards). The same as
+        ``job.record().to_dict(...)``.
         """
+        return self.record().to_dict(
+            include_result=include_result, include_error=include_error, include_args=include_args
+        )
+
+    def record(self) -> JobRecord:
+        """Return the job as a :class:`~asyncbg.engine.records.JobRecord`, as it is now.
+
+        Results and arguments are made JSON-safe (reprs for what JSON cannot
+        hold), so that the record serialises whatever the job returned.
+        """
+        # Read once: the loop may finish the job while this runs.
+        status = self.status
         progress = self.progress
-        data: dict[str, Any] = {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status.value,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "duration": (
+        exc = self._exception
+        args, kwargs = self._args, self._kwargs
+        return JobRecord(
+            id=self.id,
+            queue=self.name,
+            task=self.name,
+            args_json=(
                 None
-                if self.started_at is None
-                else (self.finished_at or time.time()) - self.started_at
+                if args is None or kwargs is None
+                # json_safe's output is always JSON: encode_json never raises here.
+                else encode_json(
+                    {"args": json_safe(list(args)), "kwargs": json_safe(dict(kwargs))}, "arguments"
+                )
             ),
-            "attempts": self.attempts,
-            "progress": None
-            if progress is None
-            else {
-                "done": progress.done,
-                "total": progress.total,
-                "message": progress.message,
-                "fraction": progress.fraction,
-            },
-        }
-        if include_result:
-            data["result"] = json_safe(self._result) if self.status is JobStatus.SUCCEEDED else None
-        if include_result if include_error is None else include_error:
-            exc = self._exception
-            data["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
-        if include_args:
-            args, kwargs = self._args, self._kwargs
-            data["args"] = None if args is None else json_safe(list(args))
-            data["kwargs"] = None if kwargs is None else json_safe(dict(kwargs))
-        return data
+            status=status.value,
+            attempts=self.attempts,
+            max_attempts=self.options.retries + 1,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            progress_done=None if progress is None else progress.done,
+            progress_total=None if progress is None else progress.total,
+            progress_message=None if progress is None else progress.message,
+            result_json=(
+                encode_json(json_safe(self._result), "result")
+                if status is JobStatus.SUCCEEDED
+                else None
+            ),
+            error=None if exc is None else f"{type(exc).__name__}: {exc}",
+            timeout=self.options.timeout,
+        )
 
     # -- loop thread only --------------------------------------------------------
 

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from .host_lock import HostLock
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
@@ -27,7 +27,7 @@ from .triggers import CronTrigger, DelayTrigger, RateTrigger, Trigger
 if TYPE_CHECKING:
     from .loop import LoopThread
 
-__all__ = ["PeriodicJob", "Scope"]
+__all__ = ["PeriodicJob", "Schedule", "Scope"]
 
 log = logging.getLogger("asyncbg")
 
@@ -48,6 +48,20 @@ def _seconds(value: float | dt.timedelta | None, what: str) -> float | None:
     return seconds
 
 
+class Schedule(TypedDict, total=False):
+    """The keyword options of ``@bg.periodic(...)`` and :class:`PeriodicJob`
+    (see there): ``every``, ``delay`` or ``cron``, and how runs start."""
+
+    every: float | dt.timedelta | None
+    delay: float | dt.timedelta | None
+    cron: str | None
+    jitter: float | dt.timedelta
+    run_at_start: bool
+    timeout: float | dt.timedelta | None
+    scope: Scope
+    tz: dt.tzinfo | None
+
+
 class PeriodicJob:
     """A coroutine function run on a schedule, with the statistics of its runs.
 
@@ -61,22 +75,18 @@ class PeriodicJob:
         process per host at a time, through a :class:`~asyncbg.host_lock.HostLock`).
     :param tz: time zone of a cron expression (default: the machine's local one).
     :raises ValueError: on a missing, doubled or malformed schedule.
+    :raises TypeError: on an option it does not know, or a function that is not async.
     """
 
     def __init__(
-        self,
-        fn: Callable[[], Awaitable[Any]],
-        *,
-        name: str,
-        every: float | dt.timedelta | None = None,
-        delay: float | dt.timedelta | None = None,
-        cron: str | None = None,
-        jitter: float | dt.timedelta = 0.0,
-        run_at_start: bool = False,
-        timeout: float | dt.timedelta | None = None,
-        scope: Scope = "process",
-        tz: dt.tzinfo | None = None,
+        self, fn: Callable[[], Awaitable[Any]], *, name: str, **schedule: Unpack[Schedule]
     ) -> None:
+        unknown = sorted(set(schedule) - set(Schedule.__annotations__))
+        if unknown:
+            raise TypeError(f"unknown periodic option(s): {', '.join(unknown)}")
+        every, delay, cron = schedule.get("every"), schedule.get("delay"), schedule.get("cron")
+        jitter = schedule.get("jitter", 0.0)
+        scope = schedule.get("scope", "process")
         if sum(x is not None for x in (every, delay, cron)) != 1:
             raise ValueError("give exactly one of every=, delay= or cron=")
         cron_trigger = None if cron is None else CronTrigger(cron)
@@ -93,10 +103,10 @@ class PeriodicJob:
         if jitter_s < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter!r}")
         self.jitter = jitter_s
-        self.run_at_start = run_at_start
-        self.timeout = _seconds(timeout, "timeout")
+        self.run_at_start = bool(schedule.get("run_at_start", False))
+        self.timeout = _seconds(schedule.get("timeout"), "timeout")
         self.scope: Scope = scope
-        self.tz = tz
+        self.tz = schedule.get("tz")
         self._trigger: Trigger
         if cron_trigger is not None:
             self._trigger = cron_trigger

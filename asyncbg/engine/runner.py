@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JobCancelled, JobTimedOut, NotRunning
 from .after_fork import ResetAfterFork
 from .arguments import check_arguments
-from .jobs import Job, JobHistory, JobStatus, _current_job
+from .jobs import DEFAULT_OPTIONS, Job, JobHistory, JobStatus, TaskOptions, _current_job
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
-from .tasks import DEFAULT_OPTIONS, TaskOptions, is_async_callable
+from .records import encode_arguments
+from .tasks import Task, is_async_callable
 
 if TYPE_CHECKING:
     from .loop import LoopThread
@@ -142,6 +143,27 @@ class JobRunner:
         if check_args and callable(fn):
             check_arguments(fn, args, kwargs, name)
         return Job(self, fn, args, kwargs, name, options, is_async)
+
+    def create_for(
+        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Job[Any]:
+        """Make a job of ``task`` with its options, after checking the arguments
+        (against the signature, and as JSON when the task is durable).
+
+        :raises TypeError: if the arguments do not fit, or a durable task's are not JSON.
+        """
+        task.check_arguments(args, kwargs)
+        if task.options.durable:
+            encode_arguments(args, kwargs, task.name)  # a clear TypeError now, not at the store
+        return self.create(
+            task.fn,
+            args,
+            kwargs,
+            name=task.name,
+            options=task.options,
+            is_async=task.is_async,
+            check_args=False,
+        )
 
     def submit(self, job: Job[Any]) -> Job[Any]:
         """Hand ``job`` to the loop (thread-safe) and return it.

@@ -11,13 +11,11 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
+from ..errors import ConfigError
 from .arguments import arguments_of
-
-if TYPE_CHECKING:
-    from .jobs import Job
+from .jobs import Job, TaskOptions  # TaskOptions: also named here, next to Task
 
 __all__ = [
     "CoroutineFunction",
@@ -32,32 +30,20 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-@dataclass(frozen=True)
-class TaskOptions:
-    """How a job runs: per-attempt ``timeout`` (seconds), ``retries`` after the
-    first attempt, and exponential backoff ``retry_backoff * 2**n`` capped at
-    ``retry_backoff_max``."""
+def require_findable(fn: Callable[..., Any], what: str) -> None:
+    """Check that another process can find ``fn`` by its registered name.
 
-    timeout: float | None = None
-    retries: int = 0
-    retry_backoff: float = 1.0
-    retry_backoff_max: float = 60.0
+    Durable work is stored as a name and JSON arguments, never as code: the
+    process that runs it looks the name up in its own registry.
 
-    def __post_init__(self) -> None:
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
-        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
-            raise ValueError("retry_backoff and retry_backoff_max must be >= 0")
-
-    def backoff(self, attempt: int) -> float:
-        """Delay before retry number ``attempt`` (1-based)."""
-        return float(min(self.retry_backoff_max, self.retry_backoff * 2.0 ** (attempt - 1)))
-
-
-#: The options of a job submitted without any.
-DEFAULT_OPTIONS = TaskOptions()
+    :raises ConfigError: for a lambda or a function defined inside another one.
+    """
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    if "<locals>" in qualname or "<lambda>" in qualname:
+        raise ConfigError(
+            f"{what} is durable, so every process must find {qualname!r} by name: define "
+            "it at module level (or pass durable=False to keep it in this process)"
+        )
 
 
 def is_async_callable(fn: object) -> bool:
