@@ -16,7 +16,17 @@ import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, Unpack, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    ParamSpec,
+    TypeVar,
+    TypeVarTuple,
+    Unpack,
+    cast,
+    overload,
+)
 
 from flask import current_app, has_app_context
 from flask.logging import has_level_handler
@@ -40,6 +50,7 @@ from .engine.tasks import (
     Task,
     TaskDecorator,
     TaskOptions,
+    TaskSettings,
     deprecated,
     is_async_callable,
     require_findable,
@@ -87,6 +98,29 @@ def _autostart_allowed() -> bool:
 
         reload = get_debug_flag()
     return not reload
+
+
+class _OfCurrentApp(Generic[T]):
+    """A read-only attribute of :class:`AsyncBG`: the attribute of the same
+    name of the current app's state (see ``AsyncBG._state``)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, ext: None, owner: type) -> _OfCurrentApp[T]: ...
+
+    @overload
+    def __get__(self, ext: AsyncBG, owner: type) -> T: ...
+
+    def __get__(self, ext: AsyncBG | None, owner: type) -> T | _OfCurrentApp[T]:
+        if ext is None:
+            return self
+        return cast(T, getattr(ext._state(), self._name))
 
 
 class AsyncBG:
@@ -167,46 +201,23 @@ class AsyncBG:
         view._pinned_state = st
         return view
 
-    # the state of the current app, for the surfaces and for tests
-    @property
-    def app(self) -> Flask | None:
-        """The current app (see the class docstring), or None before ``init_app``."""
-        return self._state().app
-
-    @property
-    def loop_thread(self) -> LoopThread:
-        """The current app's :class:`LoopThread`."""
-        return self._state().loop_thread
-
-    @property
-    def runner(self) -> JobRunner:
-        """The current app's job runner."""
-        return self._state().runner
-
-    @property
-    def history(self) -> JobHistory:
-        """The current app's job history."""
-        return self._state().history
-
-    @property
-    def queues(self) -> dict[str, WorkQueue]:
-        """The current app's queues, by name."""
-        return self._state().queues
-
-    @property
-    def periodic_jobs(self) -> dict[str, PeriodicJob]:
-        """The current app's periodic jobs, by name."""
-        return self._state().periodic_jobs
-
-    @property
-    def monitor(self) -> LoopMonitor:
-        """The current app's loop monitor."""
-        return self._state().monitor
-
-    @property
-    def job_stats(self) -> JobStats:
-        """The current app's job statistics."""
-        return self._state().job_stats
+    # The state of the current app, for the surfaces and for tests: each is
+    # the attribute of the same name of the current app's AppState.
+    app: _OfCurrentApp[Flask | None] = _OfCurrentApp("The current app, or None before init_app.")
+    loop_thread: _OfCurrentApp[LoopThread] = _OfCurrentApp("Its :class:`LoopThread`.")
+    runner: _OfCurrentApp[JobRunner] = _OfCurrentApp("Its job runner.")
+    history: _OfCurrentApp[JobHistory] = _OfCurrentApp("Its job history.")
+    queues: _OfCurrentApp[dict[str, WorkQueue]] = _OfCurrentApp("Its queues, by name.")
+    periodic_jobs: _OfCurrentApp[dict[str, PeriodicJob]] = _OfCurrentApp("Its periodic jobs.")
+    monitor: _OfCurrentApp[LoopMonitor] = _OfCurrentApp("Its loop monitor.")
+    job_stats: _OfCurrentApp[JobStats] = _OfCurrentApp("Its job statistics.")
+    signals: _OfCurrentApp[ShutdownSignals] = _OfCurrentApp("Its signal handlers.")
+    last_report: _OfCurrentApp[ShutdownReport | None] = _OfCurrentApp("Its last shutdown report.")
+    eager: _OfCurrentApp[bool] = _OfCurrentApp("ASYNCBG_EAGER, read at each hand-over.")
+    shutdown_timeout: _OfCurrentApp[float] = _OfCurrentApp("Its ASYNCBG_SHUTDOWN_TIMEOUT.")
+    queue_maxsize: _OfCurrentApp[int] = _OfCurrentApp("Its ASYNCBG_QUEUE_MAXSIZE.")
+    lock_dir: _OfCurrentApp[str] = _OfCurrentApp("Its ASYNCBG_LOCK_DIR.")
+    monitor_enabled: _OfCurrentApp[bool] = _OfCurrentApp("Its ASYNCBG_MONITOR.")
 
     @property
     def metrics(self) -> MetricsExporter:
@@ -215,41 +226,6 @@ class AsyncBG:
         if st.metrics is None:
             st.metrics = MetricsExporter(AppView(st, self.tasks))
         return st.metrics
-
-    @property
-    def signals(self) -> ShutdownSignals:
-        """The current app's signal handlers."""
-        return self._state().signals
-
-    @property
-    def last_report(self) -> ShutdownReport | None:
-        """The current app's last shutdown report."""
-        return self._state().last_report
-
-    @property
-    def eager(self) -> bool:
-        """The current app's ``ASYNCBG_EAGER``, read each time work is handed over."""
-        return self._state().eager
-
-    @property
-    def shutdown_timeout(self) -> float:
-        """The current app's ``ASYNCBG_SHUTDOWN_TIMEOUT``."""
-        return self._state().shutdown_timeout
-
-    @property
-    def queue_maxsize(self) -> int:
-        """The current app's ``ASYNCBG_QUEUE_MAXSIZE``."""
-        return self._state().queue_maxsize
-
-    @property
-    def lock_dir(self) -> str:
-        """The current app's ``ASYNCBG_LOCK_DIR``."""
-        return self._state().lock_dir
-
-    @property
-    def monitor_enabled(self) -> bool:
-        """The current app's ``ASYNCBG_MONITOR``."""
-        return self._state().monitor_enabled
 
     # -- setup -----------------------------------------------------------------
 
@@ -407,14 +383,7 @@ class AsyncBG:
 
     @overload
     def task(
-        self,
-        *,
-        name: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        retry_backoff: float = 1.0,
-        retry_backoff_max: float = 60.0,
-        durable: bool | None = None,
+        self, *, name: str | None = None, **options: Unpack[TaskSettings]
     ) -> TaskDecorator: ...
 
     # fn is not positional-only here: mypy then wrongly finds that the
@@ -424,11 +393,7 @@ class AsyncBG:
         fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        retry_backoff: float = 1.0,
-        retry_backoff_max: float = 60.0,
-        durable: bool | None = None,
+        **options: Unpack[TaskSettings],
     ) -> Task[Any, Any] | TaskDecorator:
         """Declare a named task: ``@bg.task`` or ``@bg.task(timeout=30, retries=3)``.
 
@@ -440,7 +405,8 @@ class AsyncBG:
 
         :raises ValueError: on a bad option or a name already taken.
         """
-        options = TaskOptions(timeout, retries, retry_backoff, retry_backoff_max, durable)
+        task_options = TaskOptions(**options)
+        durable = task_options.durable
 
         def decorate(func: Callable[..., Any], /) -> Task[Any, Any]:
             task_name = name or _qualified_name(func)
@@ -448,7 +414,7 @@ class AsyncBG:
                 raise ValueError(f"a task named {task_name!r} is already registered")
             if durable:
                 require_findable(func, f"task {task_name!r}")
-            t: Task[Any, Any] = Task(func, task_name, options, self._submit_task)
+            t: Task[Any, Any] = Task(func, task_name, task_options, self._submit_task)
             self.tasks[task_name] = t
             return t
 

@@ -31,16 +31,7 @@ import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
-from ..engine.records import (
-    Claim,
-    JobPage,
-    JobQuery,
-    JobRecord,
-    Lease,
-    NodeRecord,
-    Outcome,
-    RenewResult,
-)
+from ..engine import records as rec
 from ..errors import BackendUnavailable
 
 __all__ = ["Backend", "require_driver"]
@@ -97,46 +88,46 @@ class Backend(abc.ABC):
     # -- jobs and queue items --------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+    async def enqueue(self, records: Sequence[rec.JobRecord]) -> list[rec.JobRecord]:
         """Store ``records`` in one commit; return the stored record for each
         (the existing one where the id, or an active job's key, was already there)."""
 
     @abc.abstractmethod
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
-    ) -> list[Claim]:
+    ) -> list[rec.Claim]:
         """Take up to ``limit`` due records of ``queues`` for ``owner``, oldest first,
         each with a lease of ``lease`` seconds and a fresh token."""
 
     @abc.abstractmethod
-    async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult:
+    async def renew(self, claims: Sequence[rec.Claim], lease: float) -> rec.RenewResult:
         """Extend the lease of every claim still held (one call for all of them)."""
 
     @abc.abstractmethod
-    async def finish(self, claim: Claim, outcome: Outcome) -> bool:
+    async def finish(self, claim: rec.Claim, outcome: rec.Outcome) -> bool:
         """Record the final outcome; False (nothing written) for a stale claim."""
 
     @abc.abstractmethod
-    async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool:
+    async def retry(self, claim: rec.Claim, run_at: float, error: str | None) -> bool:
         """Queue the job again for ``run_at``; False for a stale claim."""
 
     @abc.abstractmethod
-    async def release(self, claims: Sequence[Claim]) -> int:
+    async def release(self, claims: Sequence[rec.Claim]) -> int:
         """Hand claims back unstarted-as-it-were (at stop); return how many were
         still held. A release does not count as an attempt."""
 
     @abc.abstractmethod
     async def progress(
-        self, claim: Claim, done: float, total: float | None, message: str | None
+        self, claim: rec.Claim, done: float, total: float | None, message: str | None
     ) -> bool:
         """Record progress; False for a stale claim."""
 
     @abc.abstractmethod
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str) -> rec.JobRecord | None:
         """Return the record, or None when unknown or expired."""
 
     @abc.abstractmethod
-    async def query(self, query: JobQuery) -> JobPage:
+    async def query(self, query: rec.JobQuery) -> rec.JobPage:
         """Return one page of records, newest first, and the count of all matches."""
 
     @abc.abstractmethod
@@ -152,7 +143,7 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]:
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> list[rec.JobRecord]:
         """Return once every job is final or ``timeout`` passed: the records
         known at that moment (unknown ids are left out)."""
 
@@ -163,21 +154,21 @@ class Backend(abc.ABC):
     # -- periodic leadership ---------------------------------------------------
 
     @abc.abstractmethod
-    async def acquire(self, name: str, owner: str, ttl: float) -> Lease | None:
+    async def acquire(self, name: str, owner: str, ttl: float) -> rec.Lease | None:
         """Take the lease of schedule ``name`` when nobody holds it (or it ran
         out): a new epoch. Return None while another owner holds it."""
 
     @abc.abstractmethod
-    async def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+    async def renew_lease(self, lease: rec.Lease, ttl: float) -> rec.Lease | None:
         """Extend a held lease; None when it was lost (ran out and taken, or released)."""
 
     @abc.abstractmethod
-    async def release_lease(self, lease: Lease) -> bool:
+    async def release_lease(self, lease: rec.Lease) -> bool:
         """Give a held lease up; False when it was no longer held."""
 
     @abc.abstractmethod
-    async def claim_slot(self, lease: Lease, slot: int) -> bool:
-        """Claim tick ``slot`` of the lease's schedule: True at most once per
+    async def claim_slot(self, lease: rec.Lease, slot: int) -> bool:
+        """rec.Claim tick ``slot`` of the lease's schedule: True at most once per
         (schedule, slot), and only while ``lease`` is the current epoch."""
 
     @abc.abstractmethod
@@ -188,9 +179,9 @@ class Backend(abc.ABC):
     # -- nodes -----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def heartbeat(self, node: NodeRecord) -> None:
+    async def heartbeat(self, node: rec.NodeRecord) -> None:
         """Record that ``node`` is alive, with its running count and loop lag."""
 
     @abc.abstractmethod
-    async def nodes(self) -> list[NodeRecord]:
+    async def nodes(self) -> list[rec.NodeRecord]:
         """Return every node heard from recently, newest heartbeat first."""

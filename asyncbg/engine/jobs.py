@@ -26,11 +26,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, cast
 
 from ..errors import JobCancelled, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
-from .records import JobRecord, encode_json
+from .records import DictShape, JobRecord, encode_json
 
 if TYPE_CHECKING:
     from .loop import LoopThread
@@ -372,24 +372,11 @@ class Job(Generic[T]):
             return False
         return True
 
-    def to_dict(
-        self,
-        *,
-        include_result: bool = True,
-        include_error: bool | None = None,
-        include_args: bool = False,
-    ) -> dict[str, Any]:
+    def to_dict(self, **shape: Unpack[DictShape]) -> dict[str, Any]:
         """A JSON-safe dict of the job's state (results and errors as reprs when
-        they are not plain JSON values; left out with ``include_result=False``).
-
-        ``include_error`` (default: same as ``include_result``) adds the error
-        (``"Type: message"``); ``include_args`` adds ``args`` and ``kwargs``,
-        known only until the job finishes (None afterwards). The same as
-        ``job.record().to_dict(...)``.
-        """
-        return self.record().to_dict(
-            include_result=include_result, include_error=include_error, include_args=include_args
-        )
+        they are not plain JSON values): ``job.record().to_dict(...)``, see
+        :class:`~asyncbg.engine.records.DictShape` for what to include."""
+        return self.record().to_dict(**shape)
 
     def record(self) -> JobRecord:
         """Return the job as a :class:`~asyncbg.engine.records.JobRecord`, as it is now.

@@ -14,13 +14,14 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "CancelResult",
     "Claim",
+    "DictShape",
     "JobPage",
     "JobQuery",
     "JobRecord",
@@ -64,6 +65,17 @@ def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any], task: str) -> 
     :raises TypeError: when an argument is not JSON, naming the task.
     """
     return encode_json({"args": list(args), "kwargs": kwargs}, f"the arguments of {task!r}")
+
+
+class DictShape(TypedDict, total=False):
+    """What a job's dict includes: ``include_result`` (default True) its result,
+    ``include_error`` (default: as ``include_result``) its error as
+    ``"Type: message"``, ``include_args`` (default False) its ``args`` and
+    ``kwargs`` (None once no longer known)."""
+
+    include_result: bool
+    include_error: bool | None
+    include_args: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,18 +129,12 @@ class JobRecord:
         """Return a copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
-    def to_dict(
-        self,
-        *,
-        include_result: bool = True,
-        include_error: bool | None = None,
-        include_args: bool = False,
-    ) -> dict[str, Any]:
-        """A JSON-safe dict of the record, in the shape ``GET /jobs`` answers with.
-
-        ``include_error`` defaults to ``include_result``; ``include_args`` adds
-        ``args`` and ``kwargs`` (None when no longer known).
-        """
+    def to_dict(self, **shape: Unpack[DictShape]) -> dict[str, Any]:
+        """A JSON-safe dict of the record, in the shape ``GET /jobs`` answers with
+        (see :class:`DictShape` for what to include)."""
+        include_result = shape.get("include_result", True)
+        include_error = shape.get("include_error")
+        include_args = shape.get("include_args", False)
         data: dict[str, Any] = {
             "id": self.id,
             "name": self.task,

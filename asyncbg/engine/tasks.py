@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
 from ..errors import ConfigError
 from .arguments import arguments_of
@@ -22,12 +22,23 @@ __all__ = [
     "Task",
     "TaskDecorator",
     "TaskOptions",
+    "TaskSettings",
     "deprecated",
     "is_async_callable",
 ]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+class TaskSettings(TypedDict, total=False):
+    """The keyword options of ``@bg.task(...)``: those of :class:`TaskOptions`."""
+
+    timeout: float | None
+    retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    durable: bool | None
 
 
 def require_findable(fn: Callable[..., Any], what: str) -> None:
