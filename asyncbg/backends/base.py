@@ -34,7 +34,7 @@ from types import ModuleType
 from ..engine import records as rec
 from ..errors import BackendUnavailable
 
-__all__ = ["Backend", "require_driver"]
+__all__ = ["Backend", "lost_lease_error", "require_driver"]
 
 
 def require_driver(module: str, extra: str) -> ModuleType:
@@ -50,6 +50,18 @@ def require_driver(module: str, extra: str) -> ModuleType:
             f"this backend needs {module!r}, which is not installed ({exc}): "
             f"pip install 'asyncbg[{extra}]'"
         ) from None
+
+
+def lost_lease_error(owner: str | None, attempts: int, max_attempts: int) -> str:
+    """Return the error a job gets when its lease ran out with no attempts left.
+
+    One text for every backend, so that a failed job reads the same whatever
+    stored it.
+    """
+    return (
+        f"its lease ran out: the owner {owner!r} stopped renewing it, "
+        f"and it had no attempts left ({attempts} of {max_attempts})"
+    )
 
 
 class Backend(abc.ABC):

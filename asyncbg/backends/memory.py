@@ -54,7 +54,7 @@ from ..engine.records import (
 )
 from ..errors import ConfigError
 from . import _redact
-from .base import Backend
+from .base import Backend, lost_lease_error
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -441,10 +441,7 @@ class MemoryBackend(Backend):
         return Claim(running.id, owner, running.token, running)
 
     def _fail_lost(self, record: JobRecord, now: float) -> None:
-        error = (
-            f"its lease ran out: the owner {record.owner!r} stopped renewing it, "
-            f"and it had no attempts left ({record.attempts} of {record.max_attempts})"
-        )
+        error = lost_lease_error(record.owner, record.attempts, record.max_attempts)
         self._put(
             record, record.replace(status="failed", error=error, finished_at=now, lease_until=None)
         )
