@@ -18,6 +18,7 @@ import pytest
 
 from asyncbg.backends.base import Backend
 from asyncbg.backends.memory import MemoryBackend
+from asyncbg.backends.sqlite import SQLiteBackend
 
 BackendFactory = Callable[[Path], AbstractAsyncContextManager[Backend]]
 
@@ -27,8 +28,14 @@ async def memory_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     yield MemoryBackend()
 
 
+@asynccontextmanager
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    yield SQLiteBackend(str(tmp_path / "asyncbg.db"))
+
+
 BACKENDS = [
     pytest.param(memory_backend, id="memory"),
+    pytest.param(sqlite_backend, id="sqlite"),
 ]
 
 

@@ -1,0 +1,1110 @@
+"""The SQLite backend: job state in one database file, shared by the processes
+of one host.
+
+``sqlite:///relative/path.db`` is a file under the app's instance folder,
+``sqlite:////abs/path.db`` an absolute one; options ``synchronous`` (FULL by
+default, or EXTRA, NORMAL) and ``busy_timeout`` (milliseconds, 5000 by default).
+
+How it runs:
+
+- Every statement runs on one dedicated daemon thread per backend object
+  (``asyncbg-sqlite``), on one connection opened there; the coroutines hand
+  the work over and await a future, so the loop never blocks on the file.
+- The file is in WAL mode (readers never block the writer; verified at open).
+  Every write is one ``BEGIN IMMEDIATE … COMMIT``: a deferred transaction that
+  reads then writes gets ``SQLITE_BUSY`` at once, ignoring ``busy_timeout``,
+  whereas an immediate one waits for the other processes' writers.
+- Time is ``time.time()`` read on that thread once the write lock is held, so
+  the clock of one transaction never goes back behind an earlier commit's by
+  more than the host's clock itself.
+
+It follows every decision listed in :mod:`asyncbg.backends.memory`: claim
+order by due time (``run_at``, else ``created_at``; a lost lease at its
+``lease_until``) with ties to the one queued first (a ``seq`` number, drawn
+again at every retry or release); a lost job out of attempts fails at claim
+time without using the claim's limit; a cancel request survives a hand-back;
+periodic leases are strict; slots fold into a floor after 2048.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import heapq
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..engine.records import (
+    FINAL_STATUSES,
+    CancelResult,
+    Claim,
+    JobPage,
+    JobQuery,
+    JobRecord,
+    Lease,
+    NodeRecord,
+    Outcome,
+    RenewResult,
+)
+from ..errors import BackendError, ConfigError
+from . import _redact
+from .base import Backend, lost_lease_error
+
+__all__ = ["SQLiteBackend", "from_url"]
+
+T = TypeVar("T")
+
+#: The schema this module writes; ``migrate`` brings a file up to it.
+SCHEMA_VERSION = 1
+
+_SYNCHRONOUS = ("FULL", "EXTRA", "NORMAL")
+_DEFAULT_BUSY_TIMEOUT = 5000
+# Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
+_SLOT_MEMORY = 1024
+# Ids per statement where a list of them becomes ``IN (?, ?, …)``.
+_CHUNK = 500
+# wait() polls the file: another process may be the one that finishes a job.
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1
+# Filesystems on which WAL's shared-memory index is not shared between hosts.
+_NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs"}
+)
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
+_COLUMNS = ", ".join(_FIELDS)
+_FINAL = "(" + ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES)) + ")"
+# A claim's fenced writes: the same job, owner and token, and still running.
+_HELD = "id = :id AND owner = :owner AND token = :token AND status = 'running'"
+
+_SCHEMA = f"""
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY NOT NULL,
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    args_json TEXT,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    token INTEGER NOT NULL,
+    owner TEXT,
+    key TEXT,
+    created_at REAL NOT NULL,
+    run_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    lease_until REAL,
+    progress_done REAL,
+    progress_total REAL,
+    progress_message TEXT,
+    result_json TEXT,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    timeout REAL,
+    seq INTEGER NOT NULL,
+    due REAL GENERATED ALWAYS AS (CASE status
+        WHEN 'pending' THEN coalesce(run_at, created_at)
+        WHEN 'running' THEN lease_until END) VIRTUAL
+);
+CREATE INDEX jobs_claim ON jobs (queue, due, seq) WHERE status IN ('pending', 'running');
+CREATE INDEX jobs_unscheduled ON jobs (queue, created_at, seq)
+    WHERE status = 'pending' AND run_at IS NULL;
+CREATE UNIQUE INDEX jobs_active_key ON jobs (key)
+    WHERE key IS NOT NULL AND status IN ('pending', 'running');
+CREATE INDEX jobs_newest ON jobs (created_at);
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE status IN {_FINAL};
+CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) VALUES ('seq', 0), ('beat', 0);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY NOT NULL,
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    expires_at REAL,
+    slot_floor INTEGER
+);
+CREATE TABLE slots (
+    name TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (name, slot)
+) WITHOUT ROWID;
+CREATE TABLE anchors (name TEXT PRIMARY KEY NOT NULL, at REAL NOT NULL);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    running INTEGER NOT NULL,
+    lag REAL,
+    beat INTEGER NOT NULL
+);
+"""
+
+# Claimable records of one queue in claim order, in two index-driven parts:
+# everything due by now, then pending records without run_at created ahead of
+# the clock (claimable at once, but ordered by their created_at, so last).
+_CLAIMABLE = (
+    """SELECT due, seq, id, status = 'running' AND attempts >= max_attempts
+    FROM jobs INDEXED BY jobs_claim
+    WHERE queue = :queue AND status IN ('pending', 'running') AND due <= :now
+    ORDER BY due, seq""",
+    """SELECT created_at, seq, id, 0
+    FROM jobs INDEXED BY jobs_unscheduled
+    WHERE queue = :queue AND status = 'pending' AND run_at IS NULL AND created_at > :now
+    ORDER BY created_at, seq""",
+)
+
+# A retried or released job: queued again, or cancelled if that was asked.
+_HAND_BACK = f"""UPDATE jobs SET
+    status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
+    owner = CASE WHEN cancel_requested THEN owner END,
+    started_at = CASE WHEN cancel_requested THEN started_at END,
+    finished_at = CASE WHEN cancel_requested THEN :now END,
+    lease_until = NULL,
+    seq = :seq,
+    {{changes}}
+    WHERE {_HELD} RETURNING status"""
+_RETRY = _HAND_BACK.format(changes="run_at = :run_at, error = :error")
+_RELEASE = _HAND_BACK.format(changes="attempts = attempts - 1")
+
+
+def _record(row: Sequence[Any]) -> JobRecord:
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**values)
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _next(conn: sqlite3.Connection, counter: str, n: int = 1) -> int:
+    # The first of ``n`` numbers of a counter; inside the caller's write transaction.
+    row = conn.execute(
+        "UPDATE counters SET value = value + ? WHERE name = ? RETURNING value", (n, counter)
+    ).fetchone()
+    return int(row[0]) - n + 1
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and "not a database" in text:
+        return f"it is not an SQLite database ({text})"
+    if "readonly" in text:
+        return f"it is read-only ({text})"
+    return text
+
+
+class _Worker:
+    """One daemon thread that runs calls in order, each answered by a future."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="asyncbg-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue ``fn``; the future holds its result or its exception."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((future, fn))
+        return future
+
+    def stop(self) -> None:
+        """Let the queued calls run, then end the thread (without waiting for it)."""
+        self._calls.put(None)
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread every statement runs on."""
+        return self._thread
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            del item, future, fn
+
+
+class SQLiteBackend(Backend):
+    """Job state in an SQLite file in WAL mode, shared by this host's processes.
+
+    ``path`` is the database file; ``synchronous`` is FULL, EXTRA or NORMAL;
+    ``busy_timeout`` is how long (ms) a write waits for another process's
+    writer. ``make_parent`` creates the file's folder at open (for a path in
+    the instance folder, which Flask does not create).
+    """
+
+    scheme = "sqlite"
+    durable = True
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: int = _DEFAULT_BUSY_TIMEOUT,
+        make_parent: bool = False,
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ConfigError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._make_parent = make_parent
+        self._worker: _Worker | None = None
+        self._conn: sqlite3.Connection | None = None
+        # Replaced whenever this object writes a final state: waiters hold the one they saw.
+        self._finished: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteBackend {self.path!r} synchronous={self.synchronous}>"
+
+    # -- the thread ------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._worker is None:
+            raise BackendError(f"the SQLite backend on {self.path} is not open")
+        return await asyncio.wrap_future(self._worker.submit(fn))
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:  # pragma: no cover - _run refuses first
+            raise BackendError(f"the SQLite backend on {self.path} is not open")
+        return self._conn
+
+    async def _write(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run ``fn(conn, now)`` in one ``BEGIN IMMEDIATE`` transaction on the thread.
+
+        :raises BackendError: for an SQLite error (the transaction is rolled back).
+        """
+
+        def transaction() -> T:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                # The clock is read once the write lock is held: commit order is time order.
+                result = fn(conn, time.time())
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
+                raise
+            return result
+
+        return await self._run(transaction)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def transaction() -> T:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
+                raise
+            return result
+
+        return await self._run(transaction)
+
+    def _notify(self) -> None:
+        # Wakes this process's waiters at once; others find out by polling.
+        if self._finished is not None:
+            self._finished.set()
+            self._finished = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the thread and open the file there, in WAL mode.
+
+        :raises BackendError: when the file cannot be opened (a directory, a
+            missing folder), is read-only, is not an SQLite database, or
+            cannot be put in WAL mode.
+        """
+        if self._worker is not None:
+            return
+        self._finished = asyncio.Event()
+        self._worker = _Worker()
+        try:
+            await asyncio.wrap_future(self._worker.submit(self._connect))
+        except BaseException:
+            self._worker.stop()
+            self._worker = None
+            raise
+
+    def _connect(self) -> None:
+        path = self.path
+        if self._make_parent:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            except OSError as exc:
+                raise BackendError(f"SQLite {path}: cannot create its folder: {exc}") from None
+        if os.path.isdir(path):
+            raise BackendError(f"SQLite {path}: cannot open it: it is a directory, not a file")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise BackendError(f"SQLite {path}: it is read-only (this process may not write it)")
+        try:
+            conn = sqlite3.connect(
+                path, timeout=self.busy_timeout / 1000, isolation_level=None, cached_statements=256
+            )
+        except sqlite3.Error as exc:
+            raise BackendError(f"SQLite {path}: cannot open it: {_describe(exc)}") from None
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout)}")
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as exc:
+            raise BackendError(
+                f"SQLite {path}: cannot open it in WAL mode: {_describe(exc)}"
+            ) from None
+        if mode != "wal":
+            raise BackendError(
+                f"SQLite {path}: the file stays in journal mode {mode!r}, not WAL (a VFS "
+                f"or filesystem without shared memory?); asyncbg needs WAL so that "
+                f"readers never block the writer"
+            )
+        conn.create_function("lost_lease_error", 3, lost_lease_error, deterministic=True)
+
+    async def close(self) -> None:
+        """Close the connection and end the thread; a second call does nothing."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+
+        def disconnect() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        try:
+            await asyncio.wrap_future(worker.submit(disconnect))
+        finally:
+            worker.stop()
+
+    async def migrate(self) -> None:
+        """Create the schema when the file has none; idempotent, and safe when
+        several processes migrate at once (``BEGIN IMMEDIATE`` serialises them).
+
+        :raises BackendError: when the file's schema is newer than this
+            module's, or for an SQLite error.
+        """
+
+        def migrate(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"SQLite {self.path}: schema version {version} is newer than this "
+                    f"asyncbg knows ({SCHEMA_VERSION}); upgrade asyncbg"
+                )
+            if version < 1:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+        await self._write(migrate)
+
+    async def preflight(self) -> list[str]:
+        """Return warnings about the chosen settings (``synchronous=NORMAL``).
+
+        :raises BackendError: when the file is on a network filesystem, where
+            WAL's shared memory (and so claim exclusivity) does not hold.
+        """
+        fstype = await self._run(lambda: filesystem_type(self.path))
+        if fstype in _NETWORK_FILESYSTEMS:
+            raise BackendError(
+                f"SQLite {self.path} is on a network filesystem ({fstype}): WAL does not "
+                f"work there; put the file on a local disk"
+            )
+        warnings = []
+        if self.synchronous == "NORMAL":
+            warnings.append(
+                f"{self.path}: synchronous=NORMAL: a crash of the process loses nothing, but "
+                f"a power cut or an OS crash may lose the last commits, i.e. jobs whose "
+                f"enqueue was acknowledged (or finishes that were); FULL (the default) "
+                f"syncs every commit"
+            )
+        return warnings
+
+    # -- jobs and queue items --------------------------------------------------
+
+    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """Store ``records`` in one transaction; return the stored record for each.
+
+        A record whose id is already stored, or whose ``key`` belongs to a
+        pending or running job, is not stored: the existing record is returned.
+
+        :raises ValueError: when a record is not ``pending`` (nothing is stored).
+        :raises BackendError: for an SQLite error (nothing is stored).
+        """
+        for record in records:
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        if not records:
+            return []
+        rows = [dataclasses.astuple(r) for r in records]
+
+        def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord]:
+            first = _next(conn, "seq", len(rows))
+            return [
+                _enqueue_one(conn, record, row, first + i)
+                for i, (record, row) in enumerate(zip(records, rows, strict=True))
+            ]
+
+        return await self._write(enqueue)
+
+    async def claim(
+        self, queues: Sequence[str], owner: str, limit: int, lease: float
+    ) -> list[Claim]:
+        """Take up to ``limit`` due records of ``queues`` for ``owner``, oldest
+        first: each becomes running with a lease of ``lease`` seconds, a token
+        one higher and one more attempt. Records whose lease ran out are taken
+        again, or failed when they have no attempts left.
+
+        :raises BackendError: for an SQLite error (nothing is claimed).
+        """
+        lanes = list(dict.fromkeys(queues))
+        if limit <= 0 or not lanes:
+            return []
+
+        def claim(conn: sqlite3.Connection, now: float) -> tuple[list[Claim], int]:
+            picked, spent = _pick(conn, lanes, limit, now)
+            for chunk in _chunks(spent):
+                conn.execute(
+                    f"""UPDATE jobs SET status = 'failed', finished_at = ?, lease_until = NULL,
+                    error = lost_lease_error(owner, attempts, max_attempts)
+                    WHERE id IN ({_marks(len(chunk))})""",
+                    (now, *chunk),
+                )
+            taken: dict[str, JobRecord] = {}
+            for chunk in _chunks(picked):
+                cursor = conn.execute(
+                    f"""UPDATE jobs SET status = 'running', owner = ?, token = token + 1,
+                    attempts = attempts + 1, started_at = ?, lease_until = ?
+                    WHERE id IN ({_marks(len(chunk))}) RETURNING {_COLUMNS}""",
+                    (owner, now, now + lease, *chunk),
+                )
+                taken.update((r.id, r) for r in map(_record, cursor))
+            # RETURNING has no order: the claims come in the order they were picked.
+            records = [taken[i] for i in picked]
+            return [Claim(r.id, owner, r.token, r) for r in records], len(spent)
+
+        claims, failed = await self._write(claim)
+        if failed:
+            self._notify()
+        return claims
+
+    async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult:
+        """Extend to ``lease`` seconds from now every claim still held (same
+        owner and token, still running), in one transaction.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def renew(conn: sqlite3.Connection, now: float) -> RenewResult:
+            kept: list[str] = []
+            lost: list[str] = []
+            cancel: list[str] = []
+            for claim in claims:
+                row = conn.execute(
+                    f"UPDATE jobs SET lease_until = :until WHERE {_HELD} "
+                    f"RETURNING cancel_requested",
+                    {**_held(claim), "until": now + lease},
+                ).fetchone()
+                if row is None:
+                    lost.append(claim.id)
+                    continue
+                kept.append(claim.id)
+                if row[0]:
+                    cancel.append(claim.id)
+            return RenewResult(tuple(kept), tuple(lost), tuple(cancel))
+
+        return await self._write(renew)
+
+    async def finish(self, claim: Claim, outcome: Outcome) -> bool:
+        """Record the final outcome; False (nothing written) for a stale claim.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def finish(conn: sqlite3.Connection, now: float) -> bool:
+            cursor = conn.execute(
+                f"""UPDATE jobs SET status = :status, result_json = :result, error = :error,
+                finished_at = :now, lease_until = NULL WHERE {_HELD}""",
+                {
+                    **_held(claim),
+                    "status": outcome.status,
+                    "result": outcome.result_json,
+                    "error": outcome.error,
+                    "now": now,
+                },
+            )
+            return cursor.rowcount == 1
+
+        done = await self._write(finish)
+        if done:
+            self._notify()
+        return done
+
+    async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool:
+        """Queue the job again for ``run_at`` with ``error`` stored (it ends
+        cancelled instead when a cancel was requested); False for a stale claim.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def retry(conn: sqlite3.Connection, now: float) -> str | None:
+            params = {**_held(claim), "now": now, "run_at": run_at, "error": error}
+            params["seq"] = _next(conn, "seq")
+            row = conn.execute(_RETRY, params).fetchone()
+            return None if row is None else str(row[0])
+
+        status = await self._write(retry)
+        if status == "cancelled":
+            self._notify()
+        return status is not None
+
+    async def release(self, claims: Sequence[Claim]) -> int:
+        """Queue held claims again at once, their attempt not counted (a job
+        whose cancel was requested ends cancelled); return how many were held.
+
+        :raises BackendError: for an SQLite error (nothing is released).
+        """
+
+        def release(conn: sqlite3.Connection, now: float) -> list[str]:
+            first = _next(conn, "seq", len(claims))
+            statuses = []
+            for i, claim in enumerate(claims):
+                params = {**_held(claim), "now": now, "seq": first + i}
+                row = conn.execute(_RELEASE, params).fetchone()
+                if row is not None:
+                    statuses.append(str(row[0]))
+            return statuses
+
+        if not claims:
+            return 0
+        statuses = await self._write(release)
+        if "cancelled" in statuses:
+            self._notify()
+        return len(statuses)
+
+    async def progress(
+        self, claim: Claim, done: float, total: float | None, message: str | None
+    ) -> bool:
+        """Record progress; False for a stale claim.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def progress(conn: sqlite3.Connection, now: float) -> bool:
+            cursor = conn.execute(
+                f"""UPDATE jobs SET progress_done = :done, progress_total = :total,
+                progress_message = :message WHERE {_HELD}""",
+                {**_held(claim), "done": done, "total": total, "message": message},
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(progress)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """Return the record, or None when unknown or expired.
+
+        :raises BackendError: for an SQLite error.
+        """
+        records = await self._read(lambda conn: _get_many(conn, [job_id]))
+        return records[0] if records else None
+
+    async def query(self, query: JobQuery) -> JobPage:
+        """Return one page of matching records, newest first (by ``created_at``,
+        then the later enqueued), and the count of all matches, from one snapshot.
+
+        :raises BackendError: for an SQLite error.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if query.statuses is not None:
+            where.append(f"status IN ({_marks(len(query.statuses))})")
+            params.extend(sorted(query.statuses))
+        if query.task is not None:
+            where.append("task = ?")
+            params.append(query.task)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        page = (max(0, query.limit), max(0, query.offset))
+
+        def select(conn: sqlite3.Connection) -> JobPage:
+            cursor = conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs {clause} "
+                f"ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (*params, *page),
+            )
+            records = tuple(map(_record, cursor))
+            total = conn.execute(f"SELECT count(*) FROM jobs {clause}", params).fetchone()[0]
+            return JobPage(records, int(total))
+
+        return await self._read(select)
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Return counts per queue and status: ``{queue: {status: n}}`` (no zeros).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def stats(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            counts: dict[str, dict[str, int]] = {}
+            for queue_name, status, n in conn.execute(
+                "SELECT queue, status, count(*) FROM jobs GROUP BY queue, status"
+            ):
+                counts.setdefault(queue_name, {})[status] = int(n)
+            return counts
+
+        return await self._read(stats)
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a job; return a :class:`~asyncbg.engine.records.CancelResult` value.
+
+        A pending job becomes cancelled at once and never starts; a running one
+        gets ``cancel_requested``, which its owner's next renewal reports.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def cancel(conn: sqlite3.Connection, now: float) -> str:
+            row = conn.execute(
+                "SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return CancelResult.UNKNOWN
+            status, requested = row
+            if status in FINAL_STATUSES:
+                return CancelResult.FINAL
+            if status == "running":
+                if not requested:
+                    conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                return CancelResult.REQUESTED
+            conn.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?",
+                (now, job_id),
+            )
+            return CancelResult.CANCELLED
+
+        result = await self._write(cancel)
+        if result == CancelResult.CANCELLED:
+            self._notify()
+        return result
+
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]:
+        """Return once every known job of ``job_ids`` is final or ``timeout``
+        seconds passed: the records known then (unknown ids left out).
+
+        The file is polled (5 ms, doubling to 100 ms), since another process
+        may finish the jobs; a final write by this object wakes it at once.
+
+        :raises BackendError: for an SQLite error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ids = list(job_ids)
+        delay = _POLL_FIRST
+        while True:
+            finished = self._finished
+            records = await self._read(lambda conn: _get_many(conn, ids))
+            remaining = deadline - loop.time()
+            if remaining <= 0 or all(r.final for r in records) or finished is None:
+                return records
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(delay, remaining)):
+                    await finished.wait()
+            delay = min(2 * delay, _POLL_MAX)
+
+    async def expire(self, finished_before: float) -> int:
+        """Forget final records finished before ``finished_before``; return how many.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def expire(conn: sqlite3.Connection, now: float) -> int:
+            cursor = conn.execute(
+                f"DELETE FROM jobs WHERE status IN {_FINAL} AND finished_at < ?",
+                (finished_before,),
+            )
+            return cursor.rowcount
+
+        return await self._write(expire)
+
+    # -- periodic leadership ---------------------------------------------------
+
+    async def acquire(self, name: str, owner: str, ttl: float) -> Lease | None:
+        """Take the lease of schedule ``name`` for ``ttl`` seconds with a new
+        epoch when nobody holds it live; the owner of the live lease gets it
+        back unchanged; None while another owner holds it.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def acquire(conn: sqlite3.Connection, now: float) -> Lease | None:
+            row = conn.execute(
+                "SELECT owner, epoch, expires_at FROM leases WHERE name = ?", (name,)
+            ).fetchone()
+            if row is not None and row[0] is not None and row[2] > now:
+                return Lease(name, row[0], row[1], row[2]) if row[0] == owner else None
+            lease = Lease(name, owner, (0 if row is None else row[1]) + 1, now + ttl)
+            conn.execute(
+                """INSERT INTO leases (name, owner, epoch, expires_at) VALUES (?, ?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,
+                epoch = excluded.epoch, expires_at = excluded.expires_at""",
+                (name, owner, lease.epoch, lease.expires_at),
+            )
+            return lease
+
+        return await self._write(acquire)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend a live lease to ``ttl`` seconds from now; None when it ran out
+        (even if nobody took it since), was released or was taken.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def renew(conn: sqlite3.Connection, now: float) -> Lease | None:
+            cursor = conn.execute(
+                """UPDATE leases SET expires_at = ? WHERE name = ? AND owner = ?
+                AND epoch = ? AND expires_at > ?""",
+                (now + ttl, lease.name, lease.owner, lease.epoch, now),
+            )
+            return dataclasses.replace(lease, expires_at=now + ttl) if cursor.rowcount else None
+
+        return await self._write(renew)
+
+    async def release_lease(self, lease: Lease) -> bool:
+        """Give a lease up; False when it was no longer held live. The epoch is
+        kept, so the next holder's is higher.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def release(conn: sqlite3.Connection, now: float) -> bool:
+            held = (lease.name, lease.owner, lease.epoch)
+            row = conn.execute(
+                "SELECT expires_at FROM leases WHERE name = ? AND owner = ? AND epoch = ?", held
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute(
+                """UPDATE leases SET owner = NULL, expires_at = NULL
+                WHERE name = ? AND owner = ? AND epoch = ?""",
+                held,
+            )
+            return row[0] is not None and row[0] > now
+
+        return await self._write(release)
+
+    async def claim_slot(self, lease: Lease, slot: int) -> bool:
+        """Claim tick ``slot`` of the lease's schedule: True at most once per
+        (schedule, slot), and only while ``lease`` is the live current epoch.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def claim(conn: sqlite3.Connection, now: float) -> bool:
+            row = conn.execute(
+                """SELECT slot_floor FROM leases WHERE name = ? AND owner = ? AND epoch = ?
+                AND expires_at > ?""",
+                (lease.name, lease.owner, lease.epoch, now),
+            ).fetchone()
+            if row is None or (row[0] is not None and slot <= row[0]):
+                return False
+            cursor = conn.execute(
+                "INSERT INTO slots (name, slot, epoch) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (lease.name, slot, lease.epoch),
+            )
+            if cursor.rowcount != 1:
+                return False
+            _fold_slots(conn, lease.name)
+            return True
+
+        return await self._write(claim)
+
+    async def anchor(self, name: str, proposed: float) -> float:
+        """Return the stored anchor of schedule ``name``, storing ``proposed``
+        when there is none yet.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def anchor(conn: sqlite3.Connection, now: float) -> float:
+            conn.execute(
+                "INSERT INTO anchors (name, at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (name, proposed),
+            )
+            return float(
+                conn.execute("SELECT at FROM anchors WHERE name = ?", (name,)).fetchone()[0]
+            )
+
+        return await self._write(anchor)
+
+    # -- nodes -----------------------------------------------------------------
+
+    async def heartbeat(self, node: NodeRecord) -> None:
+        """Store ``node`` with ``last_seen`` set to now.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def beat(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(
+                """INSERT OR REPLACE INTO nodes
+                (id, host, pid, started_at, last_seen, running, lag, beat)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    node.id,
+                    node.host,
+                    node.pid,
+                    node.started_at,
+                    now,
+                    node.running,
+                    node.lag,
+                    _next(conn, "beat"),
+                ),
+            )
+
+        await self._write(beat)
+
+    async def nodes(self) -> list[NodeRecord]:
+        """Return every node that sent a heartbeat, newest heartbeat first.
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def nodes(conn: sqlite3.Connection) -> list[NodeRecord]:
+            cursor = conn.execute(
+                """SELECT id, host, pid, started_at, last_seen, running, lag FROM nodes
+                ORDER BY last_seen DESC, beat DESC"""
+            )
+            return [NodeRecord(*row) for row in cursor]
+
+        return await self._read(nodes)
+
+
+# -- statements, run on the backend's thread -----------------------------------
+
+
+def _held(claim: Claim) -> dict[str, Any]:
+    return {"id": claim.id, "owner": claim.owner, "token": claim.token}
+
+
+def _enqueue_one(
+    conn: sqlite3.Connection, record: JobRecord, row: tuple[Any, ...], seq: int
+) -> JobRecord:
+    # DO NOTHING without a target covers the id and the active-key index alike.
+    inserted = conn.execute(
+        f"""INSERT INTO jobs ({_COLUMNS}, seq) VALUES ({_marks(len(row) + 1)})
+        ON CONFLICT DO NOTHING RETURNING id""",
+        (*row, seq),
+    ).fetchone()
+    if inserted is not None:
+        return record
+    existing = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (record.id,)).fetchone()
+    if existing is None:
+        existing = conn.execute(
+            f"""SELECT {_COLUMNS} FROM jobs
+            WHERE key = ? AND status IN ('pending', 'running')""",
+            (record.key,),
+        ).fetchone()
+    return _record(existing)
+
+
+def _lane(
+    conn: sqlite3.Connection, queue_name: str, now: float
+) -> Generator[tuple[Any, ...], None, None]:
+    # One queue's claimable records in claim order, read lazily.
+    for sql in _CLAIMABLE:
+        cursor = conn.execute(sql, {"queue": queue_name, "now": now})
+        try:
+            while rows := cursor.fetchmany(64):
+                yield from rows
+        finally:
+            cursor.close()
+
+
+def _pick(
+    conn: sqlite3.Connection, queues: Sequence[str], limit: int, now: float
+) -> tuple[list[str], list[str]]:
+    """Return the ids to claim (up to ``limit``, in order) and the ids of the
+    lost jobs out of attempts met before them (to fail, not counted)."""
+    lanes = [_lane(conn, q, now) for q in queues]
+    picked: list[str] = []
+    spent: list[str] = []
+    try:
+        # As the memory backend's heaps: by (due, seq), ties to the queue named first.
+        for _due, _seq, job_id, is_spent in heapq.merge(*lanes, key=lambda r: (r[0], r[1])):
+            (spent if is_spent else picked).append(job_id)
+            if len(picked) >= limit:
+                break
+    finally:
+        for lane in lanes:
+            lane.close()
+    return picked, spent
+
+
+def _get_many(conn: sqlite3.Connection, ids: Sequence[str]) -> list[JobRecord]:
+    found: dict[str, JobRecord] = {}
+    for chunk in _chunks(list(dict.fromkeys(ids))):
+        cursor = conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({_marks(len(chunk))})", chunk
+        )
+        found.update((r.id, r) for r in map(_record, cursor))
+    return [found[i] for i in ids if i in found]
+
+
+def _fold_slots(conn: sqlite3.Connection, name: str) -> None:
+    # Past 2 x 1024 remembered slots, every slot up to the 1025th newest folds
+    # into the schedule's floor (counted as claimed), as the memory backend does.
+    over = conn.execute(
+        "SELECT slot FROM slots WHERE name = ? ORDER BY slot DESC LIMIT 1 OFFSET ?",
+        (name, 2 * _SLOT_MEMORY),
+    ).fetchone()
+    if over is None:
+        return
+    floor = conn.execute(
+        "SELECT slot FROM slots WHERE name = ? ORDER BY slot DESC LIMIT 1 OFFSET ?",
+        (name, _SLOT_MEMORY),
+    ).fetchone()[0]
+    conn.execute(
+        "UPDATE leases SET slot_floor = max(coalesce(slot_floor, ?), ?) WHERE name = ?",
+        (floor, floor, name),
+    )
+    conn.execute("DELETE FROM slots WHERE name = ? AND slot <= ?", (name, floor))
+
+
+def filesystem_type(path: str, mounts: str | None = None) -> str | None:
+    """Return the type of the filesystem ``path`` is on (``ext4``, ``nfs4``…),
+    from ``mounts`` (the text of ``/proc/mounts``, read when None); None when
+    it cannot be told (not Linux)."""
+    if mounts is None:
+        try:
+            with open("/proc/mounts", encoding="utf-8", errors="replace") as file:
+                mounts = file.read()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes a space in a mount point as \040.
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fields[2])
+    return None if best is None else best[1]
+
+
+def from_url(url: str, instance_path: str) -> SQLiteBackend:
+    """Return a new :class:`SQLiteBackend` for ``sqlite:///relative/path.db``
+    (under ``instance_path``, whose folder is made at open) or
+    ``sqlite:////absolute/path.db``, with options ``?synchronous=FULL|EXTRA|NORMAL``
+    and ``busy_timeout=<ms>``.
+
+    :raises ConfigError: for a host, a missing path, ``:memory:``, an unknown
+        or repeated option, or a value an option does not take.
+    """
+    shown = _redact(url)
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: not an sqlite:// URL")
+    if parts.netloc or parts.fragment:
+        raise ConfigError(
+            f"ASYNCBG_BACKEND {shown!r}: an SQLite URL names a file, no host: write "
+            f"'sqlite:///relative/path.db' (in the instance folder) or "
+            f"'sqlite:////absolute/path.db'"
+        )
+    path = unquote(parts.path[1:])
+    if not path or path.endswith("/") or path == ":memory:":
+        raise ConfigError(
+            f"ASYNCBG_BACKEND {shown!r}: name a database file, as in 'sqlite:///asyncbg.db' "
+            f"(an in-memory SQLite database is not shared: use 'memory://')"
+        )
+    options = _options(parts.query, shown)
+    relative = not os.path.isabs(path)
+    if relative:
+        path = os.path.join(instance_path, path)
+    return SQLiteBackend(os.path.normpath(path), make_parent=relative, **options)
+
+
+def _options(query: str, shown: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: cannot read the options {query!r}") from None
+    for name, value in pairs:
+        if name in options:
+            raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: the option {name!r} is given twice")
+        if name == "synchronous":
+            options[name] = _synchronous(value, shown)
+        elif name == "busy_timeout":
+            options[name] = _busy_timeout(value, shown)
+        else:
+            raise ConfigError(
+                f"ASYNCBG_BACKEND {shown!r}: unknown option {name!r}; an SQLite URL takes "
+                f"synchronous=FULL|EXTRA|NORMAL and busy_timeout=<milliseconds>"
+            )
+    return options
+
+
+def _synchronous(value: str, shown: str) -> str:
+    mode = value.upper()
+    if mode not in _SYNCHRONOUS:
+        raise ConfigError(
+            f"ASYNCBG_BACKEND {shown!r}: synchronous={value!r}: use FULL (the default), "
+            f"EXTRA or NORMAL (OFF could lose acknowledged jobs even at a process crash)"
+        )
+    return mode
+
+
+def _busy_timeout(value: str, shown: str) -> int:
+    if not value.isdigit():
+        raise ConfigError(
+            f"ASYNCBG_BACKEND {shown!r}: busy_timeout={value!r}: give whole milliseconds, "
+            f"such as busy_timeout=5000"
+        )
+    return int(value)
