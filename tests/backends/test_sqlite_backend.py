@@ -1,0 +1,428 @@
+"""What only the SQLite backend promises: its URL, the file it keeps (WAL, the
+settings, the refusals of a file it cannot use), its thread, and exclusivity
+between separate connections and a separate process on one file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import asyncbg.backends.sqlite as sqlite_module
+from asyncbg.backends import open_backend
+from asyncbg.backends.sqlite import SQLiteBackend, filesystem_type, from_url
+from asyncbg.engine.records import Claim, JobQuery, JobRecord, Outcome
+from asyncbg.errors import BackendError, ConfigError
+
+LONG = 30.0
+WITHIN = 10.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job(job_id: str, **fields: object) -> JobRecord:
+    return JobRecord(id=job_id, queue="q", task="t", **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[SQLiteBackend, SQLiteBackend]]:
+    """Two backends on one file: two connections, as two processes would have."""
+    path = str(tmp_path / "shared.db")
+    first, second = SQLiteBackend(path), SQLiteBackend(path)
+    await first.open()
+    await second.open()
+    try:
+        await first.migrate()
+        await second.migrate()
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def drain(backend: SQLiteBackend, owner: str, limit: int = 7) -> list[Claim]:
+    """Claim until nothing is left; bounded in rounds."""
+    got: list[Claim] = []
+    for _ in range(1000):
+        claims = await backend.claim(["q"], owner, limit, LONG)
+        if not claims:
+            return got
+        got.extend(claims)
+    pytest.fail(f"{owner} still claiming after 1000 rounds")
+
+
+# -- URLs ----------------------------------------------------------------------
+
+
+def test_from_url_resolves_a_relative_path_in_the_instance_folder(tmp_path: Path) -> None:
+    backend = from_url("sqlite:///sub/jobs.db", str(tmp_path / "instance"))
+    assert backend.path == str(tmp_path / "instance" / "sub" / "jobs.db")
+    assert (backend.scheme, backend.durable) == ("sqlite", True)
+    assert (backend.synchronous, backend.busy_timeout) == ("FULL", 5000)
+
+
+def test_from_url_takes_an_absolute_path_as_it_is(tmp_path: Path) -> None:
+    backend = from_url(f"sqlite:///{tmp_path}/abs.db", "/elsewhere")
+    assert backend.path == str(tmp_path / "abs.db")
+
+
+def test_from_url_reads_the_options() -> None:
+    backend = from_url("sqlite:///a.db?synchronous=normal&busy_timeout=250", "/i")
+    assert (backend.synchronous, backend.busy_timeout) == ("NORMAL", 250)
+
+
+def test_open_backend_finds_the_sqlite_module(tmp_path: Path) -> None:
+    assert isinstance(open_backend("sqlite:///a.db", str(tmp_path)), SQLiteBackend)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://host/a.db", "no host"),
+        ("sqlite://", "name a database file"),
+        ("sqlite:///", "name a database file"),
+        ("sqlite:///:memory:", "not shared"),
+        ("sqlite:///dir/", "name a database file"),
+        ("sqlite:///a.db?mode=ro", "unknown option 'mode'"),
+        ("sqlite:///a.db?synchronous=OFF", "OFF could lose"),
+        ("sqlite:///a.db?busy_timeout=-1", "whole milliseconds"),
+        ("sqlite:///a.db?busy_timeout=1.5", "whole milliseconds"),
+        ("sqlite:///a.db?busy_timeout=1&busy_timeout=2", "given twice"),
+        ("sqlite:///a.db?nonsense", "cannot read the options"),
+    ],
+)
+def test_from_url_refuses_what_it_cannot_use(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_url(url, "/instance")
+
+
+async def test_the_instance_folder_is_made_at_open_not_before(tmp_path: Path) -> None:
+    instance = tmp_path / "instance"
+    backend = from_url("sqlite:///deeper/jobs.db", str(instance))
+    assert not instance.exists()
+    await backend.open()
+    try:
+        await backend.migrate()
+        assert (instance / "deeper" / "jobs.db").is_file()
+    finally:
+        await backend.close()
+
+
+# -- the file and its settings -------------------------------------------------
+
+
+@pytest.mark.parametrize(("option", "level"), [("FULL", 2), ("NORMAL", 1)])
+async def test_the_file_is_in_wal_mode_with_the_settings_asked_for(
+    tmp_path: Path, option: str, level: int
+) -> None:
+    path = tmp_path / "a.db"
+    backend = from_url(f"sqlite:///{path}?synchronous={option}&busy_timeout=1234", "/i")
+    await backend.open()
+    try:
+        await backend.migrate()
+
+        def settings() -> tuple[object, ...]:
+            conn = backend._conn
+            assert conn is not None
+            return (
+                conn.execute("PRAGMA synchronous").fetchone()[0],
+                conn.execute("PRAGMA busy_timeout").fetchone()[0],
+                threading.current_thread().name,
+                threading.current_thread().daemon,
+            )
+
+        assert await backend._run(settings) == (level, 1234, "asyncbg-sqlite", True)
+        # Another connection sees WAL: it is the file's mode, not the connection's.
+        with sqlite3.connect(path) as other:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await backend.close()
+
+
+async def test_preflight_warns_of_synchronous_normal_only(tmp_path: Path) -> None:
+    for option, expected in (("FULL", 0), ("NORMAL", 1)):
+        backend = from_url(f"sqlite:///{tmp_path}/a.db?synchronous={option}", "/i")
+        await backend.open()
+        try:
+            warnings = await backend.preflight()
+        finally:
+            await backend.close()
+        assert len(warnings) == expected
+    assert "power cut" in warnings[0]
+
+
+async def test_preflight_refuses_a_network_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "filesystem_type", lambda path: "nfs4")
+    backend = SQLiteBackend(str(tmp_path / "a.db"))
+    await backend.open()
+    try:
+        with pytest.raises(BackendError, match=r"network filesystem \(nfs4\)"):
+            await backend.preflight()
+    finally:
+        await backend.close()
+
+
+def test_filesystem_type_takes_the_longest_mount_point() -> None:
+    mounts = "/dev/vda / ext4 rw 0 0\nsrv:/x /mnt/my\\040share nfs4 rw 0 0\n"
+    assert filesystem_type("/mnt/my share/db/a.db", mounts) == "nfs4"
+    assert filesystem_type("/mnt/my shared/a.db", mounts) == "ext4"
+    assert filesystem_type("/a.db", "") is None
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (99)")
+    backend = SQLiteBackend(str(path))
+    await backend.open()
+    try:
+        with pytest.raises(BackendError, match="schema version 99 is newer"):
+            await backend.migrate()
+    finally:
+        await backend.close()
+
+
+async def test_an_operation_before_open_or_after_close_is_refused(tmp_path: Path) -> None:
+    backend = SQLiteBackend(str(tmp_path / "a.db"))
+    with pytest.raises(BackendError, match="not open"):
+        await backend.get("a")
+    await backend.open()
+    await backend.migrate()
+    thread = await backend._run(threading.current_thread)
+    await backend.close()
+    await backend.close()
+    thread.join(WITHIN)
+    assert not thread.is_alive()
+    with pytest.raises(BackendError, match="not open"):
+        await backend.get("a")
+
+
+# -- files it cannot use -------------------------------------------------------
+
+
+async def test_a_directory_is_refused_at_open(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(BackendError, match="is a directory"):
+        await SQLiteBackend(str(tmp_path / "dir.db")).open()
+
+
+async def test_a_missing_folder_of_an_absolute_path_is_refused_at_open(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="cannot open it"):
+        await SQLiteBackend(str(tmp_path / "nosuch" / "a.db")).open()
+
+
+async def test_a_file_of_garbage_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(os.urandom(64 * 1024))
+    with pytest.raises(BackendError, match="not an SQLite database"):
+        await SQLiteBackend(str(path)).open()
+
+
+@pytest.fixture
+def read_only_file(tmp_path: Path) -> Iterator[Path]:
+    """An SQLite file this process cannot write: mode 0444, or, for root (who
+    ignores modes), the immutable attribute, which binds root too."""
+    path = tmp_path / "ro.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield path
+        path.chmod(0o644)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], check=False).returncode:
+        pytest.skip("running as root, and chattr +i is not available to make a file read-only")
+    try:
+        yield path
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+async def test_a_read_only_file_is_refused_at_open(read_only_file: Path) -> None:
+    with pytest.raises(BackendError, match="read-only"):
+        await SQLiteBackend(str(read_only_file)).open()
+
+
+async def test_a_file_that_cannot_be_put_in_wal_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real SQLite refusal: the dot-file VFS has no shared memory, so the
+    # journal mode stays what it was.
+    path = tmp_path / "a.db"
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite_module.sqlite3,
+        "connect",
+        lambda _path, **kw: connect(f"file:{path}?vfs=unix-dotfile", uri=True, **kw),
+    )
+    with pytest.raises(BackendError, match="journal mode 'delete', not WAL"):
+        await SQLiteBackend(str(path)).open()
+
+
+async def test_a_file_locked_by_another_connection_is_refused_after_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    with sqlite3.connect(path, isolation_level=None) as holder:
+        holder.execute("CREATE TABLE t (x)")
+        # A reader in rollback-journal mode keeps the file from switching to WAL.
+        holder.execute("BEGIN")
+        holder.execute("SELECT * FROM t").fetchall()
+        with pytest.raises(BackendError, match="WAL mode: database is locked"):
+            await SQLiteBackend(str(path), busy_timeout=50).open()
+        holder.execute("COMMIT")
+
+
+async def test_a_write_waiting_for_another_writer_does_not_block_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "a.db")
+    backend = SQLiteBackend(path, busy_timeout=300)
+    await backend.open()
+    try:
+        await backend.migrate()
+        with sqlite3.connect(path, isolation_level=None) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            ticks = 0
+            enqueue = asyncio.ensure_future(backend.enqueue([job("a")]))
+            while not enqueue.done() and ticks < 100_000:
+                ticks += 1
+                await asyncio.sleep(0.001)
+            holder.execute("ROLLBACK")
+        with pytest.raises(BackendError, match="database is locked"):
+            await enqueue
+        # The loop went on turning for the whole 300 ms the write waited.
+        assert ticks >= 50
+        assert await backend.get("a") is None
+    finally:
+        await backend.close()
+
+
+# -- many connections, many processes -------------------------------------------
+
+
+async def test_two_backends_migrating_one_new_file_at_once(tmp_path: Path) -> None:
+    for attempt in range(5):
+        path = str(tmp_path / f"new{attempt}.db")
+        backends = [SQLiteBackend(path) for _ in range(2)]
+        await asyncio.gather(*(b.open() for b in backends))
+        try:
+            await asyncio.gather(*(b.migrate() for b in backends))
+            await asyncio.gather(*(b.migrate() for b in backends))
+        finally:
+            await asyncio.gather(*(b.close() for b in backends))
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+async def test_claims_are_exclusive_across_two_connections(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    ids = [f"j{i:03}" for i in range(200)]
+    await first.enqueue([job(i) for i in ids])
+    per_owner = await asyncio.gather(drain(first, "n1"), drain(second, "n2"))
+    claimed = sorted(c.id for claims in per_owner for c in claims)
+    assert claimed == ids
+    assert {c.token for claims in per_owner for c in claims} == {1}
+
+
+async def test_a_wait_sees_a_finish_written_by_another_connection(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    await first.enqueue([job("a")])
+    [claim] = await second.claim(["q"], "n2", 1, LONG)
+    waiter = asyncio.ensure_future(first.wait(["a"], WITHIN))
+    assert await second.finish(claim, Outcome("succeeded", "1"))
+    started = time.monotonic()
+    [record] = await waiter
+    assert record.status == "succeeded"
+    assert time.monotonic() - started < WITHIN / 2
+
+
+async def test_an_active_key_is_unique_across_connections(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    stored = await asyncio.gather(
+        *(b.enqueue([job(f"{i}", key="k")]) for i, b in enumerate(pair * 10))
+    )
+    assert len({r.id for [r] in stored}) == 1
+    assert (await first.query(JobQuery())).total == (await second.query(JobQuery())).total == 1
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from asyncbg.backends.sqlite import SQLiteBackend
+
+    async def main():
+        backend = SQLiteBackend(sys.argv[1])
+        await backend.open()
+        await backend.migrate()
+        print("ready", flush=True)
+        sys.stdin.readline()  # go
+        got = []
+        for _ in range(1000):
+            claims = await backend.claim(["q"], "other-process", 5, 30.0)
+            if not claims:
+                break
+            got.extend(c.id for c in claims)
+        await backend.close()
+        print(json.dumps(got), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    backend = SQLiteBackend(path)
+    await backend.open()
+    try:
+        await backend.migrate()
+        ids = [f"j{i:03}" for i in range(200)]
+        await backend.enqueue([job(i) for i in ids])
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CLAIMER,
+            path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert child.stdin is not None
+        assert child.stdout is not None
+        try:
+            ready = await asyncio.wait_for(child.stdout.readline(), WITHIN)
+            assert ready == b"ready\n"
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            mine = await drain(backend, "this-process", limit=5)
+            line = await asyncio.wait_for(child.stdout.readline(), WITHIN)
+            assert await asyncio.wait_for(child.wait(), WITHIN) == 0
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        theirs: list[str] = json.loads(line)
+        assert sorted([c.id for c in mine] + theirs) == ids
+    finally:
+        await backend.close()
