@@ -293,45 +293,32 @@ class SQLiteBackend(Backend):
 
         :raises BackendError: for an SQLite error (the transaction is rolled back).
         """
-
-        def transaction() -> T:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                # The clock is read once the write lock is held: commit order is time order.
-                result = fn(conn, time.time())
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
-                raise
-            return result
-
-        return await self._run(transaction)
+        # The clock is read once the write lock is held: commit order is time order.
+        return await self._run(
+            lambda: self._transaction("BEGIN IMMEDIATE", lambda conn: fn(conn, time.time()))
+        )
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread.
 
         :raises BackendError: for an SQLite error.
         """
+        return await self._run(lambda: self._transaction("BEGIN", fn))
 
-        def transaction() -> T:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN")
-                result = fn(conn)
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
-                raise
-            return result
-
-        return await self._run(transaction)
+    def _transaction(self, begin: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # On the backend's thread: all of fn or none of it.
+        conn = self._connection()
+        try:
+            conn.execute(begin)
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
+            raise
+        return result
 
     def _notify(self) -> None:
         # Wakes this process's waiters at once; others find out by polling.
@@ -387,7 +374,7 @@ class SQLiteBackend(Backend):
         path = self.path
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout)}")
-            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            mode = self._switch_to_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         except sqlite3.Error as exc:
             raise BackendError(
@@ -400,6 +387,21 @@ class SQLiteBackend(Backend):
                 f"readers never block the writer"
             )
         conn.create_function("lost_lease_error", 3, lost_lease_error, deterministic=True)
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        # Two processes opening a new file at once: the switch to WAL can get
+        # SQLITE_BUSY at once, without the busy handler (a lock upgrade that
+        # would deadlock), so it is retried here within the busy timeout.
+        deadline = time.monotonic() + self.busy_timeout / 1000
+        pause = 0.001
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # on the backend's own thread, never the loop
+            pause = min(pause * 2, 0.05)
 
     async def close(self) -> None:
         """Close the connection and end the thread; a second call does nothing."""
