@@ -259,7 +259,8 @@ class AppState:
     def enqueue(self, queue: str, item: Any, timeout: float | None) -> None:
         """See :meth:`AsyncBG.enqueue <asyncbg.AsyncBG.enqueue>`."""
         q = self.get_queue(queue)
-        _check_storable(q, item)
+        if q.durable:  # stored as JSON: say so now, not later
+            encode_json(item, f"an item for the durable queue {q.name!r}")
         self.ensure_started()
         if self.eager and not self.loop_thread.in_loop_thread():
             self.loop_thread.run_sync(q.handle(item, propagate=True), context=None)
@@ -269,7 +270,8 @@ class AppState:
     async def enqueue_async(self, queue: str, item: Any, timeout: float | None) -> None:
         """See :meth:`AsyncBG.enqueue_async <asyncbg.AsyncBG.enqueue_async>`."""
         q = self.get_queue(queue)
-        _check_storable(q, item)
+        if q.durable:  # stored as JSON: say so now, not later
+            encode_json(item, f"an item for the durable queue {q.name!r}")
         self.ensure_started()
         if self.eager:
             await self.loop_thread.run(q.handle(item, propagate=True))
@@ -320,11 +322,7 @@ class AppState:
         await stack.enter_async_context(_opened(self.backend))
         stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
-            try:
-                await self._in_app_context(hook)
-            except Exception:
-                log.exception("on_startup hook %s failed", _hook_name(hook))
-                raise
+            await self._startup_hook(hook)
 
     async def _close_components(self) -> None:
         await self._components.aclose()
@@ -336,8 +334,11 @@ class AppState:
         """
         if not self.loop_thread.running or self.loop_thread.in_loop_thread():
             return
+        self.loop_thread.submit(self._startup_hook(hook)).result()
+
+    async def _startup_hook(self, hook: Callable[[], Awaitable[Any]]) -> None:
         try:
-            self.loop_thread.submit(self._in_app_context(hook)).result()
+            await self._in_app_context(hook)
         except Exception:
             log.exception("on_startup hook %s failed", _hook_name(hook))
             raise
@@ -486,12 +487,6 @@ class AppState:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
-
-
-def _check_storable(q: WorkQueue, item: Any) -> None:
-    # A durable queue stores its items as JSON: say so at enqueue, not later.
-    if q.durable:
-        encode_json(item, f"an item for the durable queue {q.name!r}")
 
 
 @contextlib.asynccontextmanager

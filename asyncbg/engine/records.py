@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "CancelResult",
     "Claim",
@@ -36,8 +35,6 @@ __all__ = [
 
 #: The status values (``JobStatus`` values) after which a job never changes.
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-#: The status values of work that is not finished: a key dedupes against these.
-ACTIVE_STATUSES = frozenset({"pending", "running"})
 
 
 def encode_json(value: Any, what: str) -> str:
