@@ -24,6 +24,9 @@ __all__ = ["DEFAULT_CONFIG", "Settings", "load_settings"]
 DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_AUTOSTART": True,
     "ASYNCBG_BACKEND": None,
+    "ASYNCBG_LEASE": 30.0,
+    "ASYNCBG_WORKER_CONCURRENCY": 32,
+    "ASYNCBG_POLL_INTERVAL": 1.0,
     "ASYNCBG_SHUTDOWN_TIMEOUT": 10.0,
     "ASYNCBG_QUEUE_MAXSIZE": 1000,
     "ASYNCBG_JOB_HISTORY_SIZE": 1000,
@@ -128,6 +131,9 @@ def _anything(key: str, value: object) -> object:
 _CHECKS: dict[str, Callable[[str, object], Any]] = {
     "ASYNCBG_AUTOSTART": _flag,
     "ASYNCBG_BACKEND": _anything,  # open_backend checks it, naming the extra to install
+    "ASYNCBG_LEASE": lambda k, v: _number(k, v, low=1),
+    "ASYNCBG_WORKER_CONCURRENCY": lambda k, v: _count(k, v, low=0),
+    "ASYNCBG_POLL_INTERVAL": lambda k, v: _number(k, v, low=0.01),
     "ASYNCBG_SHUTDOWN_TIMEOUT": lambda k, v: _number(k, v, low=0),
     "ASYNCBG_QUEUE_MAXSIZE": lambda k, v: _count(k, v, low=1),
     "ASYNCBG_JOB_HISTORY_SIZE": lambda k, v: _count(k, v, low=0),
@@ -163,6 +169,9 @@ class Settings:
 
     autostart: bool
     backend: object
+    lease: float
+    worker_concurrency: int
+    poll_interval: float
     shutdown_timeout: float
     queue_maxsize: int
     job_history_size: int

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "JobCancelled",
+    "JobFailed",
     "JobTimedOut",
     "NotRunning",
     "QueueFull",
@@ -36,6 +37,15 @@ class UnknownQueue(AsyncBGError, LookupError):
 
 class JobCancelled(AsyncBGError, concurrent.futures.CancelledError):
     """The job was cancelled (by ``Job.cancel()`` or by shutdown)."""
+
+
+class JobFailed(AsyncBGError):
+    """A job stored by a durable backend failed; it ran in another process, so
+    its exception is known only as text. ``error`` is that text, ``"Type: message"``."""
+
+    def __init__(self, error: str | None) -> None:
+        self.error = error or "unknown error"
+        super().__init__(self.error)
 
 
 class JobTimedOut(AsyncBGError, TimeoutError):

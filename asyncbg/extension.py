@@ -37,25 +37,28 @@ from .async_views import async_view_bridge
 from .backends import Backend, open_backend
 from .config import DEFAULT_CONFIG, Settings, load_settings
 from .engine.consumers import WorkQueue
+from .engine.durable import DurableRunner, task_record
 from .engine.host_lock import default_lock_dir
 from .engine.jobs import Job, JobHistory
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob, Schedule
+from .engine.records import JobRecord
 from .engine.runner import JobRunner
 from .engine.stats import JobStats
 from .engine.tasks import (
     CoroutineFunction,
+    SubmitSettings,
     Task,
     TaskDecorator,
     TaskOptions,
     TaskSettings,
+    check_key,
     deprecated,
     is_async_callable,
     require_findable,
 )
-from .errors import BackendUnavailable
 from .lifecycle import AppState, in_job_context_transition
 from .web.metrics import MetricsExporter
 
@@ -72,6 +75,8 @@ log = logging.getLogger("asyncbg")
 P = ParamSpec("P")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+
+_PLAIN = SubmitSettings()
 
 
 def _autostart_allowed() -> bool:
@@ -259,15 +264,6 @@ class AsyncBG:
         backend = open_backend(
             self._backend if settings.backend is None else settings.backend, app.instance_path
         )
-        if backend.durable:
-            # The store exists (backends/sqlite.py) but the engine does not yet
-            # claim, renew or finish through it: accepting it would promise a
-            # durability that nothing delivers.
-            raise BackendUnavailable(
-                f"ASYNCBG_BACKEND: the {backend.scheme} backend's store is here, but this "
-                "version does not run jobs through a durable backend yet; leave "
-                "ASYNCBG_BACKEND unset (memory) for now"
-            )
         st = self._spare if self._spare is not None else self._new_state()
         self._spare = None
         st.bind(app)
@@ -290,6 +286,22 @@ class AsyncBG:
     def _configure(self, st: AppState, settings: Settings, backend: Backend) -> None:
         st.settings = settings
         st.backend = backend
+        st.durable = (
+            DurableRunner(
+                st.loop_thread,
+                st.runner,
+                st.history,
+                backend,
+                self.tasks,
+                st.queues,
+                lease=settings.lease,
+                concurrency=settings.worker_concurrency,
+                poll_interval=settings.poll_interval,
+                history_age=settings.job_history_age,
+            )
+            if backend.durable
+            else None
+        )
         lt = st.loop_thread
         lt.use_uvloop = settings.uvloop
         st.shutdown_timeout = settings.shutdown_timeout
@@ -424,7 +436,7 @@ class AsyncBG:
                 raise ValueError(f"a task named {task_name!r} is already registered")
             if durable:
                 require_findable(func, f"task {task_name!r}")
-            t: Task[Any, Any] = Task(func, task_name, task_options, self._submit_task)
+            t: Task[Any, Any] = Task(func, task_name, task_options, self)
             self.tasks[task_name] = t
             return t
 
@@ -533,11 +545,58 @@ class AsyncBG:
     # -- handing work over ----------------------------------------------------------
 
     def _submit_task(
-        self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        task: Task[Any, T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        how: SubmitSettings = _PLAIN,
     ) -> Job[T]:
         st = self._state()
-        job = st.runner.create_for(task, args, kwargs)
-        return st.dispatch(job)
+        durable = st.durable if task.options.durable is not False else None
+        if durable is None:
+            return st.dispatch(st.runner.create_for(task, args, kwargs))
+        job, record = self._stored_job(st, task, args, kwargs, how)
+        st.ensure_started()
+        return durable.submit(job, record)
+
+    async def _submit_task_async(
+        self,
+        task: Task[Any, T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        how: SubmitSettings = _PLAIN,
+    ) -> Job[T]:
+        st = self._state()
+        durable = st.durable if task.options.durable is not False else None
+        if durable is None:
+            return st.dispatch(st.runner.create_for(task, args, kwargs))
+        job, record = self._stored_job(st, task, args, kwargs, how)
+        st.ensure_started()
+        return await durable.submit_async(job, record)
+
+    @staticmethod
+    def _stored_job(
+        st: AppState,
+        task: Task[Any, T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        how: SubmitSettings,
+    ) -> tuple[Job[T], JobRecord]:
+        # The handle and the record that stores it (arguments checked twice:
+        # against the signature, and as JSON).
+        task.check_arguments(args, kwargs)
+        job: Job[T] = st.runner.create(
+            task.fn,
+            args,
+            kwargs,
+            name=task.name,
+            options=task.options,
+            is_async=task.is_async,
+            check_args=False,
+        )
+        if how.job_id is not None:
+            job.id = how.job_id
+        return job, task_record(task, job, args, kwargs, how.key)
 
     # Task first: it is callable too, but its __call__ does not say whether it
     # is async. Then async functions before plain ones, as for task().
@@ -601,29 +660,60 @@ class AsyncBG:
         :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
             :class:`~asyncbg.JobCancelled`.
         """
+        if isinstance(fn, Task):
+            return await fn.run(*args, **kwargs)
         job = self.submit(fn, *args, **kwargs)
         return await job
 
-    def enqueue(self, queue: str, item: Any, timeout: float | None = 0.0) -> None:
+    def enqueue(
+        self,
+        queue: str,
+        item: Any,
+        timeout: float | None = 0.0,
+        *,
+        key: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
         """Put ``item`` on the named queue; thread-safe.
 
         If the queue is full, wait up to ``timeout`` seconds for room (``None``:
-        no limit; never on the loop thread, where it raises at once).
+        no limit; never on the loop thread, where it raises at once). With a
+        durable backend the item is stored (JSON) before this returns, and
+        ``maxsize`` counts the items stored and not started; ``key`` and
+        ``job_id`` make a retried enqueue idempotent (see :meth:`Task.using`).
 
         :raises UnknownQueue: if no consumer is registered for ``queue``.
         :raises QueueFull: if the queue stayed full for ``timeout``.
         :raises NotRunning: if asyncbg has been stopped or is stopping.
+        :raises TypeError: if the queue is durable and the item is not JSON.
+        :raises RuntimeError: for a durable queue, on the loop thread (an
+            ``async def`` view or job), which cannot wait for the store: await
+            :meth:`enqueue_async` there.
         """
-        self._state().enqueue(queue, item, timeout)
+        self._state().enqueue(
+            queue, item, timeout, check_key(key, "key"), check_key(job_id, "job_id")
+        )
 
-    async def enqueue_async(self, queue: str, item: Any, timeout: float | None = None) -> None:
-        """Put ``item`` on the named queue from any event loop, waiting for room.
+    async def enqueue_async(
+        self,
+        queue: str,
+        item: Any,
+        timeout: float | None = None,
+        *,
+        key: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        """Put ``item`` on the named queue from any event loop, waiting for room
+        (and, for a durable queue, for the store's commit).
 
         :raises UnknownQueue: if no consumer is registered for ``queue``.
         :raises QueueFull: if the queue stayed full for ``timeout`` seconds.
         :raises NotRunning: if asyncbg has been stopped or is stopping.
+        :raises TypeError: if the queue is durable and the item is not JSON.
         """
-        await self._state().enqueue_async(queue, item, timeout)
+        await self._state().enqueue_async(
+            queue, item, timeout, check_key(key, "key"), check_key(job_id, "job_id")
+        )
 
     # Positional arguments only (timeout= is call's own), hence a TypeVarTuple
     # rather than a ParamSpec, as in anyio.from_thread.run_sync. Async
@@ -667,10 +757,39 @@ class AsyncBG:
         return st.loop_thread.call(fn, *args, timeout=timeout)
 
     def get_job(self, job_id: str) -> Job[Any] | None:
-        """The job with this id if it is live or still in the history, else None."""
+        """The job with this id if it is live or still in the history, else None.
+
+        With a durable backend, a job this process does not know is looked up
+        in the store (submitted or run by another process): its handle's
+        ``result()``, ``wait()`` and ``cancel()`` work from here. On the loop
+        thread only this process's jobs are found: await :meth:`get_job_async`.
+
+        :raises BackendError: if the store failed.
+        """
         if not isinstance(job_id, str):
             return None
-        return self._state().history.get(job_id)
+        st = self._state()
+        job = st.history.get(job_id)
+        if job is not None or st.durable is None or st.loop_thread.in_loop_thread():
+            return job
+        st.ensure_started()
+        return st.loop_thread.submit(st.durable.lookup(job_id)).result(st.durable.ack_timeout)
+
+    async def get_job_async(self, job_id: str) -> Job[Any] | None:
+        """As :meth:`get_job`, from any event loop (the store too, on the loop thread).
+
+        :raises BackendError: if the store failed.
+        """
+        if not isinstance(job_id, str):
+            return None
+        st = self._state()
+        job = st.history.get(job_id)
+        if job is not None or st.durable is None:
+            return job
+        st.ensure_started()
+        if st.loop_thread.in_loop_thread():
+            return await st.durable.lookup(job_id)
+        return await asyncio.wrap_future(st.loop_thread.submit(st.durable.lookup(job_id)))
 
     def get_queue(self, name: str) -> WorkQueue:
         """The :class:`WorkQueue` consumed under ``name``.
@@ -791,6 +910,7 @@ class AsyncBG:
             total.cancelled += report.cancelled
             total.still_queued += report.still_queued
             total.abandoned += report.abandoned
+            total.released += report.released
             for name, n in report.queued_by_queue.items():
                 total.queued_by_queue[name] = total.queued_by_queue.get(name, 0) + n
             total.duration = max(total.duration, report.duration)

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .backends import Backend, open_backend
 from .config import Settings
 from .engine.consumers import WorkQueue
+from .engine.durable import DurableRunner, item_record
 from .engine.host_lock import HostLock, default_lock_dir
-from .engine.jobs import Job, JobHistory
+from .engine.jobs import Job, JobHistory, _new_job_id
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
@@ -136,6 +137,8 @@ class AppState:
         self.last_report: ShutdownReport | None = None
         self.settings: Settings | None = None
         self.backend: Backend = open_backend(None, "")
+        #: Runs durable jobs and items through the backend (None: memory only).
+        self.durable: DurableRunner | None = None
         # What runs until stop (queues open, schedules started), closed first at
         # stop; and what lives until the loop closes (the backend, the hooks'
         # clients), closed in reverse after the drain.
@@ -256,9 +259,26 @@ class AppState:
             known = ", ".join(sorted(self.queues)) or "none"
             raise UnknownQueue(f"no consumer for queue {name!r} (known queues: {known})") from None
 
-    def enqueue(self, queue: str, item: Any, timeout: float | None) -> None:
+    def stored_queue(self, q: WorkQueue) -> DurableRunner | None:
+        """The durable runner that stores ``q``'s items, or None (kept in memory)."""
+        return self.durable if q.durable is not False else None
+
+    def enqueue(
+        self,
+        queue: str,
+        item: Any,
+        timeout: float | None,
+        key: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
         """See :meth:`AsyncBG.enqueue <asyncbg.AsyncBG.enqueue>`."""
         q = self.get_queue(queue)
+        durable = self.stored_queue(q)
+        if durable is not None:
+            record = item_record(q.name, item, job_id or _new_job_id(), key)
+            self.ensure_started()
+            durable.put(record, q.maxsize, timeout)
+            return
         if q.durable:  # stored as JSON: say so now, not later
             encode_json(item, f"an item for the durable queue {q.name!r}")
         self.ensure_started()
@@ -267,9 +287,22 @@ class AppState:
             return
         q.put(item, timeout)
 
-    async def enqueue_async(self, queue: str, item: Any, timeout: float | None) -> None:
+    async def enqueue_async(
+        self,
+        queue: str,
+        item: Any,
+        timeout: float | None,
+        key: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
         """See :meth:`AsyncBG.enqueue_async <asyncbg.AsyncBG.enqueue_async>`."""
         q = self.get_queue(queue)
+        durable = self.stored_queue(q)
+        if durable is not None:
+            record = item_record(q.name, item, job_id or _new_job_id(), key)
+            self.ensure_started()
+            await durable.put_async(record, q.maxsize, timeout)
+            return
         if q.durable:  # stored as JSON: say so now, not later
             encode_json(item, f"an item for the durable queue {q.name!r}")
         self.ensure_started()
@@ -320,6 +353,10 @@ class AppState:
         # reverse after the drain: the shutdown hooks, then the backend.
         stack = self._components = contextlib.AsyncExitStack()
         await stack.enter_async_context(_opened(self.backend))
+        if self.durable is not None:
+            # Unwound after the drain: every write awaited, what is held released.
+            stack.push_async_callback(self.durable.close)
+            self.durable.start()
         stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
             await self._startup_hook(hook)
@@ -383,6 +420,8 @@ class AppState:
         # On the loop, first thing at stop: no new runs, no new items handed
         # out (what started last stops first).
         self._running.close()
+        if self.durable is not None:
+            self.durable.stop_claiming()
 
     def stop(self, timeout: float | None = None) -> ShutdownReport:
         """See :meth:`AsyncBG.stop <asyncbg.AsyncBG.stop>`."""
@@ -407,6 +446,11 @@ class AppState:
         for q in self.queues.values():
             q.flush_logs()
         self._count_queued(report)
+        if self.durable is not None:
+            # Runs cut off at the end of the grace went back to the store: not lost.
+            report.released = self.durable.released
+            self.durable.released = 0
+            report.cancelled = max(0, report.cancelled - report.released)
         self.last_report = report
         self._log_report(report)
         self._app_while_running = None
@@ -465,6 +509,7 @@ class AppState:
     def _is_idle(self) -> bool:
         return (
             not self.runner.active
+            and (self.durable is None or self.durable.idle)
             and not self.loop_thread.pending_posts
             and all(q.idle for q in self.queues.values())
         )

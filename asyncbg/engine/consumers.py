@@ -119,6 +119,19 @@ class WorkQueue:
         """True when nothing is queued or being handled."""
         return not self._items and not self._active
 
+    def begin_stored_item(self) -> None:
+        """A durable item of this queue started (it came from the store, not the deque)."""
+        with self._lock:
+            self._active += 1
+
+    def end_stored_item(self) -> None:
+        """A durable item of this queue ended here; the queue may now be idle."""
+        with self._lock:
+            self._active -= 1
+            became_idle = not self._items and not self._active
+        if became_idle:
+            self._notify_idle()
+
     def add_idle_hook(self, hook: Callable[[], object]) -> None:
         """Call ``hook()`` on the loop whenever the queue becomes idle."""
         self._idle_hooks.append(hook)

@@ -28,9 +28,9 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, cast
 
-from ..errors import JobCancelled, JobTimedOut, NotRunning
+from ..errors import JobCancelled, JobFailed, JobTimedOut, NotRunning
 from .jsonsafe import json_safe
-from .records import DictShape, JobRecord, encode_json
+from .records import DictShape, JobRecord, decode_json, encode_json
 
 if TYPE_CHECKING:
     from .loop import LoopThread
@@ -42,6 +42,8 @@ __all__ = [
     "Progress",
     "current_job",
     "set_if_pending",
+    "wait_for_done",
+    "wait_for_done_async",
 ]
 
 log = logging.getLogger("asyncbg")
@@ -179,6 +181,12 @@ class _Owner(Protocol):
 
     def _finished(self, job: Job[Any]) -> None: ...
 
+    def _wait(self, job: Job[Any], timeout: float | None) -> bool: ...
+
+    async def _wait_async(self, job: Job[Any]) -> None: ...
+
+    def _progressed(self, job: Job[Any]) -> None: ...
+
 
 class Job(Generic[T]):
     """One unit of background work and its outcome.
@@ -244,6 +252,52 @@ class Job(Generic[T]):
     def __repr__(self) -> str:
         return f"<Job {self.name} {self.id} {self.status.value}>"
 
+    @classmethod
+    def from_record(cls, owner: _Owner, record: JobRecord, options: TaskOptions) -> Job[Any]:
+        """Return a handle for a job a backend stores (it may run in another
+        process): its state as ``record`` says, no function to run."""
+        job: Job[Any] = cls.__new__(cls)
+        job.id = record.id
+        job.name = record.task
+        job.options = options
+        job._runner = owner
+        job._fn = job._args = job._kwargs = None  # type: ignore[assignment]
+        job._is_async = False
+        job._result = None
+        job._exception = None
+        job._task = None
+        job._cancel_requested = record.cancel_requested
+        job._callbacks = ()
+        job.apply_record(record)
+        return job
+
+    def apply_record(self, record: JobRecord) -> bool:
+        """Take the stored state of this job (status, attempts, times, progress;
+        the outcome once final). Loop thread only, or before anyone else sees
+        the handle. Return True if that made the job final."""
+        self.attempts = record.attempts
+        self.created_at = record.created_at
+        self.started_at = record.started_at
+        if record.progress_done is not None:
+            self.progress = Progress(
+                record.progress_done, record.progress_total, record.progress_message
+            )
+        elif not hasattr(self, "progress"):
+            self.progress = None
+        if not record.final:
+            self.status = JobStatus(record.status)
+            self.finished_at = None
+            return False
+        status = JobStatus(record.status)
+        exc: BaseException | None = None
+        if status is JobStatus.FAILED:
+            exc = JobFailed(record.error)
+        elif status is JobStatus.CANCELLED and record.error:
+            exc = JobCancelled(record.error)
+        done = self._finish(status, decode_json(record.result_json), exc, count=False)
+        self.finished_at = record.finished_at
+        return done
+
     def done(self) -> bool:
         """True once the job has reached a final status."""
         return self.status in _FINAL
@@ -266,6 +320,7 @@ class Job(Generic[T]):
             None if total is None else _finite("total", total),
             _bounded_message(message),
         )
+        self._runner._progressed(self)
 
     def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
         """Call ``fn(job)`` once the job is done: at once if it already is (in this
@@ -285,9 +340,7 @@ class Job(Generic[T]):
         if self.done():
             return True
         self._runner.loop_thread.check_not_loop_thread("Job.wait()/Job.result()")
-        event = threading.Event()
-        self.add_done_callback(lambda _job: event.set())
-        return event.wait(timeout)
+        return self._runner._wait(self, timeout)
 
     def result(self, timeout: float | None = None) -> T:
         """Wait up to ``timeout`` seconds and return the job's return value.
@@ -333,19 +386,7 @@ class Job(Generic[T]):
     async def wait_async(self) -> T:
         """Await the job's outcome from any event loop; same results as :meth:`result`."""
         if not self.done():
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            lt = self._runner.loop_thread
-            if lt.in_loop_thread():
-                self.add_done_callback(lambda _job: set_if_pending(waiter))
-            else:
-
-                def wake(_job: Job[T]) -> None:
-                    with contextlib.suppress(RuntimeError):  # the caller's loop closed
-                        loop.call_soon_threadsafe(set_if_pending, waiter)
-
-                self.add_done_callback(wake)
-            await waiter
+            await self._runner._wait_async(self)
         return self._outcome()
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -481,6 +522,30 @@ def _bounded_message(message: object) -> str | None:
     if len(message) > _MAX_MESSAGE:
         return message[: _MAX_MESSAGE - 1] + "\u2026"
     return message
+
+
+def wait_for_done(job: Job[Any], timeout: float | None) -> bool:
+    """Block until ``job`` is done or ``timeout`` passes (its done callback wakes
+    the caller); return :meth:`Job.done`."""
+    event = threading.Event()
+    job.add_done_callback(lambda _job: event.set())
+    return event.wait(timeout)
+
+
+async def wait_for_done_async(job: Job[Any]) -> None:
+    """Await ``job``'s end from any event loop (its done callback wakes the caller)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    if job._runner.loop_thread.in_loop_thread():
+        job.add_done_callback(lambda _job: set_if_pending(waiter))
+    else:
+
+        def wake(_job: Job[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed
+                loop.call_soon_threadsafe(set_if_pending, waiter)
+
+        job.add_done_callback(wake)
+    await waiter
 
 
 def set_if_pending(fut: asyncio.Future[None]) -> None:

@@ -59,6 +59,8 @@ class ShutdownReport:
     ``abandoned`` counts what could not be brought to an end: tasks that ignored
     cancellation, or, when the loop was blocked and never got to its shutdown,
     everything still in flight (``blocked_by`` then names what held the loop).
+    ``released`` counts durable jobs handed back to their store at stop (runs
+    still going after the grace period): another process runs them.
     ``finished`` is false on a report returned by a ``stop()`` that could not
     wait (called from the loop thread or one of its worker threads), or that
     gave up on a blocked loop.
@@ -68,6 +70,7 @@ class ShutdownReport:
     cancelled: int = 0
     still_queued: int = 0
     abandoned: int = 0
+    released: int = 0
     queued_by_queue: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
     finished: bool = True
@@ -77,7 +80,7 @@ class ShutdownReport:
         return (
             f"asyncbg shutdown: {self.completed} completed, {self.cancelled} cancelled, "
             f"{self.still_queued} still queued, {self.abandoned} abandoned, "
-            f"in {self.duration:.3f}s"
+            f"{self.released} released, in {self.duration:.3f}s"
         )
 
 
@@ -257,6 +260,8 @@ class LoopThread:
         )
         self._wake_pending = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Store writes in flight: not cancelled at stop (an async shutdown hook awaits them).
+        self._protected: set[asyncio.Task[Any]] = set()
         self._report: ShutdownReport | None = None
         self._stopped = threading.Event()
         self._counting = False  # from the shutdown's start: count what spawn() starts
@@ -673,7 +678,11 @@ class LoopThread:
         live = {t for t in self._tasks if t is not me}
         # Anything else still alive (tasks users created themselves) goes too, as
         # asyncio.run() would do; it is not counted.
-        others = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - live
+        others = (
+            {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+            - live
+            - self._protected
+        )
         for t in live | others:
             t.cancel()
         await _settle_cancelled(live | others, self.cancel_grace)
@@ -846,6 +855,13 @@ class LoopThread:
         if self._counting:
             self._spawned_while_stopping += 1
         return task
+
+    def protect(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` (an untracked task: a store write) from being cancelled at
+        stop; whoever made it must await it in an async shutdown hook. Loop thread only."""
+        if not task.done():
+            self._protected.add(task)
+            task.add_done_callback(self._protected.discard)
 
     def submit(
         self,

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JobCancelled, JobTimedOut, NotRunning
 from .after_fork import ResetAfterFork
 from .arguments import check_arguments
-from .jobs import DEFAULT_OPTIONS, Job, JobHistory, JobStatus, TaskOptions, _current_job
+from .jobs import (
+    DEFAULT_OPTIONS,
+    Job,
+    JobHistory,
+    JobStatus,
+    TaskOptions,
+    _current_job,
+    wait_for_done,
+    wait_for_done_async,
+)
 from .logthrottle import FlushTimer, LogThrottle, describe_exception
 from .records import encode_arguments
 from .tasks import Task, is_async_callable
@@ -251,6 +260,14 @@ class JobRunner:
                 settled += 1
         return settled
 
+    def left_without_outcome(self) -> None:
+        """An active job stopped running here without a final status (a durable
+        job handed back to its store); loop thread only."""
+        self.active -= 1
+        if not self.active:
+            for idle in self._idle_hooks:
+                idle()
+
     def _finished(self, job: Job[Any]) -> None:
         self.active -= 1
         self.history.finished(job)
@@ -439,3 +456,14 @@ class JobRunner:
     def add_idle_hook(self, hook: Callable[[], object]) -> None:
         """Call ``hook()`` on the loop whenever the last active job finishes."""
         self._idle_hooks.append(hook)
+
+    # -- what a job asks of its owner ------------------------------------------------
+
+    def _wait(self, job: Job[Any], timeout: float | None) -> bool:
+        return wait_for_done(job, timeout)
+
+    async def _wait_async(self, job: Job[Any]) -> None:
+        await wait_for_done_async(job)
+
+    def _progressed(self, job: Job[Any]) -> None:
+        pass  # progress of a job in memory lives on its handle only

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
 from ..errors import ConfigError
@@ -19,10 +20,14 @@ from .jobs import Job, TaskOptions  # TaskOptions: also named here, next to Task
 
 __all__ = [
     "CoroutineFunction",
+    "SubmitSettings",
+    "Submitter",
     "Task",
+    "TaskCall",
     "TaskDecorator",
     "TaskOptions",
     "TaskSettings",
+    "check_key",
     "deprecated",
     "is_async_callable",
 ]
@@ -88,13 +93,13 @@ class Task(Generic[P, T]):
         fn: Callable[P, Awaitable[T]] | Callable[P, T],
         name: str,
         options: TaskOptions,
-        submit: Callable[[Task[P, T], tuple[Any, ...], dict[str, Any]], Job[T]],
+        submitter: Submitter,
     ) -> None:
         self.fn = fn
         self.name = name
         self.options = options
         self.is_async = is_async_callable(fn)
-        self._submit = submit
+        self._submitter = submitter
         # Once per task: submit then checks its arguments in a few comparisons.
         self._arguments = arguments_of(fn)
         functools.update_wrapper(self, fn)
@@ -126,7 +131,31 @@ class Task(Generic[P, T]):
             (checked here, so such a job is never created, run or retried).
         :raises NotRunning: if asyncbg has been stopped.
         """
-        return self._submit(self, args, kwargs)
+        return self._submitter._submit_task(self, args, kwargs, SubmitSettings())
+
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
+        """As :meth:`submit`, awaited from any event loop: for a durable task,
+        it returns once the job is stored (an ``async def`` view or job must
+        use this one: :meth:`submit` would block the loop to wait for the store).
+
+        :raises TypeError: if the arguments do not fit (or are not JSON, durable).
+        :raises NotRunning: if asyncbg has been stopped.
+        :raises BackendError: if the store failed.
+        """
+        return await self._submitter._submit_task_async(self, args, kwargs, SubmitSettings())
+
+    def using(self, *, key: str | None = None, job_id: str | None = None) -> TaskCall[P, T]:
+        """Return a submitter of this task with per-job settings:
+        ``task.using(key="report-42").submit(...)``.
+
+        ``key``: while a job with this key is queued or running, a submit returns
+        that job instead of making another (durable tasks). ``job_id``: the id
+        the job gets (letters, digits and ``._:-``, at most 128), so that a
+        client retrying a submit whose answer it never got does not make two.
+
+        :raises ValueError: for a key or id that is empty, too long or has other characters.
+        """
+        return TaskCall(self, SubmitSettings(check_key(key, "key"), check_key(job_id, "job_id")))
 
     async def run(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the task as a job and await its result, from any event loop.
@@ -136,7 +165,67 @@ class Task(Generic[P, T]):
         :raises Exception: whatever the job raised; :class:`~asyncbg.JobTimedOut`,
             :class:`~asyncbg.JobCancelled`.
         """
-        return await self.submit(*args, **kwargs)
+        return await (await self.submit_async(*args, **kwargs))
+
+
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+
+
+def check_key(value: str | None, what: str) -> str | None:
+    """Return an idempotency key or a client-made job id, checked.
+
+    :raises ValueError: if it is empty, longer than 128 or has other characters
+        than letters, digits and ``._:-``.
+    :raises TypeError: if it is not a string.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
+    if not 0 < len(value) <= 128 or not _KEY_CHARS.issuperset(value):
+        raise ValueError(f"{what} must be 1 to 128 letters, digits or '._:-', not {value[:140]!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitSettings:
+    """Per-job settings of one submit (see :meth:`Task.using`)."""
+
+    key: str | None = None
+    job_id: str | None = None
+
+
+class Submitter(Protocol):
+    """What a :class:`Task` hands its submits to (the extension)."""
+
+    def _submit_task(
+        self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any], how: SubmitSettings
+    ) -> Job[T]: ...
+
+    async def _submit_task_async(
+        self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any], how: SubmitSettings
+    ) -> Job[T]: ...
+
+
+class TaskCall(Generic[P, T]):
+    """A task with per-job settings, from :meth:`Task.using`."""
+
+    __slots__ = ("_how", "_task")
+
+    def __init__(self, task: Task[P, T], how: SubmitSettings) -> None:
+        self._task = task
+        self._how = how
+
+    def __repr__(self) -> str:
+        return f"<TaskCall {self._task.name} {self._how}>"
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
+        """As :meth:`Task.submit`, with these settings."""
+        return self._task._submitter._submit_task(self._task, args, kwargs, self._how)
+
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
+        """As :meth:`Task.submit_async`, with these settings."""
+        return await self._task._submitter._submit_task_async(self._task, args, kwargs, self._how)
 
 
 class TaskDecorator(Protocol):

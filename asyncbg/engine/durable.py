@@ -1,0 +1,870 @@
+"""Durable jobs: submitted into a backend's store, claimed by whichever process
+has room, run at least once.
+
+:class:`DurableRunner` is the engine's side of the seam
+(:mod:`asyncbg.backends.base`), on the loop thread of one process:
+
+- **submit** stages the record on the loop; everything staged in one loop turn
+  goes to the store in one ``enqueue`` call (one commit), and the submitting
+  thread returns once that commit is acknowledged;
+- a **claimer** takes due records of the queues this process serves, as many
+  as it has room for (``concurrency`` for tasks, each consumer's own), when
+  woken (a local submit, a finished job, the backend's cross-process wake-up)
+  or by polling with backoff;
+- a **renewer** extends every held claim in one call each ``lease / 3``, and
+  cancels the local run of a claim it lost (or whose cancel was asked for);
+- every outcome is a fenced write (``finish``, ``retry``, ``progress``): a
+  stale owner's late result changes nothing and is counted;
+- at stop, runs still going after the grace period are **released** to the
+  store, not cancelled, and counted in the report's ``released``.
+
+A backend write is never cancelled half-way: writes run in tasks of their own
+that stop() waits for. No Flask import: tasks and consumers come in as mappings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from ..errors import BackendError, JobCancelled, JobTimedOut, NotRunning, QueueFull
+from .jobs import DEFAULT_OPTIONS, Job, JobHistory, JobStatus, TaskOptions, _current_job
+from .logthrottle import describe_exception
+from .node import current_node
+from .records import (
+    CancelResult,
+    Claim,
+    JobRecord,
+    NodeRecord,
+    Outcome,
+    RenewResult,
+    decode_json,
+    encode_arguments,
+    encode_json,
+)
+from .runner import CloseTolerant, JobRunner
+
+if TYPE_CHECKING:
+    from .consumers import WorkQueue
+    from .loop import LoopThread
+    from .tasks import Task
+
+__all__ = ["DurableRunner", "Store", "item_record", "task_record"]
+
+log = logging.getLogger("asyncbg")
+
+T = TypeVar("T")
+
+# The claimer's poll delay grows from this after activity, to poll_interval.
+_POLL_FIRST = 0.01
+# How long a store wait lasts before a waiter looks again (store polls inside).
+_WAIT_SLICE = 1.0
+# Progress writes of one job are coalesced over this many seconds.
+_PROGRESS_EVERY = 0.25
+# Finished records are expired at most this often.
+_EXPIRE_EVERY = 60.0
+# Error text kept in a record.
+_ERROR_LIMIT = 2000
+
+
+class Store(Protocol):
+    """The part of :class:`asyncbg.backends.base.Backend` the runner uses."""
+
+    async def enqueue(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[JobRecord | None]: ...
+
+    async def claim(
+        self, queues: Sequence[str], owner: str, limit: int, lease: float
+    ) -> list[Claim]: ...
+
+    async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult: ...
+
+    async def finish(self, claim: Claim, outcome: Outcome) -> bool: ...
+
+    async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool: ...
+
+    async def release(self, claims: Sequence[Claim]) -> int: ...
+
+    async def progress(
+        self, claim: Claim, done: float, total: float | None, message: str | None
+    ) -> bool: ...
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def cancel(self, job_id: str) -> str: ...
+
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]: ...
+
+    async def expire(self, finished_before: float) -> int: ...
+
+    async def heartbeat(self, node: NodeRecord) -> None: ...
+
+    def on_new_work(self, callback: Callable[[], object]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A record waiting for the next group commit, and who waits for it."""
+
+    record: JobRecord
+    job: Job[Any] | None
+    waiter: concurrent.futures.Future[JobRecord | None] | None
+    limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """How one run of a claim ended: its status, result (JSON) or exception, and
+    whether a failure may be retried."""
+
+    status: JobStatus
+    result_json: str | None = None
+    exc: BaseException | None = None
+    retry: bool = True
+
+
+@dataclass(slots=True)
+class _Held:
+    """A claim this process holds and the local run of it."""
+
+    claim: Claim
+    job: Job[Any]
+    queue: WorkQueue | None
+    task: asyncio.Task[None] | None = None
+    #: Why the runner cancelled the run: "cancel" (asked), "lost" (fenced out), "stop".
+    why: str | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    progress_written: object = None
+
+
+class DurableRunner:
+    """Runs the durable jobs and items of one app through a backend (loop thread).
+
+    :param tasks: the app's tasks by name (a live mapping: tasks declared later count).
+    :param queues: the app's consumers by queue name (live too).
+    :param lease: seconds a claim is held without renewal; renewed every lease/3.
+    :param concurrency: durable task jobs this process runs at once (0: it only submits).
+    :param poll_interval: longest pause between two looks at the store when idle.
+    :param history_age: finished records older than this are expired from the store.
+    """
+
+    def __init__(
+        self,
+        loop_thread: LoopThread,
+        runner: JobRunner,
+        history: JobHistory,
+        store: Store,
+        tasks: Mapping[str, Task[Any, Any]],
+        queues: Mapping[str, WorkQueue],
+        *,
+        lease: float = 30.0,
+        concurrency: int = 32,
+        poll_interval: float = 1.0,
+        history_age: float = 3600.0,
+        ack_timeout: float = 60.0,
+    ) -> None:
+        self.loop_thread = loop_thread
+        self.runner = runner
+        self.history = history
+        self.store = store
+        self.tasks = tasks
+        self.queues = queues
+        self.lease = lease
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.history_age = history_age
+        self.ack_timeout = ack_timeout
+        self.owner = current_node().id
+        #: Outcomes of this process refused because another claim had the job.
+        self.stale_rejected = 0
+        #: Claims handed back to the store at stop (the report's ``released``).
+        self.released = 0
+        self._staged: list[_Staged] = []
+        self._flush_scheduled = False
+        self._held: dict[str, _Held] = {}
+        self._to_release: list[Claim] = []
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._progress_dirty: set[str] = set()
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._last_expire = 0.0
+
+    def __repr__(self) -> str:
+        return f"<DurableRunner {self.owner} holding {len(self._held)}>"
+
+    # -- which work this process serves ------------------------------------------
+
+    def _task_lanes(self) -> list[str]:
+        return [name for name, t in self.tasks.items() if t.options.durable is not False]
+
+    def _queue_lanes(self) -> list[WorkQueue]:
+        return [q for q in self.queues.values() if q.durable is not False]
+
+    @property
+    def running(self) -> int:
+        """Claims held by this process right now."""
+        return len(self._held)
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is staged, held or being written by this process."""
+        return not self._staged and not self._held and not self._writes
+
+    # -- lifecycle (loop thread) ---------------------------------------------------
+
+    def start(self) -> None:
+        """Begin claiming and renewing; on the loop, once the store is open."""
+        loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self.store.on_new_work(self.wake)
+        # Plain tasks, not spawned ones: the drain at stop waits for jobs, not for these.
+        self._loops = [
+            loop.create_task(self._claim_loop(), name="asyncbg:durable:claim"),
+            loop.create_task(self._renew_loop(), name="asyncbg:durable:renew"),
+        ]
+
+    def stop_claiming(self) -> None:
+        """First thing at stop: no new claims; what is staged is committed now."""
+        self._stopping = True
+        if self._loops:
+            self._loops[0].cancel()
+        self._flush()
+
+    async def close(self) -> None:
+        """After the drain: wait for every write, release what is still held."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        claims = self._to_release + [h.claim for h in self._held.values()]
+        self._to_release = []
+        if claims:
+            try:
+                self.released += await self.store.release(claims)
+            except Exception as exc:
+                log.error(
+                    "could not release %d job(s) at stop (%s): they run again once their "
+                    "lease runs out",
+                    len(claims),
+                    describe_exception(exc),
+                )
+            else:
+                log.info("released %d durable job(s) to the store at stop", len(claims))
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+
+    def wake(self) -> None:
+        """Make the claimer look at the store now (loop thread)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- submitting (any thread) ---------------------------------------------------
+
+    def submit(self, job: Job[Any], record: JobRecord) -> Job[Any]:
+        """Store ``record`` (the job ``job`` stands for) and return the job's
+        handle once the commit is acknowledged: ``job``, or the existing job when
+        the record's id or key was already there.
+
+        :raises RuntimeError: on the loop thread, which cannot wait for the
+            commit (await :meth:`submit_async` there).
+        :raises NotRunning: if the loop is stopping.
+        :raises BackendError: if the store failed or did not answer in time.
+        """
+        self.loop_thread.check_not_loop_thread(
+            "a durable submit (it waits for the commit): await task.submit_async(...)"
+        )
+        job._runner = self
+        self.history.add(job)  # first: the claim may come before this thread wakes
+        waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
+        try:
+            self.loop_thread.post(self._stage, _Staged(record, job, waiter, None))
+        except NotRunning:
+            self.history.discard(job)
+            raise
+        return self._handle(job, self._acknowledged(waiter, record))
+
+    async def submit_async(self, job: Job[Any], record: JobRecord) -> Job[Any]:
+        """As :meth:`submit`, awaited from any event loop (the loop's own included)."""
+        job._runner = self
+        self.history.add(job)
+        waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
+        try:
+            self.loop_thread.post(self._stage, _Staged(record, job, waiter, None))
+        except NotRunning:
+            self.history.discard(job)
+            raise
+        stored = await asyncio.wrap_future(waiter)
+        return self._handle(job, stored)
+
+    def put(self, record: JobRecord, limit: int, timeout: float | None) -> None:
+        """Store a consumer's item (``record``); refused while its queue holds
+        ``limit`` pending items, waiting up to ``timeout`` for room.
+
+        :raises QueueFull: if the queue stayed full.
+        :raises RuntimeError: on the loop thread (await :meth:`put_async`).
+        """
+        self.loop_thread.check_not_loop_thread(
+            "bg.enqueue() of a durable queue (it waits for the commit): await bg.enqueue_async(...)"
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while True:
+            waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
+            self.loop_thread.post(self._stage, _Staged(record, None, waiter, limit))
+            if self._acknowledged(waiter, record) is not None:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _full(record.queue, limit, timeout)
+            time.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(2 * delay, self.poll_interval)
+
+    async def put_async(self, record: JobRecord, limit: int, timeout: float | None) -> None:
+        """As :meth:`put`, from any event loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = _POLL_FIRST
+        while True:
+            waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
+            self.loop_thread.post(self._stage, _Staged(record, None, waiter, limit))
+            if await asyncio.wrap_future(waiter) is not None:
+                return
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise _full(record.queue, limit, timeout)
+            await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(2 * delay, self.poll_interval)
+
+    def _acknowledged(
+        self, waiter: concurrent.futures.Future[JobRecord | None], record: JobRecord
+    ) -> JobRecord | None:
+        try:
+            return waiter.result(self.ack_timeout)
+        except concurrent.futures.TimeoutError:
+            raise BackendError(
+                f"the store did not acknowledge job {record.task} {record.id} within "
+                f"{self.ack_timeout:g}s; it may or may not have been stored"
+            ) from None
+
+    def _handle(self, job: Job[Any], stored: JobRecord | None) -> Job[Any]:
+        if stored is None:  # pragma: no cover - only items carry a limit
+            raise QueueFull(f"queue {job.name!r} is full")
+        if stored.id == job.id:
+            return job
+        # Its key belonged to a job already queued or running: that one is the job.
+        self.history.discard(job)
+        existing = self.history.get(stored.id)
+        if existing is not None:
+            return existing
+        return Job.from_record(self, stored, self._options_of(stored))
+
+    async def lookup(self, job_id: str) -> Job[Any] | None:
+        """Return the handle of a stored job this process may not know (loop thread).
+
+        :raises BackendError: if the store failed.
+        """
+        job = self.history.get(job_id)
+        if job is not None:
+            return job
+        record = await self.store.get(job_id)
+        if record is None:
+            return None
+        return Job.from_record(self, record, self._options_of(record))
+
+    def _options_of(self, record: JobRecord) -> TaskOptions:
+        task = self.tasks.get(record.task)
+        return task.options if task is not None else DEFAULT_OPTIONS
+
+    # -- the group commit (loop thread) ---------------------------------------------
+
+    def _stage(self, entry: _Staged) -> None:
+        self._staged.append(entry)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # After every callback already waiting in this turn: one commit for all.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._staged = self._staged, []
+        if batch:
+            self._write(self._enqueue(batch))
+
+    def _write(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        # Its own task, not cancelled at stop and awaited by close(): a write is
+        # never cut off half-way (a cancelled claim would still commit, unseen).
+        task = asyncio.get_running_loop().create_task(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        self.loop_thread.protect(task)
+        return task
+
+    async def _written(self, coro: Coroutine[Any, Any, T]) -> T:
+        # Await a write; if the waiter is cancelled, the write goes on.
+        return await asyncio.shield(self._write(coro))
+
+    async def _enqueue(self, batch: list[_Staged]) -> None:
+        limits = {e.record.queue: e.limit for e in batch if e.limit is not None}
+        try:
+            stored = await self.store.enqueue([e.record for e in batch], limits=limits or None)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else BackendError("the store write stopped")
+            for e in batch:
+                self._refuse(e, error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for e, record in zip(batch, stored, strict=True):
+            if e.waiter is not None:
+                e.waiter.set_result(record)
+        self.wake()
+
+    def _refuse(self, entry: _Staged, error: Exception) -> None:
+        if entry.job is not None:
+            self.history.discard(entry.job)
+        if entry.waiter is not None:
+            entry.waiter.set_exception(error)
+
+    # -- claiming (loop thread) ------------------------------------------------------
+
+    def _room(self) -> list[tuple[list[str], int]]:
+        """(queues, how many) for each claim to make now."""
+        wanted: list[tuple[list[str], int]] = []
+        running_tasks = sum(1 for h in self._held.values() if h.queue is None)
+        lanes = self._task_lanes()
+        if lanes and self.concurrency > running_tasks:
+            wanted.append((lanes, self.concurrency - running_tasks))
+        for q in self._queue_lanes():
+            if q.concurrency > q.active:
+                wanted.append(([q.name], q.concurrency - q.active))
+        return wanted
+
+    async def _claim_loop(self) -> None:
+        assert self._wake is not None
+        delay = _POLL_FIRST
+        while True:
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+                    woken = True
+            self._wake.clear()
+            try:
+                got, full = await self._claim_once()
+            except Exception as exc:
+                self.runner.log_failure(
+                    "durable claim",
+                    "claim",
+                    exc,
+                    "claiming durable jobs failed (%s); trying again",
+                    describe_exception(exc),
+                    level=logging.WARNING,
+                )
+                delay = self.poll_interval
+                continue
+            if full:
+                self._wake.set()  # more may be due: look again at once
+            delay = _POLL_FIRST if got or woken else min(2 * delay, self.poll_interval)
+
+    async def _claim_once(self) -> tuple[int, bool]:
+        wanted = self._room()
+        if not wanted or self._stopping:
+            return 0, False
+        return await self._written(self._claim(wanted))
+
+    async def _claim(self, wanted: list[tuple[list[str], int]]) -> tuple[int, bool]:
+        # Issued together: a backend that group-commits makes them one transaction.
+        # Started in the write's own task, so a claim made as stop begins is
+        # released, never left to its lease.
+        results = await asyncio.gather(
+            *(self.store.claim(lanes, self.owner, n, self.lease) for lanes, n in wanted)
+        )
+        got, full = 0, False
+        for (_, n), claims in zip(wanted, results, strict=True):
+            got += len(claims)
+            full = full or len(claims) == n
+            for claim in claims:
+                self._start(claim)
+        return got, full
+
+    def _start(self, claim: Claim) -> None:
+        if self._stopping:
+            self._to_release.append(claim)
+            return
+        record = claim.record
+        queue = self.queues.get(record.queue) if record.task not in self.tasks else None
+        job = self.history.get(record.id)
+        if job is None or job.done():
+            job = Job.from_record(self, record, self._options_of(record))
+            self.history.add(job)
+        if job._fn is None:
+            self._bind(job, record, queue)
+        job._runner = self
+        held = _Held(claim, job, queue)
+        self._held[record.id] = held
+        self.runner.active += 1
+        if queue is not None:
+            queue.begin_stored_item()
+        held.task = self.loop_thread.spawn(self._run(held), name=f"asyncbg:durable:{record.task}")
+
+    def _bind(self, job: Job[Any], record: JobRecord, queue: WorkQueue | None) -> None:
+        args, kwargs = record.arguments()
+        if queue is not None:
+            job._fn = queue.handle
+            job._args = (args[0] if args else None,)
+            job._kwargs = {"propagate": True}
+            job._is_async = True
+            return
+        task = self.tasks[record.task]
+        job._fn = task.fn
+        job._args = tuple(args)
+        job._kwargs = kwargs
+        job._is_async = task.is_async
+
+    # -- running a claim (loop thread) -----------------------------------------------
+
+    async def _run(self, held: _Held) -> None:
+        job, claim = held.job, held.claim
+        _current_job.set(job)
+        job.status = JobStatus.RUNNING
+        job.started_at = claim.record.started_at or time.time()
+        job.attempts = claim.record.attempts
+        finished = False
+        try:
+            finished = await self._settle(held, await self._attempt(held))
+        except asyncio.CancelledError:
+            if held.why != "lost":  # stopping, or the loop going away: hand it back
+                self._to_release.append(claim)
+            raise
+        finally:
+            self._held.pop(claim.id, None)
+            held.ended.set()
+            if held.queue is not None:
+                held.queue.end_stored_item()
+            if not finished:
+                if not job.done():
+                    job.status = JobStatus.PENDING  # the store has it: another run follows
+                self.runner.left_without_outcome()
+            self.wake()
+
+    async def _attempt(self, held: _Held) -> _Attempt:
+        """Run the job's code once and return how it went.
+
+        :raises asyncio.CancelledError: when the run was cancelled for a reason
+            that writes no outcome (its claim lost, the loop stopping).
+        """
+        job = held.job
+        timeout = job.options.timeout
+        context = (
+            contextlib.nullcontext()
+            if held.queue is not None
+            else CloseTolerant(self.runner.context())
+        )
+        expired = False
+        try:
+            with context:
+                if timeout is None:
+                    result = await self.runner._call(job)
+                else:
+                    async with asyncio.timeout(timeout) as scope:
+                        try:
+                            result = await self.runner._call(job)
+                        finally:
+                            expired = scope.expired()
+        except asyncio.CancelledError:
+            if expired:
+                return _Attempt(JobStatus.TIMED_OUT, exc=JobTimedOut(f"timed out after {timeout}s"))
+            if held.why == "cancel" or (held.why is None and job._cancel_requested):
+                return _Attempt(JobStatus.CANCELLED)
+            raise
+        except Exception as exc:
+            return _Attempt(JobStatus.FAILED, exc=exc)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # The code asked to stop: a failure, never retried (as in memory).
+            return _Attempt(JobStatus.FAILED, exc=exc, retry=False)
+        try:
+            text = encode_json(result, f"the result of {job.name!r}")
+        except TypeError as exc:  # the same result every time: no retry
+            return _Attempt(JobStatus.FAILED, exc=exc, retry=False)
+        return _Attempt(JobStatus.SUCCEEDED, result_json=text)
+
+    async def _settle(self, held: _Held, attempt: _Attempt) -> bool:
+        """Write the attempt's outcome (fenced); True once the local job is final."""
+        job, claim = held.job, held.claim
+        status, exc = attempt.status, attempt.exc
+        error = None if exc is None else describe_exception(exc, _ERROR_LIMIT)
+        retry_at = None
+        if exc is not None and attempt.retry and claim.record.attempts < claim.record.max_attempts:
+            retry_at = time.time() + job.options.backoff(claim.record.attempts)
+            ok = await self._written(self.store.retry(claim, retry_at, error))
+        else:
+            outcome = Outcome(status.value, attempt.result_json, error)
+            ok = await self._written(self.store.finish(claim, outcome))
+        if not ok:
+            self.stale_rejected += 1
+            log.warning(
+                "job %s %s: this process's claim was lost (token %d); its %s was not "
+                "recorded (another run holds the job)",
+                job.name,
+                job.id,
+                claim.token,
+                status.value,
+            )
+            return False
+        self._log_outcome(held, status, exc, retry_at)
+        if retry_at is not None:
+            return False
+        return job._finish(status, decode_json(attempt.result_json), exc)
+
+    def _log_outcome(
+        self,
+        held: _Held,
+        status: JobStatus,
+        exc: BaseException | None,
+        retry_at: float | None,
+    ) -> None:
+        job, claim = held.job, held.claim
+        if exc is None or status is JobStatus.CANCELLED:
+            return
+        if retry_at is not None:
+            self.runner.log_failure(
+                "job attempt",
+                job.name,
+                exc,
+                "job %s %s attempt %d/%d %s (%s); retrying in %.3gs (any process)",
+                job.name,
+                job.id,
+                claim.record.attempts,
+                claim.record.max_attempts,
+                status.value,
+                describe_exception(exc),
+                max(0.0, retry_at - time.time()),
+                level=logging.WARNING,
+            )
+        elif held.queue is None:  # a consumer's handler logs its own failures
+            self.runner.log_failure(
+                "job",
+                job.name,
+                exc,
+                "job %s %s %s (%d attempt(s))",
+                job.name,
+                job.id,
+                status.value,
+                claim.record.attempts,
+            )
+
+    # -- what a job asks of its owner (the _Owner protocol) --------------------------
+
+    def _cancel(self, job: Job[Any]) -> None:
+        held = self._held.get(job.id)
+        if held is not None:
+            if held.task is not None and not held.task.done():
+                held.why = "cancel"
+                held.task.cancel()
+            return
+        if not job.done():
+            self._write(self._cancel_stored(job))
+
+    async def _cancel_stored(self, job: Job[Any]) -> None:
+        result = await self.store.cancel(job.id)
+        if result in (CancelResult.CANCELLED, CancelResult.FINAL) and not job.done():
+            record = await self.store.get(job.id)
+            if record is not None and job.apply_record(record):
+                self._stored_end(job)
+
+    def _stored_end(self, job: Job[Any]) -> None:
+        # A job that ended elsewhere (or in the store): into the bounded history,
+        # if it is the handle the history keeps.
+        if self.history.get(job.id) is job:
+            self.history.finished(job)
+
+    def _finished(self, job: Job[Any]) -> None:
+        self.runner._finished(job)
+
+    def _wait(self, job: Job[Any], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            slice_ = _WAIT_SLICE if remaining is None else min(_WAIT_SLICE, remaining)
+            try:
+                self.loop_thread.submit(self._refresh(job, slice_)).result(
+                    slice_ + self.ack_timeout
+                )
+            except NotRunning:
+                return job.done()
+        return True
+
+    async def _wait_async(self, job: Job[Any]) -> None:
+        while not job.done():
+            if self.loop_thread.in_loop_thread():
+                await self._refresh(job, _WAIT_SLICE)
+            else:
+                await asyncio.wrap_future(self.loop_thread.submit(self._refresh(job, _WAIT_SLICE)))
+
+    async def _refresh(self, job: Job[Any], timeout: float) -> None:
+        """Wait up to ``timeout`` for the stored job to end; bring ``job`` up to date."""
+        held = self._held.get(job.id)
+        if held is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await held.ended.wait()
+            if job.done() or job.id in self._held:
+                return
+        records = await self.store.wait([job.id], timeout)
+        if job.done() or job.id in self._held:
+            return
+        if not records:
+            job._finish(
+                JobStatus.CANCELLED,
+                exc=_forgotten(job),
+                count=False,
+            )
+            return
+        if job.apply_record(records[0]):
+            self._stored_end(job)
+
+    def _progressed(self, job: Job[Any]) -> None:
+        if self.loop_thread.in_loop_thread():
+            self._mark_progress(job.id)
+        else:
+            with contextlib.suppress(NotRunning):
+                self.loop_thread.post(self._mark_progress, job.id)
+
+    def _mark_progress(self, job_id: str) -> None:
+        self._progress_dirty.add(job_id)
+        if self._progress_timer is None:
+            self._progress_timer = asyncio.get_running_loop().call_later(
+                _PROGRESS_EVERY, self._flush_progress
+            )
+
+    def _flush_progress(self) -> None:
+        self._progress_timer = None
+        dirty, self._progress_dirty = self._progress_dirty, set()
+        for job_id in dirty:
+            held = self._held.get(job_id)
+            progress = None if held is None else held.job.progress
+            if held is None or progress is None or progress is held.progress_written:
+                continue
+            held.progress_written = progress
+            self._write(
+                self.store.progress(held.claim, progress.done, progress.total, progress.message)
+            )
+
+    # -- renewing (loop thread) ------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._renew_once()
+            except Exception as exc:
+                self.runner.log_failure(
+                    "durable renew",
+                    "renew",
+                    exc,
+                    "renewing durable claims failed (%s); trying again in %.3gs",
+                    describe_exception(exc),
+                    self.lease / 3,
+                    level=logging.WARNING,
+                )
+
+    async def _renew_once(self) -> None:
+        claims = [h.claim for h in self._held.values()]
+        if claims:
+            result = await self._written(self.store.renew(claims, self.lease))
+            for job_id in result.lost:
+                self._cancel_held(job_id, "lost")
+            for job_id in result.cancel_requested:
+                self._cancel_held(job_id, "cancel")
+        node = current_node()
+        await self._written(
+            self.store.heartbeat(
+                NodeRecord(
+                    node.id,
+                    node.host,
+                    node.pid,
+                    node.started_at,
+                    running=len(self._held),
+                )
+            )
+        )
+        now = time.time()
+        if now - self._last_expire >= min(_EXPIRE_EVERY, self.history_age or _EXPIRE_EVERY):
+            self._last_expire = now
+            await self._written(self.store.expire(now - self.history_age))
+
+    def _cancel_held(self, job_id: str, why: str) -> None:
+        held = self._held.get(job_id)
+        if held is None or held.task is None or held.task.done():
+            return
+        if why == "lost":
+            log.warning(
+                "job %s %s: its claim was lost (lease ran out and another process took "
+                "it); cancelling the local run",
+                held.job.name,
+                job_id,
+            )
+        held.why = why
+        held.task.cancel()
+
+
+def task_record(
+    task: Task[Any, Any],
+    job: Job[Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str | None,
+) -> JobRecord:
+    """Return the record that stores ``job`` of ``task``.
+
+    :raises TypeError: if an argument is not JSON, naming the task.
+    """
+    return JobRecord(
+        id=job.id,
+        queue=task.name,
+        task=task.name,
+        args_json=encode_arguments(args, kwargs, task.name),
+        max_attempts=task.options.retries + 1,
+        key=key,
+        created_at=job.created_at,
+        timeout=task.options.timeout,
+    )
+
+
+def item_record(queue: str, item: Any, job_id: str, key: str | None) -> JobRecord:
+    """Return the record that stores ``item`` of the consumer of ``queue``
+    (an item is a job of its consumer, run once).
+
+    :raises TypeError: if the item is not JSON.
+    """
+    return JobRecord(
+        id=job_id,
+        queue=queue,
+        task=queue,
+        args_json=encode_json(
+            {"args": [item], "kwargs": {}}, f"an item for the durable queue {queue!r}"
+        ),
+        key=key,
+    )
+
+
+def _full(queue: str, limit: int, timeout: float | None) -> QueueFull:
+    return QueueFull(
+        f"queue {queue!r} is full ({limit} items stored) and stayed full for {timeout or 0.0}s"
+    )
+
+
+def _forgotten(job: Job[Any]) -> Exception:
+    return JobCancelled(f"job {job.name} {job.id} is no longer in the store (expired or unknown)")

@@ -1,0 +1,396 @@
+"""Durable jobs and items through the SQLite backend, within this process.
+
+Two apps on one database file stand for two workers of one host: each has its
+own loop, its own backend object (its own connection and writer thread) and
+its own node id, as two Hypercorn workers would. Real processes are in
+tests/test_durable_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncbg import AsyncBG, JobFailed, JobStatus, QueueFull, current_job
+from tests.conftest import MakeApp
+from tests.helpers_core import WAIT, Gate, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+def _rows(url: str) -> dict[str, tuple[Any, ...]]:
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+    try:
+        return {
+            row[0]: row[1:]
+            for row in conn.execute("SELECT id, status, attempts, owner, result_json FROM jobs")
+        }
+    finally:
+        conn.close()
+
+
+def _worker(make_app: MakeApp, db: str, **config: Any) -> tuple[Any, AsyncBG]:
+    config.setdefault("ASYNCBG_POLL_INTERVAL", 0.05)
+    return make_app(ASYNCBG_BACKEND=db, **config)
+
+
+def test_a_submit_is_stored_before_it_returns_and_runs(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+
+    @bg.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    bg.start()
+    job = add.submit(2, 3)
+    assert job.id in _rows(db)
+    assert job.result(WAIT) == 5
+    assert _rows(db)[job.id][:2] == ("succeeded", 1)
+    assert job.status is JobStatus.SUCCEEDED
+
+
+def test_arguments_and_results_must_be_json(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+
+    @bg.task
+    def echo(value: Any) -> Any:
+        return value
+
+    @bg.task
+    def odd() -> Any:
+        return {1, 2}
+
+    bg.start()
+    with pytest.raises(TypeError, match="must be JSON"):
+        echo.submit({1, 2})
+    assert _rows(db) == {}
+    job = odd.submit()
+    with pytest.raises(TypeError, match="must be JSON"):
+        job.result(WAIT)
+    assert _rows(db)[job.id][0] == "failed"
+
+
+def test_retries_apply_through_the_store(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+    seen: list[int] = []
+
+    @bg.task(retries=2, retry_backoff=0)
+    def flaky() -> str:
+        seen.append(current_job().attempts)
+        if len(seen) < 3:
+            raise ValueError(f"attempt {len(seen)}")
+        return "ok"
+
+    bg.start()
+    job = flaky.submit()
+    assert job.result(WAIT) == "ok"
+    assert seen == [1, 2, 3]
+    assert _rows(db)[job.id][:2] == ("succeeded", 3)
+
+
+def test_a_failure_out_of_retries_is_final(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+
+    @bg.task(retries=1, retry_backoff=0)
+    def broken() -> None:
+        raise ValueError("nope")
+
+    bg.start()
+    job = broken.submit()
+    with pytest.raises(ValueError, match="nope"):
+        job.result(WAIT)
+    assert _rows(db)[job.id][:2] == ("failed", 2)
+
+
+def test_another_worker_runs_it_and_the_submitter_sees_the_result(
+    make_app: MakeApp, db: str
+) -> None:
+    # Worker A only submits (no room to run); worker B runs.
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    app_b, bg_b = _worker(make_app, db)
+    where: list[str] = []
+
+    for bg in (bg_a, bg_b):
+
+        @bg.task(name="where")
+        def where_task(tag: str) -> str:
+            where.append(threading.current_thread().name)
+            return tag
+
+    bg_a.start()
+    bg_b.start()
+    with app_a.app_context():
+        job = bg_a.tasks["where"].submit("x")
+        assert job.result(WAIT) == "x"
+        assert job.status is JobStatus.SUCCEEDED
+    owner = _rows(db)[job.id][2]
+    with app_b.app_context():
+        assert bg_b.get_job(job.id) is not None
+    assert owner is not None
+    assert len(where) == 1
+
+
+def test_get_job_finds_a_job_of_another_worker(make_app: MakeApp, db: str) -> None:
+    app_a, bg_a = _worker(make_app, db)
+    app_b, bg_b = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    gate = Gate()
+    for bg in (bg_a, bg_b):
+
+        @bg.task(name="slow")
+        def slow() -> int:
+            gate.wait()
+            return 7
+
+    bg_a.start()
+    bg_b.start()
+    with app_a.app_context():
+        job = bg_a.tasks["slow"].submit()
+    with app_b.app_context():
+        seen = wait_for(
+            lambda: (j := bg_b.get_job(job.id)) is not None and j.status is JobStatus.RUNNING and j,
+            what="the job running, seen from B",
+        )
+        assert seen.id == job.id
+        gate.set()
+        assert seen.result(WAIT) == 7
+        assert bg_b.get_job("0" * 32) is None
+
+
+def test_cancel_of_a_queued_job_from_another_worker(make_app: MakeApp, db: str) -> None:
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    ran = threading.Event()
+
+    @bg_a.task(name="never")
+    def never() -> None:
+        ran.set()
+
+    bg_a.start()
+    with app_a.app_context():
+        job = never.submit()
+        assert job.cancel()
+        with pytest.raises(Exception, match="cancelled"):
+            job.result(WAIT)
+    assert _rows(db)[job.id][0] == "cancelled"
+    # A worker that can run it now never starts it.
+    app_b, bg_b = _worker(make_app, db)
+
+    @bg_b.task(name="never")
+    def never_b() -> None:
+        ran.set()
+
+    bg_b.start()
+    with app_b.app_context():
+        marker = bg_b.tasks["never"].submit()
+        assert marker.result(WAIT) is None
+    assert ran.is_set()  # the marker ran ...
+    assert _rows(db)[job.id][0] == "cancelled"  # ... the cancelled one never did
+
+
+def test_cancel_of_a_running_job_from_another_worker(make_app: MakeApp, db: str) -> None:
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_LEASE=1.5)
+    app_b, bg_b = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    started = Gate()
+    for bg in (bg_a, bg_b):
+
+        @bg.task(name="forever")
+        async def forever() -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+    bg_a.start()
+    bg_b.start()
+    with app_a.app_context():
+        job = bg_a.tasks["forever"].submit()
+    assert started.wait()
+    with app_b.app_context():
+        remote = bg_b.get_job(job.id)
+        assert remote is not None
+        assert remote.cancel()
+        with pytest.raises(Exception, match="cancelled"):
+            remote.result(WAIT)
+    with app_a.app_context():
+        assert job.wait(WAIT)
+        assert job.status is JobStatus.CANCELLED
+
+
+def test_idempotency_key_returns_the_active_job(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+    gate = Gate()
+    runs: list[int] = []
+
+    @bg.task
+    def report(n: int) -> int:
+        runs.append(n)
+        gate.wait()
+        return n
+
+    bg.start()
+    first = report.using(key="report-42").submit(1)
+    second = report.using(key="report-42").submit(2)
+    assert second is first
+    gate.set()
+    assert first.result(WAIT) == 1
+    # Once it has finished, the key is free again.
+    third = report.using(key="report-42").submit(3)
+    assert third.id != first.id
+    assert third.result(WAIT) == 3
+    assert runs == [1, 3]
+
+
+def test_a_client_made_id_makes_a_retried_submit_idempotent(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+    runs: list[str] = []
+
+    @bg.task
+    def once(tag: str) -> str:
+        runs.append(tag)
+        return tag
+
+    bg.start()
+    job = once.using(job_id="order-17").submit("a")
+    assert job.id == "order-17"
+    assert job.result(WAIT) == "a"
+    again = once.using(job_id="order-17").submit("b")
+    assert again.id == "order-17"
+    assert again.result(WAIT) == "a"
+    assert runs == ["a"]
+    with pytest.raises(ValueError, match="job_id"):
+        once.using(job_id="no spaces")
+
+
+def test_durable_consumer_items_and_a_bounded_store_count(make_app: MakeApp, db: str) -> None:
+    app, bg = _worker(make_app, db)
+    started, hold = Gate(), Gate()
+    got: list[Any] = []
+    done = threading.Event()
+
+    @bg.consumer("mail", maxsize=3, concurrency=1)
+    async def mail(item: Any) -> None:
+        started.set()
+        await hold.wait_async()
+        got.append(item)
+        if len(got) == 4:
+            done.set()
+
+    bg.start()
+    with app.app_context():
+        bg.enqueue("mail", {"n": 0})
+        assert started.wait()  # running: it no longer counts towards maxsize
+        for i in range(1, 4):
+            bg.enqueue("mail", {"n": i})
+        with pytest.raises(QueueFull, match="mail"):
+            bg.enqueue("mail", {"n": 99})
+        with pytest.raises(TypeError, match="JSON"):
+            bg.enqueue("mail", {1, 2})
+        hold.set()
+        assert done.wait(WAIT)
+    assert [item["n"] for item in got] == [0, 1, 2, 3]
+
+
+def test_stop_releases_running_jobs_to_the_store(make_app: MakeApp, db: str) -> None:
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_SHUTDOWN_TIMEOUT=0.2)
+    started = Gate()
+    runs: list[str] = []
+
+    @bg_a.task(name="long")
+    async def long_a() -> str:
+        runs.append("a")
+        started.set()
+        await asyncio.sleep(3600)
+        return "a"
+
+    bg_a.start()
+    with app_a.app_context():
+        job = long_a.submit()
+    assert started.wait()
+    report = bg_a.stop()
+    assert report.released == 1
+    assert report.cancelled == 0
+    assert "1 released" in str(report)
+    assert _rows(db)[job.id][:2] == ("pending", 0)  # handed back, attempt not counted
+
+    app_b, bg_b = _worker(make_app, db)
+
+    @bg_b.task(name="long")
+    async def long_b() -> str:
+        runs.append("b")
+        return "b"
+
+    bg_b.start()
+    with app_b.app_context():
+        remote = bg_b.get_job(job.id)
+        assert remote is not None
+        assert remote.result(WAIT) == "b"
+    assert runs == ["a", "b"]
+
+
+def test_progress_reaches_the_store(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+    gate = Gate()
+
+    @bg.task
+    async def step() -> None:
+        current_job().set_progress(3, 10, "three")
+        await gate.wait_async()
+
+    bg.start()
+    job = step.submit()
+
+    def stored() -> Any:
+        conn = sqlite3.connect(db.removeprefix("sqlite:///"))
+        try:
+            return conn.execute(
+                "SELECT progress_done, progress_total, progress_message FROM jobs WHERE id = ?",
+                (job.id,),
+            ).fetchone() == (3.0, 10.0, "three")
+        finally:
+            conn.close()
+
+    wait_for(stored, what="the progress in the store")
+    gate.set()
+    assert job.result(WAIT) is None
+
+
+def test_a_durable_submit_on_the_loop_thread_must_be_awaited(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db)
+
+    @bg.task
+    async def child() -> str:
+        return "child"
+
+    @bg.task
+    async def parent() -> str:
+        with pytest.raises(RuntimeError, match="submit_async"):
+            child.submit()
+        job = await child.submit_async()
+        return await job
+
+    bg.start()
+    assert parent.submit().result(WAIT) == "child"
+
+
+def test_a_remote_failure_raises_jobfailed(make_app: MakeApp, db: str) -> None:
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    _app_b, bg_b = _worker(make_app, db)
+    for bg in (bg_a, bg_b):
+
+        @bg.task(name="bad")
+        def bad() -> None:
+            raise KeyError("missing")
+
+    bg_a.start()
+    bg_b.start()
+    with app_a.app_context():
+        job = bg_a.tasks["bad"].submit()
+        with pytest.raises(JobFailed, match="KeyError"):
+            job.result(WAIT)
