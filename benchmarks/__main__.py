@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import against, http, latency, memory, periodic, report, shutdown, throughput
+from . import against, durable, http, latency, memory, periodic, report, shutdown, throughput
 from .harness import MODES, Section
 
 BENCHMARKS = {
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "http": http.run,
     "shutdown": shutdown.run,
     "memory": memory.run,
+    "durable": durable.run,
 }
 
 

@@ -33,6 +33,8 @@ class Mode:
     shutdown_timeout: float
     memory_items: int
     history_bound: int
+    durable_jobs: int  # per jobs/s measurement of the durable benchmark
+    durable_samples: int  # latency samples per trial and subject (half across processes)
     time_budget: float = 600.0  # per benchmark, seconds; loops stop early past it
 
 
@@ -55,6 +57,8 @@ MODES: Mapping[str, Mode] = {
         shutdown_timeout=0.2,
         memory_items=2000,
         history_bound=100,
+        durable_jobs=30,
+        durable_samples=10,
         time_budget=20.0,
     ),
     "quick": Mode(
@@ -75,6 +79,8 @@ MODES: Mapping[str, Mode] = {
         shutdown_timeout=0.5,
         memory_items=100_000,
         history_bound=1000,
+        durable_jobs=300,
+        durable_samples=60,
         time_budget=60.0,
     ),
     "full": Mode(
@@ -95,6 +101,8 @@ MODES: Mapping[str, Mode] = {
         shutdown_timeout=1.0,
         memory_items=100_000,
         history_bound=1000,
+        durable_jobs=2000,
+        durable_samples=200,
         time_budget=600.0,
     ),
 }

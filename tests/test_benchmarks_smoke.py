@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"latency", "throughput", "periodic", "http", "shutdown", "memory"}
+SECTIONS = {"latency", "throughput", "periodic", "http", "shutdown", "memory", "durable"}
 # what issue 10 asks --against to compare (benchmarks/against.py FIGURES)
 AGAINST_FIGURES = [
     "submit-to-start p50, idle",
