@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .engine.jobs import Job, JobStatus, TaskOptions
 from .engine.records import CancelResult, JobPage, JobQuery, JobRecord
@@ -21,7 +21,10 @@ from .engine.view import RunKind, RunResult
 from .errors import JobCancelled, JobTimedOut, NotRunning
 
 if TYPE_CHECKING:
+    from .engine.durable import DurableRunner
     from .lifecycle import AppState
+
+T = TypeVar("T")
 
 __all__ = ["AppView"]
 
@@ -74,32 +77,90 @@ class AppView:
     def _live(self, job_id: str) -> Job[Any] | None:
         return self._state.history.get(job_id) if isinstance(job_id, str) else None
 
+    def _store(self) -> DurableRunner | None:
+        # The durable runner, when the store can be asked from this thread: the
+        # loop runs and this is not its thread (which cannot wait on itself).
+        durable = self._state.durable
+        lt = self._state.loop_thread
+        if durable is None or not lt.running or lt.in_loop_thread():
+            return None
+        return durable
+
+    def _ask(self, durable: DurableRunner, coro: Coroutine[Any, Any, T]) -> T:
+        return self._state.loop_thread.submit(coro).result(durable.ack_timeout)
+
+    def _local_jobs(self, durable: DurableRunner | None) -> list[Job[Any]]:
+        # This process's jobs the store does not hold (all of them without one).
+        jobs = self._state.history.jobs()
+        return jobs if durable is None else [j for j in jobs if j._runner is not durable]
+
     def get_job(self, job_id: str) -> JobRecord | None:
-        """A job's record, or None when unknown or forgotten."""
+        """A job's record, or None when unknown or forgotten (with a durable
+        backend, the store's record first: any process's job, with its owner).
+
+        :raises BackendError: if the store failed.
+        """
+        durable = self._store()
+        if durable is not None and isinstance(job_id, str):
+            record = self._ask(durable, durable.store.get(job_id))
+            if record is not None:
+                return record
         job = self._live(job_id)
         return None if job is None else job.record()
 
     def query_jobs(self, query: JobQuery) -> JobPage:
-        """A page of job records, newest first (only the page is converted)."""
+        """A page of job records, newest first (only the page is converted);
+        with a durable backend, the store's jobs and this process's others.
+
+        :raises BackendError: if the store failed.
+        """
         statuses, task = query.statuses, query.task
+        durable = self._store()
         selected = [
             job
-            for job in reversed(self._state.history.jobs())
+            for job in reversed(self._local_jobs(durable))
             # A JobStatus is a StrEnum: it is found in a set of status strings.
             if (statuses is None or job.status in statuses) and (task is None or job.name == task)
         ]
-        page = selected[query.offset : query.offset + query.limit]
-        return JobPage(tuple(job.record() for job in page), len(selected))
+        if durable is None:
+            page = selected[query.offset : query.offset + query.limit]
+            return JobPage(tuple(job.record() for job in page), len(selected))
+        # Enough of both, newest first, to cut the page from.
+        wanted = query.offset + query.limit
+        stored = self._ask(
+            durable,
+            durable.store.query(JobQuery(statuses=statuses, task=task, offset=0, limit=wanted)),
+        )
+        merged = sorted(
+            [*stored.records, *(job.record() for job in selected[:wanted])],
+            key=lambda r: r.created_at,
+            reverse=True,
+        )
+        return JobPage(tuple(merged[query.offset : wanted]), stored.total + len(selected))
 
     def job_counts(self) -> dict[str, int]:
-        """How many jobs are running, pending, known and active."""
-        jobs = self._state.history.jobs()
-        return {
+        """How many jobs are running, pending, known and active (with a durable
+        backend: the store's counts, for every process, plus this one's others).
+
+        :raises BackendError: if the store failed.
+        """
+        durable = self._store()
+        jobs = self._local_jobs(durable)
+        counts = {
             "running": sum(1 for j in jobs if j.status is JobStatus.RUNNING),
             "pending": sum(1 for j in jobs if j.status is JobStatus.PENDING),
             "known": len(jobs),
             "active": self._state.runner.active,
         }
+        if durable is not None:
+            for by_status in self._stored_stats(durable).values():
+                counts["running"] += by_status.get("running", 0)
+                counts["pending"] += by_status.get("pending", 0)
+                counts["known"] += sum(by_status.values())
+        return counts
+
+    def _stored_stats(self, durable: DurableRunner) -> dict[str, dict[str, int]]:
+        return self._ask(durable, durable.store.stats())
 
     def job_stats(self) -> dict[str, Any]:
         """The statistics of finished jobs (copies)."""
@@ -113,8 +174,21 @@ class AppView:
     # -- queues, schedules and definitions -----------------------------------------
 
     def queue_snapshots(self) -> list[dict[str, Any]]:
-        """Each queue's state, sorted by name."""
-        return [q.snapshot() for _, q in sorted(self._state.queues.items())]
+        """Each queue's state, sorted by name (a durable queue's depth is the
+        count of its items stored and not started, from every process).
+
+        :raises BackendError: if the store failed.
+        """
+        st = self._state
+        snapshots = [q.snapshot() for _, q in sorted(st.queues.items())]
+        durable = self._store()
+        if durable is not None and any(st.stored_queue(q) for q in st.queues.values()):
+            stats = self._stored_stats(durable)
+            for snap in snapshots:
+                if st.stored_queue(st.queues[snap["name"]]) is not None:
+                    snap["depth"] = stats.get(snap["name"], {}).get("pending", 0)
+                    snap["durable"] = True
+        return snapshots
 
     def periodic_snapshots(self) -> list[dict[str, Any]]:
         """Each periodic job's state, sorted by name."""
@@ -154,7 +228,7 @@ class AppView:
         :raises NotRunning: if the job is not final and the loop is not running.
         :raises RuntimeError: if called on the loop thread with ``wait`` > 0.
         """
-        job = self._live(job_id)
+        job = self._handle(job_id)
         if job is None:
             return CancelResult.UNKNOWN, None
         # cancel() is False for a job that has ended, and when the loop is gone.
@@ -171,11 +245,19 @@ class AppView:
 
         :raises RuntimeError: if called on the loop thread while the job runs.
         """
-        job = self._live(job_id)
+        job = self._handle(job_id)
         if job is None:
             return None
         job.wait(timeout)
         return job.record()
+
+    def _handle(self, job_id: str) -> Job[Any] | None:
+        # A live handle: this process's, or one for a job in the store.
+        job = self._live(job_id)
+        durable = self._store()
+        if job is None and durable is not None and isinstance(job_id, str):
+            job = self._ask(durable, durable.lookup(job_id))
+        return job
 
     def run_periodic_now(self, name: str, *, timeout: float) -> tuple[bool, dict[str, Any]]:
         """Start a run of the periodic job ``name`` now (see :meth:`StateView.run_periodic_now`).

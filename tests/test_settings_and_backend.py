@@ -187,12 +187,24 @@ def test_a_backend_that_cannot_open_fails_start_and_leaves_nothing_running() -> 
     assert events == []  # no hook ran, and nothing that never opened was closed
 
 
-def test_a_durable_backend_is_refused_until_the_engine_runs_jobs_through_it(
-    tmp_path: Any,
-) -> None:
-    app = Flask("asyncbg_settings_test", instance_path=str(tmp_path))
-    app.config["ASYNCBG_BACKEND"] = "sqlite:///asyncbg.db"
-    with pytest.raises(BackendUnavailable, match="does not run jobs through a durable backend"):
-        AsyncBG().init_app(app)
-    assert "asyncbg" not in app.extensions
-    assert not (tmp_path / "asyncbg.db").exists()  # nothing opened either
+def test_a_relative_sqlite_backend_stores_jobs_in_the_instance_folder(tmp_path: Any) -> None:
+    app = Flask("asyncbg_settings_test", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        ASYNCBG_BACKEND="sqlite:///asyncbg.db",
+        ASYNCBG_AUTOSTART=False,
+        ASYNCBG_HANDLE_SIGNALS=False,
+    )
+    bg = AsyncBG(app)
+
+    @bg.task
+    def double(n: int) -> int:
+        return 2 * n
+
+    assert bg.app is app
+    assert not (tmp_path / "instance" / "asyncbg.db").exists()  # opened at start, not before
+    bg.start()
+    try:
+        assert double.submit(21).result(10) == 42
+        assert (tmp_path / "instance" / "asyncbg.db").exists()
+    finally:
+        bg.stop()

@@ -40,6 +40,8 @@ from .node import current_node
 from .records import (
     CancelResult,
     Claim,
+    JobPage,
+    JobQuery,
     JobRecord,
     NodeRecord,
     Outcome,
@@ -97,6 +99,10 @@ class Store(Protocol):
     ) -> bool: ...
 
     async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def query(self, query: JobQuery) -> JobPage: ...
+
+    async def stats(self) -> dict[str, dict[str, int]]: ...
 
     async def cancel(self, job_id: str) -> str: ...
 

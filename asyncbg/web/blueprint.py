@@ -32,7 +32,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEnti
 from ..engine.jobs import JobStatus
 from ..engine.records import CancelResult, JobQuery, JobRecord
 from ..engine.view import StateView
-from ..errors import NotRunning
+from ..errors import BackendError, NotRunning
 from .access import (
     CONTROL,
     CSRF_HEADER,
@@ -207,6 +207,13 @@ def _unexpected_error(exc: Exception) -> ResponseReturnValue:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
+def _store_error(exc: BackendError) -> ResponseReturnValue:
+    # The store is down or refused: the server's trouble, not the client's, and
+    # one that passes; a 503 says so (a 500 would say the code is broken).
+    log.warning("store unavailable in %s %s: %s", request.method, request.path, exc)
+    return _error(503, f"the job store is unavailable: {exc}")
+
+
 def _not_found(rest: str) -> ResponseReturnValue:
     return _error(404, f"nothing at {request.path!r}")
 
@@ -358,6 +365,7 @@ def create_blueprint(view: StateView, metrics: MetricsExporter | None = None) ->
     bp.before_request(routes.guard)
     bp.after_request(_no_store)
     bp.register_error_handler(HTTPException, _http_error)
+    bp.register_error_handler(BackendError, _store_error)
     bp.register_error_handler(Exception, _unexpected_error)
     bp.add_url_rule("/<path:rest>", "not_found", _not_found, methods=list(_METHODS))
     return bp
