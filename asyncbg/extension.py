@@ -559,6 +559,16 @@ class AsyncBG:
         st.ensure_started()
         return durable.submit(job, record)
 
+    def _submit_many(self, task: Task[Any, T], calls: list[tuple[Any, ...]]) -> list[Job[T]]:
+        st = self._state()
+        durable = st.durable if task.options.durable is not False else None
+        if durable is None:
+            jobs = [st.runner.create_for(task, args, {}) for args in calls]  # all checked first
+            return [st.dispatch(job) for job in jobs]
+        pairs = [self._stored_job(st, task, args, {}, _PLAIN) for args in calls]
+        st.ensure_started()
+        return durable.submit_many(pairs)
+
     async def _submit_task_async(
         self,
         task: Task[Any, T],

@@ -394,3 +394,28 @@ def test_a_remote_failure_raises_jobfailed(make_app: MakeApp, db: str) -> None:
         job = bg_a.tasks["bad"].submit()
         with pytest.raises(JobFailed, match="KeyError"):
             job.result(WAIT)
+
+
+def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) -> None:
+    _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+
+    @bg.task
+    def square(n: int) -> int:
+        return n * n
+
+    bg.start()
+    jobs = square.submit_many([(i,) for i in range(50)])
+    assert len(jobs) == 50
+    rows = _rows(db)
+    assert all(job.id in rows for job in jobs)
+    # One commit: every record of the burst has the same creation batch (seq
+    # numbers drawn in one transaction are consecutive).
+    conn = sqlite3.connect(db.removeprefix("sqlite:///"))
+    try:
+        seqs = sorted(s for (s,) in conn.execute("SELECT seq FROM jobs"))
+    finally:
+        conn.close()
+    assert seqs == list(range(seqs[0], seqs[0] + 50))
+    with pytest.raises(TypeError):
+        square.submit_many([(1,), (1, 2)])
+    assert len(_rows(db)) == 50  # the bad burst stored nothing

@@ -299,6 +299,32 @@ class DurableRunner:
             raise
         return self._handle(job, self._acknowledged(waiter, record))
 
+    def submit_many(self, pairs: Sequence[tuple[Job[Any], JobRecord]]) -> list[Job[Any]]:
+        """As :meth:`submit` for many jobs at once: one commit for all of them
+        (a burst pays one fsync, not one each); returns their handles in order.
+
+        :raises RuntimeError: on the loop thread.
+        :raises NotRunning: if the loop is stopping (nothing is stored).
+        :raises BackendError: if the store failed (nothing is stored).
+        """
+        self.loop_thread.check_not_loop_thread("a durable submit_many (it waits for the commit)")
+        entries = []
+        for job, record in pairs:
+            job._runner = self
+            self.history.add(job)
+            entries.append(_Staged(record, job, concurrent.futures.Future(), None))
+        try:
+            self.loop_thread.post(self._stage_all, entries)
+        except NotRunning:
+            for job, _ in pairs:
+                self.history.discard(job)
+            raise
+        return [
+            self._handle(job, self._acknowledged(entry.waiter, record))
+            for (job, record), entry in zip(pairs, entries, strict=True)
+            if entry.waiter is not None
+        ]
+
     async def submit_async(self, job: Job[Any], record: JobRecord) -> Job[Any]:
         """As :meth:`submit`, awaited from any event loop (the loop's own included)."""
         job._runner = self
@@ -399,6 +425,10 @@ class DurableRunner:
             self._flush_scheduled = True
             # After every callback already waiting in this turn: one commit for all.
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _stage_all(self, entries: list[_Staged]) -> None:
+        for entry in entries:
+            self._stage(entry)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar, overload
 
@@ -133,6 +133,19 @@ class Task(Generic[P, T]):
         """
         return self._submitter._submit_task(self, args, kwargs, SubmitSettings())
 
+    def submit_many(self, calls: Iterable[Sequence[Any]]) -> list[Job[T]]:
+        """Submit one job per element of ``calls`` (each the positional
+        arguments of one call); return their jobs in order.
+
+        For a durable task every job is stored in one commit before this
+        returns: a burst pays one disk sync, not one per job.
+
+        :raises TypeError: if some call's arguments do not fit (nothing is submitted).
+        :raises NotRunning: if asyncbg has been stopped.
+        :raises BackendError: if the store failed (nothing is stored).
+        """
+        return self._submitter._submit_many(self, [tuple(c) for c in calls])
+
     async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[T]:
         """As :meth:`submit`, awaited from any event loop: for a durable task,
         it returns once the job is stored (an ``async def`` view or job must
@@ -201,6 +214,8 @@ class Submitter(Protocol):
     def _submit_task(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any], how: SubmitSettings
     ) -> Job[T]: ...
+
+    def _submit_many(self, task: Task[Any, T], calls: list[tuple[Any, ...]]) -> list[Job[T]]: ...
 
     async def _submit_task_async(
         self, task: Task[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any], how: SubmitSettings
