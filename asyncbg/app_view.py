@@ -283,6 +283,8 @@ class AppView:
         st = self._state
         started_loop = not st.loop_thread.running
         if started_loop:
+            if st.durable is not None:
+                st.durable.claiming = False  # a CLI run takes no one else's work
             st.start(periodic=False)
         try:
             t0 = time.monotonic()

@@ -419,3 +419,26 @@ def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) ->
     with pytest.raises(TypeError):
         square.submit_many([(1,), (1, 2)])
     assert len(_rows(db)) == 50  # the bad burst stored nothing
+
+
+def test_finished_jobs_expire_and_the_file_stops_growing(make_app: MakeApp, db: str) -> None:
+    # A steady load with a short retention: rows are deleted after
+    # ASYNCBG_JOB_HISTORY_AGE and SQLite reuses the freed pages, so after the
+    # first rounds the file keeps its size.
+    path = Path(db.removeprefix("sqlite:///"))
+    _app, bg = _worker(make_app, db, ASYNCBG_JOB_HISTORY_AGE=0.3, ASYNCBG_LEASE=1.0)
+
+    @bg.task
+    def payload(i: int) -> str:
+        return "x" * 200 + str(i)
+
+    bg.start()
+    sizes = []
+    for round_ in range(6):
+        jobs = payload.submit_many([(round_ * 1000 + i,) for i in range(1000)])
+        for job in jobs:
+            job.result(WAIT)
+        wait_for(lambda: not _rows(db), timeout=WAIT, what="every finished row expired")
+        sizes.append(path.stat().st_size + Path(f"{path}-wal").stat().st_size)
+    print("file + WAL bytes after each round of 1000 jobs:", sizes)
+    assert max(sizes[2:]) <= sizes[1] * 1.25, sizes

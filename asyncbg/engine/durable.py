@@ -203,6 +203,8 @@ class DurableRunner:
         self._progress_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._last_expire = 0.0
+        #: False in a process that must not take other processes' work (a CLI run).
+        self.claiming = True
 
     def __repr__(self) -> str:
         return f"<DurableRunner {self.owner} holding {len(self._held)}>"
@@ -476,6 +478,8 @@ class DurableRunner:
     def _room(self) -> list[tuple[list[str], int]]:
         """(queues, how many) for each claim to make now."""
         wanted: list[tuple[list[str], int]] = []
+        if not self.claiming:
+            return wanted
         running_tasks = sum(1 for h in self._held.values() if h.queue is None)
         lanes = self._task_lanes()
         if lanes and self.concurrency > running_tasks:
