@@ -11,12 +11,28 @@ How it runs:
   (``asyncbg-sqlite``), on one connection opened there; the coroutines hand
   the work over and await a future, so the loop never blocks on the file.
 - The file is in WAL mode (readers never block the writer; verified at open).
-  Every write is one ``BEGIN IMMEDIATE … COMMIT``: a deferred transaction that
-  reads then writes gets ``SQLITE_BUSY`` at once, ignoring ``busy_timeout``,
-  whereas an immediate one waits for the other processes' writers.
-- Time is ``time.time()`` read on that thread once the write lock is held, so
-  the clock of one transaction never goes back behind an earlier commit's by
-  more than the host's clock itself.
+  Every write transaction is ``BEGIN IMMEDIATE … COMMIT``: a deferred
+  transaction that reads then writes gets ``SQLITE_BUSY`` at once, ignoring
+  ``busy_timeout``, whereas an immediate one waits for the other processes'
+  writers.
+- Writes are group-committed. When the thread takes a write from its queue, it
+  takes every write queued right behind it too (up to 256; the first read or
+  other call ends the group) and runs them all in one transaction, each in its
+  own ``SAVEPOINT``: a write that raises is rolled back to its savepoint and
+  gets its exception, the others commit. Every future is resolved only after
+  the ``COMMIT`` returned, so an acknowledged write is on disk (as far as
+  ``synchronous`` syncs); when the transaction as a whole fails (the write
+  lock not had within ``busy_timeout``, the ``COMMIT`` itself), every write of
+  the group gets a :class:`~asyncbg.errors.BackendError`. So the N enqueues
+  made in one loop turn share one commit (one fsync) instead of taking N. A
+  read runs in its own snapshot transaction, in queue order: it sees every
+  write queued before it. What follows a commit on the loop (waking this
+  process's ``wait()`` callers) runs once the caller's future is resolved,
+  so after the commit.
+- Time is ``time.time()`` read on that thread once the write lock is held, one
+  reading per group: every write of a group sees the same ``now``, and the
+  clock of one transaction never goes back behind an earlier commit's by more
+  than the host's clock itself.
 
 It follows every decision listed in :mod:`asyncbg.backends.memory`: claim
 order by due time (``run_at``, else ``created_at``; a lost lease at its
@@ -69,6 +85,8 @@ _SYNCHRONOUS = ("FULL", "EXTRA", "NORMAL")
 _DEFAULT_BUSY_TIMEOUT = 5000
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
 _SLOT_MEMORY = 1024
+# Write calls at most in one group commit (one transaction, each in a savepoint).
+_GROUP_LIMIT = 256
 # Ids per statement where a list of them becomes ``IN (?, ?, …)``.
 _CHUNK = 500
 # wait() polls the file: another process may be the one that finishes a job.
@@ -208,10 +226,29 @@ def _describe(exc: sqlite3.Error) -> str:
     return text
 
 
-class _Worker:
-    """One daemon thread that runs calls in order, each answered by a future."""
+@dataclasses.dataclass(slots=True)
+class _Write:
+    """One write call: ``fn(conn, now)`` and the future that gets its outcome."""
 
-    def __init__(self) -> None:
+    fn: Callable[[sqlite3.Connection, float], Any]
+    future: concurrent.futures.Future[Any]
+
+
+_STOP = object()
+
+
+class _Worker:
+    """One daemon thread that runs calls in queue order, each answered by a future.
+
+    A write call taken from the queue takes with it every write call queued
+    right behind it, up to ``group_limit`` in all, and hands them to
+    ``write_group`` as one list (one transaction); the first call of any other
+    kind ends the group and runs after it, so queue order is kept.
+    """
+
+    def __init__(self, write_group: Callable[[list[_Write]], None], group_limit: int) -> None:
+        self._write_group = write_group
+        self._group_limit = max(1, group_limit)
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="asyncbg-sqlite", daemon=True)
         self._thread.start()
@@ -222,9 +259,18 @@ class _Worker:
         self._calls.put((future, fn))
         return future
 
+    def submit_write(
+        self, fn: Callable[[sqlite3.Connection, float], T]
+    ) -> concurrent.futures.Future[T]:
+        """Queue the write ``fn``, to run in a group; its future is resolved by
+        ``write_group``."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put(_Write(fn, future))
+        return future
+
     def stop(self) -> None:
         """Let the queued calls run, then end the thread (without waiting for it)."""
-        self._calls.put(None)
+        self._calls.put(_STOP)
 
     @property
     def thread(self) -> threading.Thread:
@@ -232,14 +278,49 @@ class _Worker:
         return self._thread
 
     def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            future, fn = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            del item, future, fn
+        held: Any = None
+        while True:
+            item, held = (self._calls.get() if held is None else held), None
+            if item is _STOP:
+                return
+            if isinstance(item, _Write):
+                group, held = self._group(item)
+                self._run_group(group)
+                del group
+            else:
+                future, fn = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future, fn
+            # Nothing of a finished call stays referenced while the thread waits.
+            del item
+
+    def _group(self, first: _Write) -> tuple[list[_Write], Any]:
+        # The writes queued right behind ``first``, and the call that ended the group.
+        group = [first]
+        while len(group) < self._group_limit:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return group, None
+            if not isinstance(item, _Write):
+                return group, item
+            group.append(item)
+        return group, None
+
+    def _run_group(self, group: list[_Write]) -> None:
+        live = [call for call in group if call.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            self._write_group(live)
+        except BaseException as exc:  # pragma: no cover - write_group answers every call
+            for call in live:
+                if not call.future.done():
+                    call.future.set_exception(exc)
 
 
 class SQLiteBackend(Backend):
@@ -261,6 +342,7 @@ class SQLiteBackend(Backend):
         synchronous: str = "FULL",
         busy_timeout: int = _DEFAULT_BUSY_TIMEOUT,
         make_parent: bool = False,
+        _coalesce: bool = True,
     ) -> None:
         if synchronous not in _SYNCHRONOUS:
             raise ConfigError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -268,6 +350,8 @@ class SQLiteBackend(Backend):
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
         self._make_parent = make_parent
+        # One write per transaction when False: the benchmark's "before".
+        self._group_limit = _GROUP_LIMIT if _coalesce else 1
         self._worker: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
         # Replaced whenever this object writes a final state: waiters hold the one they saw.
@@ -288,37 +372,109 @@ class SQLiteBackend(Backend):
             raise BackendError(f"the SQLite backend on {self.path} is not open")
         return self._conn
 
-    async def _write(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run ``fn(conn, now)`` in one ``BEGIN IMMEDIATE`` transaction on the thread.
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection, float], T],
+    ) -> T:
+        """Run ``fn(conn, now)`` in a ``BEGIN IMMEDIATE`` transaction on the
+        thread, possibly shared with the writes queued next to it (each in its
+        own savepoint); return once it is committed.
 
-        :raises BackendError: for an SQLite error (the transaction is rolled back).
+        :raises BackendError: for an SQLite error (this call's changes are
+            rolled back), or when the group's transaction fails as a whole.
         """
-        # The clock is read once the write lock is held: commit order is time order.
-        return await self._run(
-            lambda: self._transaction("BEGIN IMMEDIATE", lambda conn: fn(conn, time.time()))
-        )
+        if self._worker is None:
+            raise BackendError(f"the SQLite backend on {self.path} is not open")
+        return await asyncio.wrap_future(self._worker.submit_write(fn))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread.
+        """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread;
+        it sees every write queued before it.
 
         :raises BackendError: for an SQLite error.
         """
-        return await self._run(lambda: self._transaction("BEGIN", fn))
+        return await self._run(lambda: self._snapshot(fn))
 
-    def _transaction(self, begin: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # On the backend's thread: all of fn or none of it.
+    def _snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # On the backend's thread: one read transaction.
         conn = self._connection()
         try:
-            conn.execute(begin)
+            conn.execute("BEGIN")
             result = fn(conn)
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
+                raise self._error(exc) from exc
             raise
         return result
+
+    def _write_group(self, calls: list[_Write]) -> None:
+        """On the thread: run ``calls`` in one ``BEGIN IMMEDIATE … COMMIT``, then
+        resolve their futures (only once the commit returned).
+
+        One call runs as it is: on an exception the transaction is rolled back.
+        Several run each in a savepoint: a call that raises is rolled back to
+        its savepoint and gets its exception, the others commit. When the
+        transaction as a whole fails (``BEGIN``, ``COMMIT``, or an error after
+        which SQLite rolled everything back), every call gets a BackendError.
+        """
+        conn = self._connection()
+        single = len(calls) == 1
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # The clock is read once the write lock is held: commit order is
+            # time order. One reading serves the whole group.
+            now = time.time()
+            for call in calls:
+                outcomes.append(self._call_in_group(conn, call, now, single))
+            conn.execute("COMMIT" if any(ok for ok, _ in outcomes) else "ROLLBACK")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for call in calls:
+                call.future.set_exception(self._error(exc, group=not single))
+            return
+        for call, (ok, value) in zip(calls, outcomes, strict=True):
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+
+    def _call_in_group(
+        self, conn: sqlite3.Connection, call: _Write, now: float, single: bool
+    ) -> tuple[bool, Any]:
+        # (True, result) or (False, exception); raises when the transaction is lost.
+        if single:
+            return True, call.fn(conn, now)
+        conn.execute("SAVEPOINT call")
+        try:
+            result = call.fn(conn, now)
+        except Exception as exc:
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back (I/O error, disk full)
+            conn.execute("ROLLBACK TO call")
+            conn.execute("RELEASE call")
+            return False, self._error(exc)
+        conn.execute("RELEASE call")
+        return True, result
+
+    def _error(self, exc: BaseException, *, group: bool = False) -> BaseException:
+        # An SQLite error as the BackendError a caller gets; other exceptions as
+        # they are, but for a failed group, where every call gets a BackendError.
+        if isinstance(exc, sqlite3.Error):
+            error = BackendError(f"SQLite {self.path}: {_describe(exc)}")
+        elif group:
+            error = BackendError(
+                f"SQLite {self.path}: the transaction shared with other writes failed: {exc!r}"
+            )
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
 
     def _notify(self) -> None:
         # Wakes this process's waiters at once; others find out by polling.
@@ -338,7 +494,7 @@ class SQLiteBackend(Backend):
         if self._worker is not None:
             return
         self._finished = asyncio.Event()
-        self._worker = _Worker()
+        self._worker = _Worker(self._write_group, self._group_limit)
         try:
             await asyncio.wrap_future(self._worker.submit(self._connect))
         except BaseException:

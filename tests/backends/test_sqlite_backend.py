@@ -1,10 +1,12 @@
 """What only the SQLite backend promises: its URL, the file it keeps (WAL, the
-settings, the refusals of a file it cannot use), its thread, and exclusivity
-between separate connections and a separate process on one file."""
+settings, the refusals of a file it cannot use), its thread and its group
+commit, and exclusivity between separate connections and a separate process
+on one file."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,68 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[SQLiteBackend, SQLiteBacke
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[SQLiteBackend]:
+    made = SQLiteBackend(str(tmp_path / "a.db"))
+    await made.open()
+    try:
+        await made.migrate()
+        yield made
+    finally:
+        await made.close()
+
+
+@contextlib.asynccontextmanager
+async def held(backend: SQLiteBackend) -> AsyncIterator[Callable[[int], None]]:
+    """Keep the backend's thread busy: calls made in the block queue up behind
+    it and run when the block ends. Yields a check that exactly ``n`` calls
+    are queued (the calls' tasks must have taken their first step)."""
+    loop = asyncio.get_running_loop()
+    entered: asyncio.Future[None] = loop.create_future()
+    gate = threading.Event()
+
+    def block() -> None:
+        loop.call_soon_threadsafe(entered.set_result, None)
+        gate.wait(WITHIN)
+
+    blocker = asyncio.ensure_future(backend._run(block))
+    await entered
+    worker = backend._worker
+    assert worker is not None
+
+    def queued(n: int) -> None:
+        assert worker._calls.qsize() == n
+
+    try:
+        yield queued
+    finally:
+        gate.set()
+        await blocker
+
+
+async def traced(backend: SQLiteBackend) -> list[str]:
+    """Every statement the backend's connection runs from now on."""
+    statements: list[str] = []
+
+    def trace() -> None:
+        assert backend._conn is not None
+        backend._conn.set_trace_callback(statements.append)
+
+    await backend._run(trace)
+    return statements
+
+
+def write_commits(statements: list[str]) -> int:
+    """How many write transactions (``BEGIN IMMEDIATE``) ended in a ``COMMIT``."""
+    commits, writing = 0, False
+    for statement in statements:
+        if statement.startswith("BEGIN"):
+            writing = statement == "BEGIN IMMEDIATE"
+        elif statement == "COMMIT" and writing:
+            commits += 1
+    return commits
 
 
 async def drain(backend: SQLiteBackend, owner: str, limit: int = 7) -> list[Claim]:
@@ -310,6 +374,131 @@ async def test_a_write_waiting_for_another_writer_does_not_block_the_loop(
         assert await backend.get("a") is None
     finally:
         await backend.close()
+
+
+# -- group commit ---------------------------------------------------------------
+
+
+async def test_writes_queued_together_share_one_commit(backend: SQLiteBackend) -> None:
+    statements = await traced(backend)
+    async with held(backend) as queued:
+        writes = [asyncio.ensure_future(backend.enqueue([job(f"j{i:02}")])) for i in range(64)]
+        # A read queued behind the writes sees every one of them.
+        read = asyncio.ensure_future(backend.query(JobQuery(limit=100)))
+        await asyncio.sleep(0)  # one loop turn: every task queues its call
+        queued(65)
+    stored = await asyncio.gather(*writes)
+    assert [r.id for [r] in stored] == [f"j{i:02}" for i in range(64)]
+    assert (await read).total == 64
+    assert write_commits(statements) == 1
+    assert statements.count("SAVEPOINT call") == 64
+
+
+async def test_concurrent_enqueues_in_one_loop_turn_take_fewer_commits(
+    backend: SQLiteBackend,
+) -> None:
+    statements = await traced(backend)
+    n = 64
+    await asyncio.gather(*(backend.enqueue([job(f"j{i:02}")]) for i in range(n)))
+    assert (await backend.query(JobQuery())).total == n
+    assert 1 <= write_commits(statements) < n
+
+
+async def test_without_coalescing_every_write_is_its_own_commit(tmp_path: Path) -> None:
+    backend = SQLiteBackend(str(tmp_path / "a.db"), _coalesce=False)
+    await backend.open()
+    try:
+        await backend.migrate()
+        statements = await traced(backend)
+        async with held(backend) as queued:
+            writes = asyncio.gather(*(backend.enqueue([job(f"j{i}")]) for i in range(8)))
+            await asyncio.sleep(0)
+            queued(8)
+        await writes
+        assert write_commits(statements) == 8
+        assert "SAVEPOINT call" not in statements
+    finally:
+        await backend.close()
+
+
+async def test_a_failing_call_in_a_group_rolls_back_only_itself(backend: SQLiteBackend) -> None:
+    statements = await traced(backend)
+
+    def insert_then_raise(conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("UPDATE counters SET value = -1 WHERE name = 'beat'")
+        raise ValueError("the call's own failure")
+
+    def bad_sql(conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("UPDATE counters SET value = -2 WHERE name = 'beat'")
+        conn.execute("INSERT INTO nosuch VALUES (1)")
+
+    async with held(backend) as queued:
+        calls = [
+            asyncio.ensure_future(backend.enqueue([job("a")])),
+            asyncio.ensure_future(backend._write(insert_then_raise)),
+            asyncio.ensure_future(backend._write(bad_sql)),
+            asyncio.ensure_future(backend.enqueue([job("b")])),
+        ]
+        await asyncio.sleep(0)
+        queued(4)
+    a, raised, failed, b = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(raised, ValueError)
+    assert isinstance(failed, BackendError)
+    assert "no such table: nosuch" in str(failed)
+    assert [r.id for r in (await backend.query(JobQuery())).records] == ["b", "a"]
+    assert [[r.id for r in stored] for stored in (a, b)] == [["a"], ["b"]]
+    beat = await backend._read(
+        lambda conn: conn.execute("SELECT value FROM counters WHERE name = 'beat'").fetchone()
+    )
+    assert beat == (0,)
+    assert write_commits(statements) == 1
+
+
+async def test_a_failed_commit_fails_every_call_of_the_group(backend: SQLiteBackend) -> None:
+    # A deferred foreign key is checked at COMMIT: a real failure of the commit itself.
+    def foreign_keys_on() -> None:
+        assert backend._conn is not None
+        backend._conn.execute("PRAGMA foreign_keys = ON")
+
+    await backend._run(foreign_keys_on)
+    await backend._write(
+        lambda conn, now: conn.execute(
+            """CREATE TABLE child (parent TEXT
+            REFERENCES jobs (id) DEFERRABLE INITIALLY DEFERRED)"""
+        )
+    )
+
+    def orphan(conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("INSERT INTO child VALUES ('nosuch')")
+
+    async with held(backend) as queued:
+        calls = [
+            asyncio.ensure_future(backend.enqueue([job("a")])),
+            asyncio.ensure_future(backend._write(orphan)),
+        ]
+        await asyncio.sleep(0)
+        queued(2)
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, BackendError)
+        assert "FOREIGN KEY constraint failed" in str(result)
+    assert await backend.get("a") is None
+    # The transaction was rolled back: the next write commits on its own.
+    [b] = await backend.enqueue([job("b")])
+    assert await backend.get("b") == b
+
+
+async def test_a_group_reads_the_clock_once_after_taking_the_write_lock(
+    backend: SQLiteBackend,
+) -> None:
+    async with held(backend) as queued:
+        calls = asyncio.gather(*(backend._write(lambda conn, now: now) for _ in range(3)))
+        await asyncio.sleep(0)
+        queued(3)
+        before = time.time()
+    nows = await calls
+    assert len(set(nows)) == 1
+    assert nows[0] >= before
 
 
 # -- many connections, many processes -------------------------------------------
