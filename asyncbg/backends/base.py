@@ -13,6 +13,9 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 
 - enqueue is idempotent on the record's id and, while a job with the same
   ``key`` is queued or running, on the key: the existing record is returned;
+  with ``limits``, a record of a bounded queue that already holds its limit
+  of pending records is refused (None in its place), atomically with the
+  rest of the call, but never a record that idempotency answers;
 - a claim takes queued records whose ``run_at`` has come, marks them running,
   sets the owner, a lease deadline on the backend's clock and a token one
   higher than any before for that job; no record is held by two claims;
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
@@ -100,9 +103,21 @@ class Backend(abc.ABC):
     # -- jobs and queue items --------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, records: Sequence[rec.JobRecord]) -> list[rec.JobRecord]:
+    async def enqueue(
+        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[rec.JobRecord | None]:
         """Store ``records`` in one commit; return the stored record for each
-        (the existing one where the id, or an active job's key, was already there)."""
+        (the existing one where the id, or an active job's key, was already there).
+
+        ``limits`` maps queue names to bounds: a record whose queue is in it is
+        refused (None in its place, nothing stored for it) when that queue
+        already has ``limits[queue]`` or more ``pending`` records, counting
+        those stored earlier in the same call; running and final records do
+        not count. Idempotency comes first: a record whose id, or active key,
+        is already there gets the existing record and is never refused. The
+        records after a refused one are still considered. Without ``limits``
+        no slot is None.
+        """
 
     @abc.abstractmethod
     async def claim(

@@ -54,7 +54,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -79,7 +79,7 @@ __all__ = ["SQLiteBackend", "from_url"]
 T = TypeVar("T")
 
 #: The schema this module writes; ``migrate`` brings a file up to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SYNCHRONOUS = ("FULL", "EXTRA", "NORMAL")
 _DEFAULT_BUSY_TIMEOUT = 5000
@@ -102,6 +102,9 @@ _FINAL = "(" + ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES)) + ")"
 # A claim's fenced writes: the same job, owner and token, and still running.
 _HELD = "id = :id AND owner = :owner AND token = :token AND status = 'running'"
 
+# Version 1, as it was first written: never edit it (files of version 1 hold
+# exactly this). A new file gets it and then every step of _UPGRADES, as an
+# old file does, so both end the same.
 _SCHEMA = f"""
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY NOT NULL,
@@ -166,6 +169,15 @@ CREATE TABLE nodes (
 );
 """
 
+# The steps from the version before to each version; each is idempotent.
+_UPGRADES: dict[int, str] = {
+    # enqueue(limits=) counts a queue's pending records through this index.
+    # status is in it although constant: SQLite (3.40) does not see that the
+    # index's own WHERE answers the query's, and would read every row without.
+    2: """CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (queue, status)
+    WHERE status = 'pending'""",
+}
+
 # Claimable records of one queue in claim order, in two index-driven parts:
 # everything due by now, then pending records without run_at created ahead of
 # the clock (claimable at once, but ordered by their created_at, so last).
@@ -207,6 +219,13 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
 
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
+
+
+def _script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript: it would COMMIT the caller's transaction first.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _next(conn: sqlite3.Connection, counter: str, n: int = 1) -> int:
@@ -576,8 +595,10 @@ class SQLiteBackend(Backend):
             worker.stop()
 
     async def migrate(self) -> None:
-        """Create the schema when the file has none; idempotent, and safe when
-        several processes migrate at once (``BEGIN IMMEDIATE`` serialises them).
+        """Create the schema when the file has none, or upgrade an older one in
+        place (version 1 gains the ``jobs_pending`` index); idempotent, and safe
+        when several processes migrate at once (``BEGIN IMMEDIATE`` serialises
+        them).
 
         :raises BackendError: when the file's schema is newer than this
             module's, or for an SQLite error.
@@ -592,11 +613,14 @@ class SQLiteBackend(Backend):
                     f"SQLite {self.path}: schema version {version} is newer than this "
                     f"asyncbg knows ({SCHEMA_VERSION}); upgrade asyncbg"
                 )
+            if version == SCHEMA_VERSION:
+                return
             if version < 1:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                _script(conn, _SCHEMA)
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                _script(conn, _UPGRADES[step])
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
         await self._write(migrate)
 
@@ -624,11 +648,17 @@ class SQLiteBackend(Backend):
 
     # -- jobs and queue items --------------------------------------------------
 
-    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+    async def enqueue(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[JobRecord | None]:
         """Store ``records`` in one transaction; return the stored record for each.
 
         A record whose id is already stored, or whose ``key`` belongs to a
         pending or running job, is not stored: the existing record is returned.
+        Otherwise a record whose queue is in ``limits`` is refused (None) when
+        the queue already has that many pending records or more, counted in
+        the same transaction (through the ``jobs_pending`` index, and no
+        further than the limit) plus those this call stored before it.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: for an SQLite error (nothing is stored).
@@ -640,11 +670,13 @@ class SQLiteBackend(Backend):
             return []
         # Not dataclasses.astuple: it deep-copies every value (17 us a record here).
         rows = [tuple(getattr(r, name) for name in _FIELDS) for r in records]
+        bounds = dict(limits or {})
 
-        def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord]:
+        def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord | None]:
             first = _next(conn, "seq", len(rows))
+            pending: dict[str, int] = {}  # per bounded queue, as counted and then stored
             return [
-                _enqueue_one(conn, record, row, first + i)
+                _enqueue_one(conn, record, row, first + i, bounds, pending)
                 for i, (record, row) in enumerate(zip(records, rows, strict=True))
             ]
 
@@ -1090,24 +1122,58 @@ def _held(claim: Claim) -> dict[str, Any]:
 
 
 def _enqueue_one(
-    conn: sqlite3.Connection, record: JobRecord, row: tuple[Any, ...], seq: int
-) -> JobRecord:
+    conn: sqlite3.Connection,
+    record: JobRecord,
+    row: tuple[Any, ...],
+    seq: int,
+    limits: Mapping[str, int],
+    pending: dict[str, int],
+) -> JobRecord | None:
+    # The stored record, the existing one, or None when its queue is full.
+    limit = limits.get(record.queue)
+    if limit is not None:
+        if record.queue not in pending:
+            pending[record.queue] = _count_pending(conn, record.queue, limit)
+        if pending[record.queue] >= limit:
+            # Refused, unless idempotency answers it: then it is not new.
+            return _existing(conn, record)
     # DO NOTHING without a target covers the id and the active-key index alike.
     inserted = conn.execute(
         f"""INSERT INTO jobs ({_COLUMNS}, seq) VALUES ({_marks(len(row) + 1)})
         ON CONFLICT DO NOTHING RETURNING id""",
         (*row, seq),
     ).fetchone()
-    if inserted is not None:
-        return record
-    existing = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (record.id,)).fetchone()
-    if existing is None:
-        existing = conn.execute(
+    if inserted is None:
+        existing = _existing(conn, record)
+        if existing is None:  # pragma: no cover - only the id and the key are unique
+            raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
+        return existing
+    if limit is not None:
+        pending[record.queue] += 1
+    return record
+
+
+def _existing(conn: sqlite3.Connection, record: JobRecord) -> JobRecord | None:
+    # The stored record with the id of ``record``, or the active one with its key.
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (record.id,)).fetchone()
+    if row is None and record.key is not None:
+        row = conn.execute(
             f"""SELECT {_COLUMNS} FROM jobs
             WHERE key = ? AND status IN ('pending', 'running')""",
             (record.key,),
         ).fetchone()
-    return _record(existing)
+    return None if row is None else _record(row)
+
+
+def _count_pending(conn: sqlite3.Connection, queue_name: str, limit: int) -> int:
+    # The pending records of a queue, counted up to ``limit`` at most: the cost
+    # is bounded by the limit, not by the queue's length.
+    row = conn.execute(
+        """SELECT count(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_pending
+        WHERE queue = ? AND status = 'pending' LIMIT ?)""",
+        (queue_name, max(limit, 0)),
+    ).fetchone()
+    return int(row[0])
 
 
 def _lane(

@@ -30,6 +30,7 @@ from asyncbg.errors import BackendError, ConfigError
 LONG = 30.0
 WITHIN = 10.0
 ROOT = Path(__file__).resolve().parents[2]
+V1_SCHEMA = Path(__file__).with_name("sqlite_schema_v1.sql")
 
 
 def job(job_id: str, **fields: object) -> JobRecord:
@@ -259,6 +260,73 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         await backend.close()
 
 
+def _index_names(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {name for (name,) in rows}
+
+
+async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    # The schema as version 1 of this module wrote it (sqlite_schema_v1.sql is
+    # a frozen copy of it, not this module's text).
+    path = tmp_path / "v1.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.executescript(V1_SCHEMA.read_text())
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    assert "jobs_pending" not in _index_names(path)
+    backends = [SQLiteBackend(str(path)) for _ in range(2)]
+    await asyncio.gather(*(b.open() for b in backends))
+    try:
+        first, second = backends
+        # A version 1 file works before the upgrade, but for limits.
+        await first.enqueue([job("old1"), job("old2")])
+        # Two processes upgrading at once, twice: idempotent.
+        await asyncio.gather(*(b.migrate() for b in backends))
+        await asyncio.gather(*(b.migrate() for b in backends))
+        stored = await second.enqueue([job("new"), job("refused")], limits={"q": 3})
+        assert [None if r is None else r.id for r in stored] == ["new", None]
+        assert (await first.query(JobQuery())).total == 3
+    finally:
+        await asyncio.gather(*(b.close() for b in backends))
+    assert "jobs_pending" in _index_names(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+
+
+async def test_a_new_file_and_an_upgraded_one_have_the_same_schema(tmp_path: Path) -> None:
+    def schema(path: Path) -> list[tuple[str, str]]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+        return [(str(name), str(sql)) for name, sql in rows]
+
+    upgraded = tmp_path / "v1.db"
+    with contextlib.closing(sqlite3.connect(upgraded, isolation_level=None)) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.executescript(V1_SCHEMA.read_text())
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    for path in (upgraded, tmp_path / "new.db"):
+        backend = SQLiteBackend(str(path))
+        await backend.open()
+        try:
+            await backend.migrate()
+        finally:
+            await backend.close()
+    assert schema(upgraded) == schema(tmp_path / "new.db")
+
+
+async def test_the_limit_is_counted_through_the_pending_index(backend: SQLiteBackend) -> None:
+    def plan(conn: sqlite3.Connection) -> list[str]:
+        rows = conn.execute(
+            """EXPLAIN QUERY PLAN SELECT count(*) FROM (SELECT 1 FROM jobs
+            INDEXED BY jobs_pending WHERE queue = 'q' AND status = 'pending' LIMIT 5)"""
+        ).fetchall()
+        return [str(row[-1]) for row in rows]
+
+    assert any("COVERING INDEX jobs_pending" in step for step in await backend._read(plan))
+
+
 async def test_an_operation_before_open_or_after_close_is_refused(tmp_path: Path) -> None:
     backend = SQLiteBackend(str(tmp_path / "a.db"))
     with pytest.raises(BackendError, match="not open"):
@@ -388,7 +456,7 @@ async def test_writes_queued_together_share_one_commit(backend: SQLiteBackend) -
         await asyncio.sleep(0)  # one loop turn: every task queues its call
         queued(65)
     stored = await asyncio.gather(*writes)
-    assert [r.id for [r] in stored] == [f"j{i:02}" for i in range(64)]
+    assert [[r.id for r in s if r] for s in stored] == [[f"j{i:02}"] for i in range(64)]
     assert (await read).total == 64
     assert write_commits(statements) == 1
     assert statements.count("SAVEPOINT call") == 64
@@ -446,7 +514,9 @@ async def test_a_failing_call_in_a_group_rolls_back_only_itself(backend: SQLiteB
     assert isinstance(failed, BackendError)
     assert "no such table: nosuch" in str(failed)
     assert [r.id for r in (await backend.query(JobQuery())).records] == ["b", "a"]
-    assert [[r.id for r in stored] for stored in (a, b)] == [["a"], ["b"]]
+    assert isinstance(a, list)
+    assert isinstance(b, list)
+    assert [[r.id for r in s if r] for s in (a, b)] == [["a"], ["b"]]
     beat = await backend._read(
         lambda conn: conn.execute("SELECT value FROM counters WHERE name = 'beat'").fetchone()
     )
@@ -515,7 +585,9 @@ async def test_two_backends_migrating_one_new_file_at_once(tmp_path: Path) -> No
         finally:
             await asyncio.gather(*(b.close() for b in backends))
         with sqlite3.connect(path) as conn:
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+                (sqlite_module.SCHEMA_VERSION,)
+            ]
 
 
 async def test_claims_are_exclusive_across_two_connections(
@@ -551,7 +623,8 @@ async def test_an_active_key_is_unique_across_connections(
     stored = await asyncio.gather(
         *(b.enqueue([job(f"{i}", key="k")]) for i, b in enumerate(pair * 10))
     )
-    assert len({r.id for [r] in stored}) == 1
+    assert {len(s) for s in stored} == {1}
+    assert len({r.id for s in stored for r in s if r}) == 1
     assert (await first.query(JobQuery())).total == (await second.query(JobQuery())).total == 1
 
 
