@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
@@ -78,6 +78,10 @@ class Backend(abc.ABC):
     scheme: str = ""
     #: True when what is stored survives the process (and is shared with others).
     durable: bool = True
+    #: True when :meth:`on_new_work` callbacks are called for other processes'
+    #: work; False when the engine learns of it only by polling. A backend may
+    #: set it False on an instance that could not set its channel up at open.
+    wakes_other_processes: bool = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -99,6 +103,21 @@ class Backend(abc.ABC):
         :raises BackendError: for a setting that would lose acknowledged work.
         """
         return []
+
+    # -- wake-ups from other processes -----------------------------------------
+
+    def on_new_work(self, callback: Callable[[], object]) -> None:  # noqa: B027
+        """Register ``callback``, which the backend calls (with no arguments, on
+        the loop's thread) when another process may have made work claimable:
+        stored a new record, retried or released one.
+
+        A hint, not a promise: calls may be spurious, coalesced or missed, and
+        the engine polls anyway. Work made by this same backend object is not
+        reported (waking within a process is the engine's business); another
+        backend object on the same store counts as another process. The
+        default does nothing (``wakes_other_processes`` is False). May be
+        called before :meth:`open`; a callback that raises is logged.
+        """
 
     # -- jobs and queue items --------------------------------------------------
 

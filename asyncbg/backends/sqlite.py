@@ -33,6 +33,28 @@ How it runs:
   reading per group: every write of a group sees the same ``now``, and the
   clock of one transaction never goes back behind an earlier commit's by more
   than the host's clock itself.
+- Other processes on the file are woken (``on_new_work``) through Unix
+  datagram sockets, one per backend object, in a private folder per database
+  (:mod:`asyncbg.backends._wake`): at open the object binds its socket and
+  the loop watches it (``add_reader``); the datagrams read together make one
+  call of each callback. After a commit that made work claimable (an enqueue
+  that stored a new record, a retry or a release that queued a job again),
+  the writer thread sends one datagram to every other socket in the folder,
+  once per group and before resolving the group's futures. It is sent from
+  the writer thread, not the loop: it lists a folder and makes one system
+  call per peer, which the loop should not wait for, and that thread is where
+  the commit is known. The socket is non-blocking as well, so a peer that does
+  not read (paused, its queue full: ``EAGAIN``, it has unread datagrams
+  anyway) never stalls a commit; a socket file nobody is bound to
+  (``ECONNREFUSED``: its process died) is removed. An object never wakes
+  itself (in-process wake-ups are the engine's); another object on the same
+  file is woken as another process would be. When the folder cannot be used
+  (it cannot be made, is not private to this user, or the socket path would
+  be over 100 bytes) or the loop cannot watch a socket, a warning is logged,
+  that object's ``wakes_other_processes`` is False, and it opens anyway:
+  the others then learn of its work by polling. ``close`` removes the
+  socket. A forked child must open its own backend: the inherited object's
+  thread does not exist there, and its socket is the parent's.
 
 It follows every decision listed in :mod:`asyncbg.backends.memory`: claim
 order by due time (``run_at``, else ``created_at``; a lost lease at its
@@ -49,6 +71,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
+import logging
 import os
 import queue
 import sqlite3
@@ -72,11 +95,14 @@ from ..engine.records import (
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
+from ._wake import WakeChannel
 from .base import Backend, lost_lease_error
 
 __all__ = ["SQLiteBackend", "from_url"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("asyncbg")
 
 #: The schema this module writes; ``migrate`` brings a file up to it.
 SCHEMA_VERSION = 2
@@ -247,10 +273,12 @@ def _describe(exc: sqlite3.Error) -> str:
 
 @dataclasses.dataclass(slots=True)
 class _Write:
-    """One write call: ``fn(conn, now)`` and the future that gets its outcome."""
+    """One write call: ``fn(conn, now)``, the future that gets its outcome, and
+    ``wakes``, which tells from its result whether it made work claimable."""
 
     fn: Callable[[sqlite3.Connection, float], Any]
     future: concurrent.futures.Future[Any]
+    wakes: Callable[[Any], bool] | None = None
 
 
 _STOP = object()
@@ -279,12 +307,14 @@ class _Worker:
         return future
 
     def submit_write(
-        self, fn: Callable[[sqlite3.Connection, float], T]
+        self,
+        fn: Callable[[sqlite3.Connection, float], T],
+        wakes: Callable[[T], bool] | None = None,
     ) -> concurrent.futures.Future[T]:
         """Queue the write ``fn``, to run in a group; its future is resolved by
         ``write_group``."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._calls.put(_Write(fn, future))
+        self._calls.put(_Write(fn, future, wakes))
         return future
 
     def stop(self) -> None:
@@ -353,6 +383,8 @@ class SQLiteBackend(Backend):
 
     scheme = "sqlite"
     durable = True
+    # False on an object whose wake-up socket could not be set up at open.
+    wakes_other_processes = True
 
     def __init__(
         self,
@@ -375,6 +407,8 @@ class SQLiteBackend(Backend):
         self._conn: sqlite3.Connection | None = None
         # Replaced whenever this object writes a final state: waiters hold the one they saw.
         self._finished: asyncio.Event | None = None
+        self._wake: WakeChannel | None = None
+        self._callbacks: list[Callable[[], object]] = []
 
     def __repr__(self) -> str:
         return f"<SQLiteBackend {self.path!r} synchronous={self.synchronous}>"
@@ -394,17 +428,20 @@ class SQLiteBackend(Backend):
     async def _write(
         self,
         fn: Callable[[sqlite3.Connection, float], T],
+        wakes: Callable[[T], bool] | None = None,
     ) -> T:
         """Run ``fn(conn, now)`` in a ``BEGIN IMMEDIATE`` transaction on the
         thread, possibly shared with the writes queued next to it (each in its
-        own savepoint); return once it is committed.
+        own savepoint); return once it is committed. ``wakes(result)`` (on the
+        thread, after the commit) says whether it made work claimable: the
+        other processes are then told.
 
         :raises BackendError: for an SQLite error (this call's changes are
             rolled back), or when the group's transaction fails as a whole.
         """
         if self._worker is None:
             raise BackendError(f"the SQLite backend on {self.path} is not open")
-        return await asyncio.wrap_future(self._worker.submit_write(fn))
+        return await asyncio.wrap_future(self._worker.submit_write(fn, wakes))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread;
@@ -457,6 +494,12 @@ class SQLiteBackend(Backend):
             for call in calls:
                 call.future.set_exception(self._error(exc, group=not single))
             return
+        # Before the futures: the other processes may start on it a little sooner.
+        if any(
+            ok and call.wakes is not None and call.wakes(value)
+            for call, (ok, value) in zip(calls, outcomes, strict=True)
+        ):
+            self._wake_others()
         for call, (ok, value) in zip(calls, outcomes, strict=True):
             if ok:
                 call.future.set_result(value)
@@ -495,6 +538,31 @@ class SQLiteBackend(Backend):
         error.__cause__ = exc
         return error
 
+    def _wake_others(self) -> None:
+        # On the thread, after a commit that made work claimable: one datagram
+        # to every other backend object on the file (never blocking).
+        wake = self._wake
+        if wake is None:
+            return
+        try:
+            wake.notify()
+        except Exception:  # pragma: no cover - notify handles what the OS returns
+            log.exception("asyncbg: cannot wake the other processes of %s", self.path)
+
+    def _woken(self) -> None:
+        # On the loop: another backend object on the file may have made work.
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("asyncbg: an on_new_work callback of %s failed", self.path)
+
+    def on_new_work(self, callback: Callable[[], object]) -> None:
+        """Register ``callback``: called on the loop when another backend object
+        on this file (another process, or another object in this one) stored a
+        new record, or retried or released one. See the module notes."""
+        self._callbacks.append(callback)
+
     def _notify(self) -> None:
         # Wakes this process's waiters at once; others find out by polling.
         if self._finished is not None:
@@ -520,6 +588,20 @@ class SQLiteBackend(Backend):
             self._worker.stop()
             self._worker = None
             raise
+        self._wake = await self._run(lambda: WakeChannel.open(self.path))
+        if self._wake is not None:
+            try:
+                self._wake.listen(asyncio.get_running_loop(), self._woken)
+            except (NotImplementedError, OSError) as exc:
+                log.warning(
+                    "asyncbg: no wake-ups between processes for %s, which will only be "
+                    "polled: this loop cannot watch a socket (%s)",
+                    self.path,
+                    exc,
+                )
+                self._wake.close()
+                self._wake = None
+        self.wakes_other_processes = self._wake is not None
 
     def _connect(self) -> None:
         path = self.path
@@ -579,7 +661,8 @@ class SQLiteBackend(Backend):
             pause = min(pause * 2, 0.05)
 
     async def close(self) -> None:
-        """Close the connection and end the thread; a second call does nothing."""
+        """Close the connection and end the thread, then the wake-up socket
+        (its file removed); a second call does nothing."""
         worker, self._worker = self._worker, None
         if worker is None:
             return
@@ -593,6 +676,10 @@ class SQLiteBackend(Backend):
             await asyncio.wrap_future(worker.submit(disconnect))
         finally:
             worker.stop()
+            # After the thread's last write: nothing sends on it any more.
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                wake.close()
 
     async def migrate(self) -> None:
         """Create the schema when the file has none, or upgrade an older one in
@@ -680,7 +767,11 @@ class SQLiteBackend(Backend):
                 for i, (record, row) in enumerate(zip(records, rows, strict=True))
             ]
 
-        return await self._write(enqueue)
+        def stored_new(stored: list[JobRecord | None]) -> bool:
+            # _enqueue_one returns the very record it stored (a known one is read back).
+            return any(s is r for s, r in zip(stored, records, strict=True))
+
+        return await self._write(enqueue, stored_new)
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
@@ -788,7 +879,7 @@ class SQLiteBackend(Backend):
             row = conn.execute(_RETRY, params).fetchone()
             return None if row is None else str(row[0])
 
-        status = await self._write(retry)
+        status = await self._write(retry, lambda status: status == "pending")
         if status == "cancelled":
             self._notify()
         return status is not None
@@ -812,7 +903,7 @@ class SQLiteBackend(Backend):
 
         if not claims:
             return 0
-        statuses = await self._write(release)
+        statuses = await self._write(release, lambda statuses: "pending" in statuses)
         if "cancelled" in statuses:
             self._notify()
         return len(statuses)
@@ -1129,7 +1220,8 @@ def _enqueue_one(
     limits: Mapping[str, int],
     pending: dict[str, int],
 ) -> JobRecord | None:
-    # The stored record, the existing one, or None when its queue is full.
+    # ``record`` itself when stored, the existing record (read back) when its id
+    # or active key is known, or None when its queue is full.
     limit = limits.get(record.queue)
     if limit is not None:
         if record.queue not in pending:

@@ -1,26 +1,32 @@
 """What only the SQLite backend promises: its URL, the file it keeps (WAL, the
-settings, the refusals of a file it cannot use), its thread and its group
-commit, and exclusivity between separate connections and a separate process
-on one file."""
+settings, the refusals of a file it cannot use, the upgrade of an older
+schema), its thread and its group commit, exclusivity between separate
+connections and a separate process on one file, and the wake-ups between
+them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import select
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import asyncbg.backends._wake as wake_module
 import asyncbg.backends.sqlite as sqlite_module
 from asyncbg.backends import open_backend
 from asyncbg.backends.sqlite import SQLiteBackend, filesystem_type, from_url
@@ -686,5 +692,323 @@ async def test_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
                 await child.wait()
         theirs: list[str] = json.loads(line)
         assert sorted([c.id for c in mine] + theirs) == ids
+    finally:
+        await backend.close()
+
+
+# -- wake-ups between processes ------------------------------------------------
+
+
+class Woken:
+    """An ``on_new_work`` callback that counts its calls; ``wait`` for the next."""
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self.calls = 0
+        self.at: float | None = None
+        self._event = asyncio.Event()
+        backend.on_new_work(self)
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.at = time.perf_counter()
+        self._event.set()
+
+    async def wait(self) -> None:
+        async with asyncio.timeout(WITHIN):
+            await self._event.wait()
+        self._event.clear()
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def pending_datagram(backend: SQLiteBackend) -> bool:
+    """Whether a datagram waits unread on the backend's wake-up socket."""
+    assert backend._wake is not None
+    readable, _, _ = select.select([backend._wake.fileno()], [], [], 0)
+    return bool(readable)
+
+
+def not_told(backend: SQLiteBackend, woken: Woken, calls: int) -> bool:
+    """Nothing was sent to ``backend``: its callback did not run again and no
+    datagram waits. Sends happen before the sender's future resolves, so this
+    holds as soon as the sender's call has returned."""
+    return woken.calls == calls and not pending_datagram(backend)
+
+
+async def test_an_enqueue_wakes_the_other_backend_on_the_file_not_itself(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    assert first.wakes_other_processes
+    assert second.wakes_other_processes
+    woken_first, woken_second = Woken(first), Woken(second)
+    await first.enqueue([job("a")])
+    await woken_second.wait()
+    assert woken_second.calls == 1
+    assert not_told(first, woken_first, 0)
+    # And the other way round.
+    await second.enqueue([job("b")])
+    await woken_first.wait()
+    assert not_told(second, woken_second, 1)
+
+
+Operation = Callable[[SQLiteBackend, Claim], Awaitable[object]]
+OPERATIONS: dict[str, tuple[bool, Operation]] = {
+    "enqueue of a new record": (True, lambda b, claim: b.enqueue([job("new")])),
+    "enqueue of a known id": (False, lambda b, claim: b.enqueue([job("a")])),
+    "enqueue refused by a limit": (False, lambda b, claim: b.enqueue([job("x")], limits={"q": 0})),
+    "retry": (True, lambda b, claim: b.retry(claim, time.time(), "again")),
+    "release": (True, lambda b, claim: b.release([claim])),
+    "finish": (False, lambda b, claim: b.finish(claim, Outcome("succeeded", "1"))),
+    "claim": (False, lambda b, claim: b.claim(["q"], "n1", 1, LONG)),
+    "cancel": (False, lambda b, claim: b.cancel("a")),
+}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+async def test_what_wakes_the_others(
+    pair: tuple[SQLiteBackend, SQLiteBackend], operation: str
+) -> None:
+    first, second = pair
+    await first.enqueue([job("a", max_attempts=3), job("b")])
+    [claim] = await first.claim(["q"], "n1", 1, LONG)
+    woken = Woken(second)
+    wakes, call = OPERATIONS[operation]
+    await call(first, claim)
+    if wakes:
+        await woken.wait()
+        assert woken.calls == 1
+    else:
+        assert not_told(second, woken, 0)
+
+
+async def test_datagrams_read_together_make_one_call(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    woken = Woken(second)
+    assert first._wake is not None
+    # Three sends with no loop turn between them: three datagrams wait together.
+    assert [first._wake.notify() for _ in range(3)] == [1, 1, 1]
+    await woken.wait()
+    assert woken.calls == 1
+    assert not pending_datagram(second)
+
+
+async def test_a_failing_callback_is_logged_and_the_others_still_run(
+    pair: tuple[SQLiteBackend, SQLiteBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = pair
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    second.on_new_work(broken)
+    woken = Woken(second)
+    await first.enqueue([job("a")])
+    await woken.wait()
+    assert "on_new_work callback" in caplog.text
+    assert "boom" in caplog.text
+
+
+_ENQUEUER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from asyncbg.backends.sqlite import SQLiteBackend
+    from asyncbg.engine.records import JobRecord
+
+    async def main():
+        backend = SQLiteBackend(sys.argv[1])
+        await backend.open()
+        await backend.migrate()
+        print("ready", flush=True)
+        sys.stdin.readline()  # go
+        await backend.enqueue([JobRecord(id="from-child", queue="q", task="t")])
+        await backend.close()
+        print("done", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_an_enqueue_in_another_process_wakes_this_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    backend = SQLiteBackend(path)
+    await backend.open()
+    try:
+        await backend.migrate()
+        woken = Woken(backend)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _ENQUEUER,
+            path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert child.stdin is not None
+        assert child.stdout is not None
+        try:
+            assert await asyncio.wait_for(child.stdout.readline(), WITHIN) == b"ready\n"
+            assert woken.calls == 0
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            await woken.wait()
+            assert await asyncio.wait_for(child.stdout.readline(), WITHIN) == b"done\n"
+            assert await asyncio.wait_for(child.wait(), WITHIN) == 0
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        assert await backend.get("from-child") is not None
+        # The child removed its own socket at close: only ours is left.
+        assert backend._wake is not None
+        assert os.listdir(backend._wake.folder) == [backend._wake.name]
+    finally:
+        await backend.close()
+
+
+async def test_the_socket_lives_in_a_private_folder_named_after_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    backend = SQLiteBackend(str(path))
+    await backend.open()
+    try:
+        # Another path to the same file names the same folder.
+        (tmp_path / "link.db").symlink_to(path)
+        assert wake_module.wake_folder(str(tmp_path / "link.db")) == wake_module.wake_folder(
+            str(path)
+        )
+        channel = backend._wake
+        assert channel is not None
+        assert channel.folder == wake_module.wake_folder(str(path))
+        assert os.path.dirname(channel.folder) == wake_module.wake_root()
+        assert os.stat(channel.folder).st_mode & 0o777 == 0o700
+        assert channel.name.startswith(f"{os.getpid()}-")
+        assert len(os.fsencode(channel.path)) <= 100
+        assert exists(channel.path)
+    finally:
+        await backend.close()
+
+
+async def test_close_removes_the_socket_and_the_empty_folder(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    assert first._wake is not None
+    assert second._wake is not None
+    first_channel, second_channel = first._wake, second._wake
+    await first.close()
+    assert first._wake is None
+    assert first_channel.fileno() == -1
+    assert not exists(first_channel.path)
+    assert os.listdir(second_channel.folder) == [second_channel.name]
+    await second.close()
+    assert not exists(second_channel.folder)
+
+
+async def test_a_socket_whose_owner_died_is_removed(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    assert first._wake is not None
+    # A socket file nobody is bound to any more, as a killed process leaves it.
+    dead = os.path.join(first._wake.folder, "999999-deadbeef.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
+        gone.bind(dead)
+    assert exists(dead)
+    woken = Woken(second)
+    await first.enqueue([job("a")])
+    assert not exists(dead)
+    await woken.wait()
+
+
+async def test_a_peer_that_does_not_read_never_blocks_a_commit(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    assert first._wake is not None
+    # A bound socket nobody reads, its queue full: a send to it gets EAGAIN.
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stuck,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler,
+    ):
+        stuck.bind(os.path.join(first._wake.folder, "999999-stuck.sock"))
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                filler.sendto(b"w", stuck.getsockname())
+        woken = Woken(second)
+        async with asyncio.timeout(WITHIN):
+            await first.enqueue([job("a")])
+        # The others are still told, and the stuck one is left alone.
+        await woken.wait()
+        assert exists(stuck.getsockname())
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path (pytest's are too long for a socket path)."""
+    folder = tempfile.mkdtemp(prefix="abg")
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+def _blocked_root(short: Path, database: Path) -> str:
+    (short / "a-file").write_text("not a folder")
+    return str(short / "a-file")
+
+
+def _open_folder(short: Path, database: Path) -> str:
+    # The folder is there, but others may enter it.
+    folder = short / os.path.basename(wake_module.wake_folder(str(database)))
+    folder.mkdir()
+    folder.chmod(0o755)
+    return str(short)
+
+
+def _long_root(short: Path, database: Path) -> str:
+    root = short / ("x" * 100)
+    root.mkdir()
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("root", "reason"),
+    [
+        (_blocked_root, "cannot create it"),
+        (_open_folder, "others may enter it"),
+        (_long_root, "over 100 bytes"),
+    ],
+)
+async def test_without_a_usable_folder_the_backend_opens_without_wake_ups(
+    tmp_path: Path,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    root: Callable[[Path, Path], str],
+    reason: str,
+) -> None:
+    where = root(short_tmp, tmp_path / "a.db")
+    monkeypatch.setattr(wake_module, "wake_root", lambda: where)
+    backend = SQLiteBackend(str(tmp_path / "a.db"))
+    backend.on_new_work(lambda: None)
+    with caplog.at_level(logging.WARNING, logger="asyncbg"):
+        await backend.open()
+    try:
+        assert "no wake-ups between processes" in caplog.text
+        assert reason in caplog.text
+        assert backend._wake is None
+        assert not backend.wakes_other_processes
+        assert SQLiteBackend.wakes_other_processes
+        await backend.migrate()
+        assert await backend.enqueue([job("a")]) != [None]
     finally:
         await backend.close()
