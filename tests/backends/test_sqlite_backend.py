@@ -1012,3 +1012,26 @@ async def test_without_a_usable_folder_the_backend_opens_without_wake_ups(
         assert await backend.enqueue([job("a")]) != [None]
     finally:
         await backend.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+async def test_a_forked_child_closing_its_copy_leaves_the_parents_socket_alone(
+    pair: tuple[SQLiteBackend, SQLiteBackend],
+) -> None:
+    first, second = pair
+    channel = first._wake
+    assert channel is not None
+    woken = Woken(first)
+    pid = os.fork()
+    if pid == 0:  # the child: close the inherited copy, nothing else
+        try:
+            channel.close()
+        finally:
+            os._exit(0)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The socket file is still there, and the loop still watches the socket
+    # (the child did not take it out of the epoll set it shares with us).
+    assert exists(channel.path)
+    await second.enqueue([job("a")])
+    await woken.wait()
