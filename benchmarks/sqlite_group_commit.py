@@ -4,7 +4,10 @@ The SQLite backend's group commit, measured: the p50 time per record of
 single-record ``enqueue`` calls made 1, 8 or 64 at once in one loop turn
 (``asyncio.gather``), with ``synchronous`` FULL and NORMAL, the group commit
 off (``_coalesce=False``: one transaction per call, as before it) and on, in
-the same run with the rounds interleaved, so the ratio is fair.
+the same run with the rounds interleaved, so the ratio is fair. Then the
+wake-up between two backend objects on one file (as between two processes):
+p50 from the start of an ``enqueue`` on one to its acknowledgement, and to the
+other's ``on_new_work`` callback.
 
 The database files live in a temporary folder under ``--dir`` (the system's
 temporary folder by default): put it on the disk you mean to measure, not on a
@@ -81,6 +84,38 @@ async def group_commit(folder: str, rounds: int) -> list[tuple[str, int, float, 
     return rows
 
 
+async def wake_latency(folder: str, rounds: int) -> list[tuple[str, float, float]]:
+    """(synchronous, p50 to the acknowledgement, p50 to the other's callback) in seconds."""
+    rows = []
+    for synchronous in SYNCHRONOUS:
+        path = os.path.join(folder, f"wake-{synchronous}.db")
+        async with (
+            _opened(path, synchronous=synchronous) as sender,
+            _opened(path, synchronous=synchronous) as receiver,
+        ):
+            woken: list[float] = []
+            event = asyncio.Event()
+
+            def callback(woken: list[float] = woken, event: asyncio.Event = event) -> None:
+                woken.append(time.perf_counter())
+                event.set()
+
+            receiver.on_new_work(callback)
+            acks: list[float] = []
+            wakes: list[float] = []
+            for _ in range(rounds):
+                event.clear()
+                woken.clear()
+                started = time.perf_counter()
+                await sender.enqueue([_record()])
+                acks.append(time.perf_counter() - started)
+                async with asyncio.timeout(5):
+                    await event.wait()
+                wakes.append(woken[0] - started)
+            rows.append((synchronous, statistics.median(acks), statistics.median(wakes)))
+    return rows
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f} us"
 
@@ -92,6 +127,13 @@ async def main(folder: str, rounds: int) -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for synchronous, concurrent, off, on in await group_commit(folder, rounds):
         print(f"| {synchronous} | {concurrent} | {_us(off)} | {_us(on)} | {off / on:.2f}x |")
+    print()
+    print("wake-up of another backend object on the file: p50 from the enqueue call's start")
+    print()
+    print("| synchronous | to its acknowledgement | to the other's on_new_work callback |")
+    print("| --- | ---: | ---: |")
+    for synchronous, ack, wake in await wake_latency(folder, rounds):
+        print(f"| {synchronous} | {_us(ack)} | {_us(wake)} |")
 
 
 def cli(argv: list[str] | None = None) -> None:
