@@ -495,11 +495,7 @@ class SQLiteBackend(Backend):
                 call.future.set_exception(self._error(exc, group=not single))
             return
         # Before the futures: the other processes may start on it a little sooner.
-        if any(
-            ok and call.wakes is not None and call.wakes(value)
-            for call, (ok, value) in zip(calls, outcomes, strict=True)
-        ):
-            self._wake_others()
+        self._wake_others(calls, outcomes)
         for call, (ok, value) in zip(calls, outcomes, strict=True):
             if ok:
                 call.future.set_result(value)
@@ -538,15 +534,20 @@ class SQLiteBackend(Backend):
         error.__cause__ = exc
         return error
 
-    def _wake_others(self) -> None:
-        # On the thread, after a commit that made work claimable: one datagram
-        # to every other backend object on the file (never blocking).
+    def _wake_others(self, calls: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
+        # On the thread, after a commit: when a write of it made work claimable,
+        # one datagram to every other backend object on the file (never
+        # blocking). Nothing here may fail the writes: they are committed.
         wake = self._wake
         if wake is None:
             return
         try:
-            wake.notify()
-        except Exception:  # pragma: no cover - notify handles what the OS returns
+            if any(
+                ok and call.wakes is not None and call.wakes(value)
+                for call, (ok, value) in zip(calls, outcomes, strict=True)
+            ):
+                wake.notify()
+        except Exception:  # pragma: no cover - the predicates and notify do not raise
             log.exception("asyncbg: cannot wake the other processes of %s", self.path)
 
     def _woken(self) -> None:

@@ -939,16 +939,19 @@ async def test_a_peer_that_does_not_read_never_blocks_a_commit(
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler,
     ):
         stuck.bind(os.path.join(first._wake.folder, "999999-stuck.sock"))
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(100_000):
-                filler.sendto(b"w", stuck.getsockname())
-        woken = Woken(second)
-        async with asyncio.timeout(WITHIN):
-            await first.enqueue([job("a")])
-        # The others are still told, and the stuck one is left alone.
-        await woken.wait()
-        assert exists(stuck.getsockname())
+        try:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(100_000):
+                    filler.sendto(b"w", stuck.getsockname())
+            woken = Woken(second)
+            async with asyncio.timeout(WITHIN):
+                await first.enqueue([job("a")])
+            # The others are still told, and the stuck one is left alone.
+            await woken.wait()
+            assert exists(stuck.getsockname())
+        finally:
+            os.unlink(stuck.getsockname())
 
 
 @pytest.fixture
