@@ -13,6 +13,9 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 
 - enqueue is idempotent on the record's id and, while a job with the same
   ``key`` is queued or running, on the key: the existing record is returned;
+  with ``limits``, a record of a bounded queue that already holds its limit
+  of pending records is refused (None in its place), atomically with the
+  rest of the call, but never a record that idempotency answers;
 - a claim takes queued records whose ``run_at`` has come, marks them running,
   sets the owner, a lease deadline on the backend's clock and a token one
   higher than any before for that job; no record is held by two claims;
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
@@ -75,6 +78,10 @@ class Backend(abc.ABC):
     scheme: str = ""
     #: True when what is stored survives the process (and is shared with others).
     durable: bool = True
+    #: True when :meth:`on_new_work` callbacks are called for other processes'
+    #: work; False when the engine learns of it only by polling. A backend may
+    #: set it False on an instance that could not set its channel up at open.
+    wakes_other_processes: bool = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -97,12 +104,39 @@ class Backend(abc.ABC):
         """
         return []
 
+    # -- wake-ups from other processes -----------------------------------------
+
+    def on_new_work(self, callback: Callable[[], object]) -> None:  # noqa: B027
+        """Register ``callback``, which the backend calls (with no arguments, on
+        the loop's thread) when another process may have made work claimable:
+        stored a new record, retried or released one.
+
+        A hint, not a promise: calls may be spurious, coalesced or missed, and
+        the engine polls anyway. Work made by this same backend object is not
+        reported (waking within a process is the engine's business); another
+        backend object on the same store counts as another process. The
+        default does nothing (``wakes_other_processes`` is False). May be
+        called before :meth:`open`; a callback that raises is logged.
+        """
+
     # -- jobs and queue items --------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, records: Sequence[rec.JobRecord]) -> list[rec.JobRecord]:
+    async def enqueue(
+        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[rec.JobRecord | None]:
         """Store ``records`` in one commit; return the stored record for each
-        (the existing one where the id, or an active job's key, was already there)."""
+        (the existing one where the id, or an active job's key, was already there).
+
+        ``limits`` maps queue names to bounds: a record whose queue is in it is
+        refused (None in its place, nothing stored for it) when that queue
+        already has ``limits[queue]`` or more ``pending`` records, counting
+        those stored earlier in the same call; running and final records do
+        not count. Idempotency comes first: a record whose id, or active key,
+        is already there gets the existing record and is never refused. The
+        records after a refused one are still considered. Without ``limits``
+        no slot is None.
+        """
 
     @abc.abstractmethod
     async def claim(

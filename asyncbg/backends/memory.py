@@ -37,7 +37,7 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -128,11 +128,15 @@ class MemoryBackend(Backend):
 
     # -- jobs and queue items --------------------------------------------------
 
-    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+    async def enqueue(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[JobRecord | None]:
         """Store ``records``; return the stored record for each.
 
         A record whose id is already stored, or whose ``key`` belongs to a
         pending or running job, is not stored: the existing record is returned.
+        Otherwise a record whose queue is in ``limits`` is refused (None) when
+        the queue already has that many pending records or more.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         """
@@ -140,7 +144,8 @@ class MemoryBackend(Backend):
             if record.status != "pending":
                 raise ValueError(f"enqueue takes pending records, not {record.status!r}")
         now = self._clock()
-        return [self._enqueue_one(record, now) for record in records]
+        bounds = limits or {}
+        return [self._enqueue_one(record, now, bounds) for record in records]
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
@@ -372,17 +377,26 @@ class MemoryBackend(Backend):
             self._finished.set()
             self._finished = asyncio.Event()
 
-    def _enqueue_one(self, record: JobRecord, now: float) -> JobRecord:
+    def _enqueue_one(
+        self, record: JobRecord, now: float, limits: Mapping[str, int]
+    ) -> JobRecord | None:
         existing = self._jobs.get(record.id)
         if existing is None and record.key is not None and record.key in self._keys:
             existing = self._jobs[self._keys[record.key]]
         if existing is not None:
             return existing
+        limit = limits.get(record.queue)
+        if limit is not None and self._pending(record.queue) >= limit:
+            return None
         self._put(None, record)
         if record.key is not None:
             self._keys[record.key] = record.id
         self._queue(record, now)
         return record
+
+    def _pending(self, queue: str) -> int:
+        counts = self._counts.get(queue)
+        return 0 if counts is None else counts["pending"]
 
     def _queue(self, record: JobRecord, now: float) -> None:
         ticket = self._tickets[record.id] = next(self._ticket)

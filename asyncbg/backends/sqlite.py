@@ -11,12 +11,50 @@ How it runs:
   (``asyncbg-sqlite``), on one connection opened there; the coroutines hand
   the work over and await a future, so the loop never blocks on the file.
 - The file is in WAL mode (readers never block the writer; verified at open).
-  Every write is one ``BEGIN IMMEDIATE … COMMIT``: a deferred transaction that
-  reads then writes gets ``SQLITE_BUSY`` at once, ignoring ``busy_timeout``,
-  whereas an immediate one waits for the other processes' writers.
-- Time is ``time.time()`` read on that thread once the write lock is held, so
-  the clock of one transaction never goes back behind an earlier commit's by
-  more than the host's clock itself.
+  Every write transaction is ``BEGIN IMMEDIATE … COMMIT``: a deferred
+  transaction that reads then writes gets ``SQLITE_BUSY`` at once, ignoring
+  ``busy_timeout``, whereas an immediate one waits for the other processes'
+  writers.
+- Writes are group-committed. When the thread takes a write from its queue, it
+  takes every write queued right behind it too (up to 256; the first read or
+  other call ends the group) and runs them all in one transaction, each in its
+  own ``SAVEPOINT``: a write that raises is rolled back to its savepoint and
+  gets its exception, the others commit. Every future is resolved only after
+  the ``COMMIT`` returned, so an acknowledged write is on disk (as far as
+  ``synchronous`` syncs); when the transaction as a whole fails (the write
+  lock not had within ``busy_timeout``, the ``COMMIT`` itself), every write of
+  the group gets a :class:`~asyncbg.errors.BackendError`. So the N enqueues
+  made in one loop turn share one commit (one fsync) instead of taking N. A
+  read runs in its own snapshot transaction, in queue order: it sees every
+  write queued before it. What follows a commit on the loop (waking this
+  process's ``wait()`` callers) runs once the caller's future is resolved,
+  so after the commit.
+- Time is ``time.time()`` read on that thread once the write lock is held, one
+  reading per group: every write of a group sees the same ``now``, and the
+  clock of one transaction never goes back behind an earlier commit's by more
+  than the host's clock itself.
+- Other processes on the file are woken (``on_new_work``) through Unix
+  datagram sockets, one per backend object, in a private folder per database
+  (:mod:`asyncbg.backends._wake`): at open the object binds its socket and
+  the loop watches it (``add_reader``); the datagrams read together make one
+  call of each callback. After a commit that made work claimable (an enqueue
+  that stored a new record, a retry or a release that queued a job again),
+  the writer thread sends one datagram to every other socket in the folder,
+  once per group and before resolving the group's futures. It is sent from
+  the writer thread, not the loop: it lists a folder and makes one system
+  call per peer, which the loop should not wait for, and that thread is where
+  the commit is known. The socket is non-blocking as well, so a peer that does
+  not read (paused, its queue full: ``EAGAIN``, it has unread datagrams
+  anyway) never stalls a commit; a socket file nobody is bound to
+  (``ECONNREFUSED``: its process died) is removed. An object never wakes
+  itself (in-process wake-ups are the engine's); another object on the same
+  file is woken as another process would be. When the folder cannot be used
+  (it cannot be made, is not private to this user, or the socket path would
+  be over 100 bytes) or the loop cannot watch a socket, a warning is logged,
+  that object's ``wakes_other_processes`` is False, and it opens anyway:
+  the others then learn of its work by polling. ``close`` removes the
+  socket. A forked child must open its own backend: the inherited object's
+  thread does not exist there, and its socket is the parent's.
 
 It follows every decision listed in :mod:`asyncbg.backends.memory`: claim
 order by due time (``run_at``, else ``created_at``; a lost lease at its
@@ -33,12 +71,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -56,19 +95,24 @@ from ..engine.records import (
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
+from ._wake import WakeChannel
 from .base import Backend, lost_lease_error
 
 __all__ = ["SQLiteBackend", "from_url"]
 
 T = TypeVar("T")
 
+log = logging.getLogger("asyncbg")
+
 #: The schema this module writes; ``migrate`` brings a file up to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SYNCHRONOUS = ("FULL", "EXTRA", "NORMAL")
 _DEFAULT_BUSY_TIMEOUT = 5000
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
 _SLOT_MEMORY = 1024
+# Write calls at most in one group commit (one transaction, each in a savepoint).
+_GROUP_LIMIT = 256
 # Ids per statement where a list of them becomes ``IN (?, ?, …)``.
 _CHUNK = 500
 # wait() polls the file: another process may be the one that finishes a job.
@@ -84,6 +128,9 @@ _FINAL = "(" + ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES)) + ")"
 # A claim's fenced writes: the same job, owner and token, and still running.
 _HELD = "id = :id AND owner = :owner AND token = :token AND status = 'running'"
 
+# Version 1, as it was first written: never edit it (files of version 1 hold
+# exactly this). A new file gets it and then every step of _UPGRADES, as an
+# old file does, so both end the same.
 _SCHEMA = f"""
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY NOT NULL,
@@ -148,6 +195,15 @@ CREATE TABLE nodes (
 );
 """
 
+# The steps from the version before to each version; each is idempotent.
+_UPGRADES: dict[int, str] = {
+    # enqueue(limits=) counts a queue's pending records through this index.
+    # status is in it although constant: SQLite (3.40) does not see that the
+    # index's own WHERE answers the query's, and would read every row without.
+    2: """CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (queue, status)
+    WHERE status = 'pending'""",
+}
+
 # Claimable records of one queue in claim order, in two index-driven parts:
 # everything due by now, then pending records without run_at created ahead of
 # the clock (claimable at once, but ordered by their created_at, so last).
@@ -191,6 +247,13 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
+def _script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript: it would COMMIT the caller's transaction first.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def _next(conn: sqlite3.Connection, counter: str, n: int = 1) -> int:
     # The first of ``n`` numbers of a counter; inside the caller's write transaction.
     row = conn.execute(
@@ -208,10 +271,31 @@ def _describe(exc: sqlite3.Error) -> str:
     return text
 
 
-class _Worker:
-    """One daemon thread that runs calls in order, each answered by a future."""
+@dataclasses.dataclass(slots=True)
+class _Write:
+    """One write call: ``fn(conn, now)``, the future that gets its outcome, and
+    ``wakes``, which tells from its result whether it made work claimable."""
 
-    def __init__(self) -> None:
+    fn: Callable[[sqlite3.Connection, float], Any]
+    future: concurrent.futures.Future[Any]
+    wakes: Callable[[Any], bool] | None = None
+
+
+_STOP = object()
+
+
+class _Worker:
+    """One daemon thread that runs calls in queue order, each answered by a future.
+
+    A write call taken from the queue takes with it every write call queued
+    right behind it, up to ``group_limit`` in all, and hands them to
+    ``write_group`` as one list (one transaction); the first call of any other
+    kind ends the group and runs after it, so queue order is kept.
+    """
+
+    def __init__(self, write_group: Callable[[list[_Write]], None], group_limit: int) -> None:
+        self._write_group = write_group
+        self._group_limit = max(1, group_limit)
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="asyncbg-sqlite", daemon=True)
         self._thread.start()
@@ -222,9 +306,20 @@ class _Worker:
         self._calls.put((future, fn))
         return future
 
+    def submit_write(
+        self,
+        fn: Callable[[sqlite3.Connection, float], T],
+        wakes: Callable[[T], bool] | None = None,
+    ) -> concurrent.futures.Future[T]:
+        """Queue the write ``fn``, to run in a group; its future is resolved by
+        ``write_group``."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put(_Write(fn, future, wakes))
+        return future
+
     def stop(self) -> None:
         """Let the queued calls run, then end the thread (without waiting for it)."""
-        self._calls.put(None)
+        self._calls.put(_STOP)
 
     @property
     def thread(self) -> threading.Thread:
@@ -232,14 +327,49 @@ class _Worker:
         return self._thread
 
     def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            future, fn = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            del item, future, fn
+        held: Any = None
+        while True:
+            item, held = (self._calls.get() if held is None else held), None
+            if item is _STOP:
+                return
+            if isinstance(item, _Write):
+                group, held = self._group(item)
+                self._run_group(group)
+                del group
+            else:
+                future, fn = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future, fn
+            # Nothing of a finished call stays referenced while the thread waits.
+            del item
+
+    def _group(self, first: _Write) -> tuple[list[_Write], Any]:
+        # The writes queued right behind ``first``, and the call that ended the group.
+        group = [first]
+        while len(group) < self._group_limit:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return group, None
+            if not isinstance(item, _Write):
+                return group, item
+            group.append(item)
+        return group, None
+
+    def _run_group(self, group: list[_Write]) -> None:
+        live = [call for call in group if call.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            self._write_group(live)
+        except BaseException as exc:  # pragma: no cover - write_group answers every call
+            for call in live:
+                if not call.future.done():
+                    call.future.set_exception(exc)
 
 
 class SQLiteBackend(Backend):
@@ -253,6 +383,8 @@ class SQLiteBackend(Backend):
 
     scheme = "sqlite"
     durable = True
+    # False on an object whose wake-up socket could not be set up at open.
+    wakes_other_processes = True
 
     def __init__(
         self,
@@ -261,6 +393,7 @@ class SQLiteBackend(Backend):
         synchronous: str = "FULL",
         busy_timeout: int = _DEFAULT_BUSY_TIMEOUT,
         make_parent: bool = False,
+        _coalesce: bool = True,
     ) -> None:
         if synchronous not in _SYNCHRONOUS:
             raise ConfigError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -268,10 +401,14 @@ class SQLiteBackend(Backend):
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
         self._make_parent = make_parent
+        # One write per transaction when False: the benchmark's "before".
+        self._group_limit = _GROUP_LIMIT if _coalesce else 1
         self._worker: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
         # Replaced whenever this object writes a final state: waiters hold the one they saw.
         self._finished: asyncio.Event | None = None
+        self._wake: WakeChannel | None = None
+        self._callbacks: list[Callable[[], object]] = []
 
     def __repr__(self) -> str:
         return f"<SQLiteBackend {self.path!r} synchronous={self.synchronous}>"
@@ -288,37 +425,144 @@ class SQLiteBackend(Backend):
             raise BackendError(f"the SQLite backend on {self.path} is not open")
         return self._conn
 
-    async def _write(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run ``fn(conn, now)`` in one ``BEGIN IMMEDIATE`` transaction on the thread.
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection, float], T],
+        wakes: Callable[[T], bool] | None = None,
+    ) -> T:
+        """Run ``fn(conn, now)`` in a ``BEGIN IMMEDIATE`` transaction on the
+        thread, possibly shared with the writes queued next to it (each in its
+        own savepoint); return once it is committed. ``wakes(result)`` (on the
+        thread, after the commit) says whether it made work claimable: the
+        other processes are then told.
 
-        :raises BackendError: for an SQLite error (the transaction is rolled back).
+        :raises BackendError: for an SQLite error (this call's changes are
+            rolled back), or when the group's transaction fails as a whole.
         """
-        # The clock is read once the write lock is held: commit order is time order.
-        return await self._run(
-            lambda: self._transaction("BEGIN IMMEDIATE", lambda conn: fn(conn, time.time()))
-        )
+        if self._worker is None:
+            raise BackendError(f"the SQLite backend on {self.path} is not open")
+        return await asyncio.wrap_future(self._worker.submit_write(fn, wakes))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread.
+        """Run ``fn(conn)`` in one read transaction (one snapshot) on the thread;
+        it sees every write queued before it.
 
         :raises BackendError: for an SQLite error.
         """
-        return await self._run(lambda: self._transaction("BEGIN", fn))
+        return await self._run(lambda: self._snapshot(fn))
 
-    def _transaction(self, begin: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # On the backend's thread: all of fn or none of it.
+    def _snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # On the backend's thread: one read transaction.
         conn = self._connection()
         try:
-            conn.execute(begin)
+            conn.execute("BEGIN")
             result = fn(conn)
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise BackendError(f"SQLite {self.path}: {_describe(exc)}") from exc
+                raise self._error(exc) from exc
             raise
         return result
+
+    def _write_group(self, calls: list[_Write]) -> None:
+        """On the thread: run ``calls`` in one ``BEGIN IMMEDIATE … COMMIT``, then
+        resolve their futures (only once the commit returned).
+
+        One call runs as it is: on an exception the transaction is rolled back.
+        Several run each in a savepoint: a call that raises is rolled back to
+        its savepoint and gets its exception, the others commit. When the
+        transaction as a whole fails (``BEGIN``, ``COMMIT``, or an error after
+        which SQLite rolled everything back), every call gets a BackendError.
+        """
+        conn = self._connection()
+        single = len(calls) == 1
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # The clock is read once the write lock is held: commit order is
+            # time order. One reading serves the whole group.
+            now = time.time()
+            for call in calls:
+                outcomes.append(self._call_in_group(conn, call, now, single))
+            conn.execute("COMMIT" if any(ok for ok, _ in outcomes) else "ROLLBACK")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for call in calls:
+                call.future.set_exception(self._error(exc, group=not single))
+            return
+        # Before the futures: the other processes may start on it a little sooner.
+        self._wake_others(calls, outcomes)
+        for call, (ok, value) in zip(calls, outcomes, strict=True):
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+
+    def _call_in_group(
+        self, conn: sqlite3.Connection, call: _Write, now: float, single: bool
+    ) -> tuple[bool, Any]:
+        # (True, result) or (False, exception); raises when the transaction is lost.
+        if single:
+            return True, call.fn(conn, now)
+        conn.execute("SAVEPOINT call")
+        try:
+            result = call.fn(conn, now)
+        except Exception as exc:
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back (I/O error, disk full)
+            conn.execute("ROLLBACK TO call")
+            conn.execute("RELEASE call")
+            return False, self._error(exc)
+        conn.execute("RELEASE call")
+        return True, result
+
+    def _error(self, exc: BaseException, *, group: bool = False) -> BaseException:
+        # An SQLite error as the BackendError a caller gets; other exceptions as
+        # they are, but for a failed group, where every call gets a BackendError.
+        if isinstance(exc, sqlite3.Error):
+            error = BackendError(f"SQLite {self.path}: {_describe(exc)}")
+        elif group:
+            error = BackendError(
+                f"SQLite {self.path}: the transaction shared with other writes failed: {exc!r}"
+            )
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
+
+    def _wake_others(self, calls: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
+        # On the thread, after a commit: when a write of it made work claimable,
+        # one datagram to every other backend object on the file (never
+        # blocking). Nothing here may fail the writes: they are committed.
+        wake = self._wake
+        if wake is None:
+            return
+        try:
+            if any(
+                ok and call.wakes is not None and call.wakes(value)
+                for call, (ok, value) in zip(calls, outcomes, strict=True)
+            ):
+                wake.notify()
+        except Exception:  # pragma: no cover - the predicates and notify do not raise
+            log.exception("asyncbg: cannot wake the other processes of %s", self.path)
+
+    def _woken(self) -> None:
+        # On the loop: another backend object on the file may have made work.
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("asyncbg: an on_new_work callback of %s failed", self.path)
+
+    def on_new_work(self, callback: Callable[[], object]) -> None:
+        """Register ``callback``: called on the loop when another backend object
+        on this file (another process, or another object in this one) stored a
+        new record, or retried or released one. See the module notes."""
+        self._callbacks.append(callback)
 
     def _notify(self) -> None:
         # Wakes this process's waiters at once; others find out by polling.
@@ -338,13 +582,27 @@ class SQLiteBackend(Backend):
         if self._worker is not None:
             return
         self._finished = asyncio.Event()
-        self._worker = _Worker()
+        self._worker = _Worker(self._write_group, self._group_limit)
         try:
             await asyncio.wrap_future(self._worker.submit(self._connect))
         except BaseException:
             self._worker.stop()
             self._worker = None
             raise
+        self._wake = await self._run(lambda: WakeChannel.open(self.path))
+        if self._wake is not None:
+            try:
+                self._wake.listen(asyncio.get_running_loop(), self._woken)
+            except (NotImplementedError, OSError) as exc:
+                log.warning(
+                    "asyncbg: no wake-ups between processes for %s, which will only be "
+                    "polled: this loop cannot watch a socket (%s)",
+                    self.path,
+                    exc,
+                )
+                self._wake.close()
+                self._wake = None
+        self.wakes_other_processes = self._wake is not None
 
     def _connect(self) -> None:
         path = self.path
@@ -404,7 +662,8 @@ class SQLiteBackend(Backend):
             pause = min(pause * 2, 0.05)
 
     async def close(self) -> None:
-        """Close the connection and end the thread; a second call does nothing."""
+        """Close the connection and end the thread, then the wake-up socket
+        (its file removed); a second call does nothing."""
         worker, self._worker = self._worker, None
         if worker is None:
             return
@@ -418,10 +677,16 @@ class SQLiteBackend(Backend):
             await asyncio.wrap_future(worker.submit(disconnect))
         finally:
             worker.stop()
+            # After the thread's last write: nothing sends on it any more.
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                wake.close()
 
     async def migrate(self) -> None:
-        """Create the schema when the file has none; idempotent, and safe when
-        several processes migrate at once (``BEGIN IMMEDIATE`` serialises them).
+        """Create the schema when the file has none, or upgrade an older one in
+        place (version 1 gains the ``jobs_pending`` index); idempotent, and safe
+        when several processes migrate at once (``BEGIN IMMEDIATE`` serialises
+        them).
 
         :raises BackendError: when the file's schema is newer than this
             module's, or for an SQLite error.
@@ -436,11 +701,14 @@ class SQLiteBackend(Backend):
                     f"SQLite {self.path}: schema version {version} is newer than this "
                     f"asyncbg knows ({SCHEMA_VERSION}); upgrade asyncbg"
                 )
+            if version == SCHEMA_VERSION:
+                return
             if version < 1:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                _script(conn, _SCHEMA)
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                _script(conn, _UPGRADES[step])
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
         await self._write(migrate)
 
@@ -468,11 +736,17 @@ class SQLiteBackend(Backend):
 
     # -- jobs and queue items --------------------------------------------------
 
-    async def enqueue(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+    async def enqueue(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> list[JobRecord | None]:
         """Store ``records`` in one transaction; return the stored record for each.
 
         A record whose id is already stored, or whose ``key`` belongs to a
         pending or running job, is not stored: the existing record is returned.
+        Otherwise a record whose queue is in ``limits`` is refused (None) when
+        the queue already has that many pending records or more, counted in
+        the same transaction (through the ``jobs_pending`` index, and no
+        further than the limit) plus those this call stored before it.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: for an SQLite error (nothing is stored).
@@ -484,15 +758,21 @@ class SQLiteBackend(Backend):
             return []
         # Not dataclasses.astuple: it deep-copies every value (17 us a record here).
         rows = [tuple(getattr(r, name) for name in _FIELDS) for r in records]
+        bounds = dict(limits or {})
 
-        def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord]:
+        def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord | None]:
             first = _next(conn, "seq", len(rows))
+            pending: dict[str, int] = {}  # per bounded queue, as counted and then stored
             return [
-                _enqueue_one(conn, record, row, first + i)
+                _enqueue_one(conn, record, row, first + i, bounds, pending)
                 for i, (record, row) in enumerate(zip(records, rows, strict=True))
             ]
 
-        return await self._write(enqueue)
+        def stored_new(stored: list[JobRecord | None]) -> bool:
+            # _enqueue_one returns the very record it stored (a known one is read back).
+            return any(s is r for s, r in zip(stored, records, strict=True))
+
+        return await self._write(enqueue, stored_new)
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
@@ -600,7 +880,7 @@ class SQLiteBackend(Backend):
             row = conn.execute(_RETRY, params).fetchone()
             return None if row is None else str(row[0])
 
-        status = await self._write(retry)
+        status = await self._write(retry, lambda status: status == "pending")
         if status == "cancelled":
             self._notify()
         return status is not None
@@ -624,7 +904,7 @@ class SQLiteBackend(Backend):
 
         if not claims:
             return 0
-        statuses = await self._write(release)
+        statuses = await self._write(release, lambda statuses: "pending" in statuses)
         if "cancelled" in statuses:
             self._notify()
         return len(statuses)
@@ -934,24 +1214,59 @@ def _held(claim: Claim) -> dict[str, Any]:
 
 
 def _enqueue_one(
-    conn: sqlite3.Connection, record: JobRecord, row: tuple[Any, ...], seq: int
-) -> JobRecord:
+    conn: sqlite3.Connection,
+    record: JobRecord,
+    row: tuple[Any, ...],
+    seq: int,
+    limits: Mapping[str, int],
+    pending: dict[str, int],
+) -> JobRecord | None:
+    # ``record`` itself when stored, the existing record (read back) when its id
+    # or active key is known, or None when its queue is full.
+    limit = limits.get(record.queue)
+    if limit is not None:
+        if record.queue not in pending:
+            pending[record.queue] = _count_pending(conn, record.queue, limit)
+        if pending[record.queue] >= limit:
+            # Refused, unless idempotency answers it: then it is not new.
+            return _existing(conn, record)
     # DO NOTHING without a target covers the id and the active-key index alike.
     inserted = conn.execute(
         f"""INSERT INTO jobs ({_COLUMNS}, seq) VALUES ({_marks(len(row) + 1)})
         ON CONFLICT DO NOTHING RETURNING id""",
         (*row, seq),
     ).fetchone()
-    if inserted is not None:
-        return record
-    existing = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (record.id,)).fetchone()
-    if existing is None:
-        existing = conn.execute(
+    if inserted is None:
+        existing = _existing(conn, record)
+        if existing is None:  # pragma: no cover - only the id and the key are unique
+            raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
+        return existing
+    if limit is not None:
+        pending[record.queue] += 1
+    return record
+
+
+def _existing(conn: sqlite3.Connection, record: JobRecord) -> JobRecord | None:
+    # The stored record with the id of ``record``, or the active one with its key.
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (record.id,)).fetchone()
+    if row is None and record.key is not None:
+        row = conn.execute(
             f"""SELECT {_COLUMNS} FROM jobs
             WHERE key = ? AND status IN ('pending', 'running')""",
             (record.key,),
         ).fetchone()
-    return _record(existing)
+    return None if row is None else _record(row)
+
+
+def _count_pending(conn: sqlite3.Connection, queue_name: str, limit: int) -> int:
+    # The pending records of a queue, counted up to ``limit`` at most: the cost
+    # is bounded by the limit, not by the queue's length.
+    row = conn.execute(
+        """SELECT count(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_pending
+        WHERE queue = ? AND status = 'pending' LIMIT ?)""",
+        (queue_name, max(limit, 0)),
+    ).fetchone()
+    return int(row[0])
 
 
 def _lane(

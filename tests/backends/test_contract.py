@@ -40,6 +40,13 @@ def job(
     return JobRecord(id=job_id or uuid.uuid4().hex, queue=queue, task=task, **fields)
 
 
+async def put(backend: Backend, records: list[JobRecord]) -> list[JobRecord]:
+    """Enqueue without limits, where no slot of the result is None."""
+    stored = await backend.enqueue(records)
+    assert None not in stored
+    return [r for r in stored if r is not None]
+
+
 async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = WITHIN) -> None:
     """Poll ``check`` until it is true; fail after ``within`` seconds."""
     deadline = time.monotonic() + within
@@ -92,7 +99,7 @@ async def expired_and_reclaimed(backend: Backend, reclaimer: str = "n2") -> tupl
 
 
 async def test_enqueue_claim_finish_round_trip(backend: Backend) -> None:
-    [stored] = await backend.enqueue([job("a", args_json='{"args":[1],"kwargs":{}}')])
+    [stored] = await put(backend, [job("a", args_json='{"args":[1],"kwargs":{}}')])
     assert (stored.id, stored.status) == ("a", "pending")
 
     claim = await claim_one(backend)
@@ -117,8 +124,8 @@ async def test_get_of_an_unknown_id_is_none(backend: Backend) -> None:
 
 
 async def test_enqueue_is_idempotent_by_id(backend: Backend) -> None:
-    [first] = await backend.enqueue([job("a", task="first")])
-    [again] = await backend.enqueue([job("a", task="second")])
+    [first] = await put(backend, [job("a", task="first")])
+    [again] = await put(backend, [job("a", task="second")])
     assert again == first
     assert (await backend.query(JobQuery())).total == 1
 
@@ -126,13 +133,13 @@ async def test_enqueue_is_idempotent_by_id(backend: Backend) -> None:
 async def test_enqueue_of_a_finished_id_returns_the_final_record(backend: Backend) -> None:
     await backend.enqueue([job("a")])
     assert await backend.finish(await claim_one(backend), Outcome("failed", error="boom"))
-    [again] = await backend.enqueue([job("a")])
+    [again] = await put(backend, [job("a")])
     assert (again.status, again.error) == ("failed", "boom")
 
 
 async def test_enqueue_is_idempotent_by_key_while_pending(backend: Backend) -> None:
     await backend.enqueue([job("a", key="k")])
-    [second] = await backend.enqueue([job("b", key="k")])
+    [second] = await put(backend, [job("b", key="k")])
     assert second.id == "a"
     assert await backend.get("b") is None
 
@@ -140,20 +147,84 @@ async def test_enqueue_is_idempotent_by_key_while_pending(backend: Backend) -> N
 async def test_enqueue_is_idempotent_by_key_while_running(backend: Backend) -> None:
     await backend.enqueue([job("a", key="k")])
     await claim_one(backend)
-    [second] = await backend.enqueue([job("b", key="k")])
+    [second] = await put(backend, [job("b", key="k")])
     assert (second.id, second.status) == ("a", "running")
 
 
 async def test_enqueue_of_one_key_twice_in_a_batch_stores_the_first(backend: Backend) -> None:
-    stored = await backend.enqueue([job("a", key="k"), job("b", key="k"), job("c", key="other")])
+    stored = await put(backend, [job("a", key="k"), job("b", key="k"), job("c", key="other")])
     assert [r.id for r in stored] == ["a", "a", "c"]
 
 
 async def test_key_is_free_again_once_the_job_is_final(backend: Backend) -> None:
     await backend.enqueue([job("a", key="k")])
     assert await backend.finish(await claim_one(backend), Outcome("succeeded", "null"))
-    [second] = await backend.enqueue([job("b", key="k")])
+    [second] = await put(backend, [job("b", key="k")])
     assert (second.id, second.status) == ("b", "pending")
+
+
+# -- bounded queues (enqueue with limits) -------------------------------------
+
+
+async def test_enqueue_refuses_a_record_at_its_queue_limit(backend: Backend) -> None:
+    stored = await backend.enqueue(
+        [job("a"), job("b"), job("c"), job("x", queue="free")], limits={"q": 2}
+    )
+    assert [None if r is None else r.id for r in stored] == ["a", "b", None, "x"]
+    assert await backend.get("c") is None
+    assert await backend.stats() == {"q": {"pending": 2}, "free": {"pending": 1}}
+    # The limit holds across calls too.
+    assert await backend.enqueue([job("d")], limits={"q": 2}) == [None]
+    assert await backend.enqueue([job("e")], limits={"q": 0, "other": 1}) == [None]
+
+
+async def test_records_after_a_refused_one_are_still_stored(backend: Backend) -> None:
+    stored = await backend.enqueue(
+        [job("a"), job("b"), job("r1", queue="r"), job("r2", queue="r")],
+        limits={"q": 1, "r": 5},
+    )
+    assert [None if r is None else r.id for r in stored] == ["a", None, "r1", "r2"]
+    assert [await backend.get(i) is not None for i in ("a", "b", "r1", "r2")] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+
+
+async def test_a_refused_record_leaves_its_key_free(backend: Backend) -> None:
+    assert await backend.enqueue([job("a", key="k")], limits={"q": 0}) == [None]
+    [b] = await put(backend, [job("b", key="k")])
+    assert b.id == "b"
+
+
+async def test_an_idempotent_enqueue_is_never_refused(backend: Backend) -> None:
+    await put(backend, [job("a"), job("b", key="k"), job("c")])
+    assert await backend.finish(await claim_one(backend), Outcome("failed", error="boom"))
+    # q holds two pending records (b, c): at a limit of 1 nothing new gets in,
+    # but a known id (pending or final) or an active key gets its record.
+    stored = await backend.enqueue(
+        [job("c"), job("a"), job("other", key="k"), job("new")], limits={"q": 1}
+    )
+    assert [None if r is None else (r.id, r.status) for r in stored] == [
+        ("c", "pending"),
+        ("a", "failed"),
+        ("b", "pending"),
+        None,
+    ]
+
+
+async def test_the_limit_counts_only_pending_records(backend: Backend) -> None:
+    await put(backend, [job("a"), job("b"), job("c"), job("d")])
+    a, b = await backend.claim(["q"], "n1", 2, LONG)
+    assert await backend.finish(a, Outcome("succeeded", "null"))
+    assert await backend.cancel("c") == CancelResult.CANCELLED
+    # a succeeded, b running, c cancelled: d is the only pending one.
+    stored = await backend.enqueue([job("e"), job("f")], limits={"q": 2})
+    assert [None if r is None else r.id for r in stored] == ["e", None]
+    # A released record is pending again, and counts.
+    assert await backend.release([b]) == 1
+    assert await backend.enqueue([job("g")], limits={"q": 3}) == [None]
 
 
 async def test_claim_takes_the_oldest_first(backend: Backend) -> None:
