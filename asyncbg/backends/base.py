@@ -30,6 +30,7 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -137,6 +138,15 @@ class Backend(abc.ABC):
         records after a refused one are still considered. Without ``limits``
         no slot is None.
         """
+
+    def enqueue_from_thread(
+        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> concurrent.futures.Future[list[rec.JobRecord | None]] | None:
+        """Start :meth:`enqueue` from a thread other than the loop's, when the
+        backend has its own way in (SQLite: its writer thread); return a future
+        resolved after the commit, or None (the default) to have the engine go
+        through the loop. Same results and errors as :meth:`enqueue`."""
+        return None
 
     @abc.abstractmethod
     async def claim(
