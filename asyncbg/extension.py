@@ -55,7 +55,6 @@ from .engine.tasks import (
     is_async_callable,
     require_findable,
 )
-from .errors import BackendUnavailable
 from .lifecycle import AppState, in_job_context_transition
 from .web.metrics import MetricsExporter
 
@@ -259,15 +258,6 @@ class AsyncBG:
         backend = open_backend(
             self._backend if settings.backend is None else settings.backend, app.instance_path
         )
-        if backend.durable:
-            # The store exists (backends/sqlite.py) but the engine does not yet
-            # claim, renew or finish through it: accepting it would promise a
-            # durability that nothing delivers.
-            raise BackendUnavailable(
-                f"ASYNCBG_BACKEND: the {backend.scheme} backend's store is here, but this "
-                "version does not run jobs through a durable backend yet; leave "
-                "ASYNCBG_BACKEND unset (memory) for now"
-            )
         st = self._spare if self._spare is not None else self._new_state()
         self._spare = None
         st.bind(app)

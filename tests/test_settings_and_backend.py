@@ -185,14 +185,3 @@ def test_a_backend_that_cannot_open_fails_start_and_leaves_nothing_running() -> 
         bg.start()
     assert not bg.loop_thread.running
     assert events == []  # no hook ran, and nothing that never opened was closed
-
-
-def test_a_durable_backend_is_refused_until_the_engine_runs_jobs_through_it(
-    tmp_path: Any,
-) -> None:
-    app = Flask("asyncbg_settings_test", instance_path=str(tmp_path))
-    app.config["ASYNCBG_BACKEND"] = "sqlite:///asyncbg.db"
-    with pytest.raises(BackendUnavailable, match="does not run jobs through a durable backend"):
-        AsyncBG().init_app(app)
-    assert "asyncbg" not in app.extensions
-    assert not (tmp_path / "asyncbg.db").exists()  # nothing opened either
