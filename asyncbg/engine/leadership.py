@@ -88,6 +88,7 @@ class StoreLeader:
         self._keeper: asyncio.Task[None] | None = None
         self._anchor: float | None = None
         self._busy = asyncio.Lock()
+        self._released = False
 
     def __repr__(self) -> str:
         return f"<StoreLeader {self.name} {'held' if self.held else 'not held'}>"
@@ -107,16 +108,23 @@ class StoreLeader:
         return whether it is held now. A lease found lost (renewal refused) is
         dropped at once, and taken again if nobody else holds it.
 
+        After :meth:`release` it takes nothing and returns False.
+
         :raises Exception: whatever the store raised; the lease is then kept
             as it was (held until its local deadline).
         """
         async with self._busy:
+            if self._released:
+                return False
             self._ttl = ttl
             if self._lease is not None and await self._renew(ttl):
                 return True
             began = self._clock()
             lease = await self.store.acquire(self.name, self.owner, ttl)
             if lease is None:
+                return False
+            if self._released:  # released while the store answered: give it back
+                await self.store.release_lease(lease)
                 return False
             self._hold(lease, began, ttl)
             return True
@@ -138,7 +146,9 @@ class StoreLeader:
 
     async def release(self) -> None:
         """Stop renewing and give the lease up, so another process takes it at
-        its next tick instead of waiting for it to run out."""
+        its next tick instead of waiting for it to run out. For good: a
+        schedule started again gets a new leader."""
+        self._released = True
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
@@ -159,6 +169,8 @@ class StoreLeader:
         assert lease is not None
         began = self._clock()
         renewed = await self.store.renew_lease(lease, ttl)
+        if self._released:
+            return False  # release() gave it up meanwhile
         if renewed is None:
             self._lease = None  # lost: a follower from now on
             self._deadline = -math.inf
