@@ -387,7 +387,11 @@ class PeriodicJob:
             # A tick still asking the store, or a run still going: skipped only
             # if this process leads (a follower's tick is nobody's to skip).
             if leader.held:
-                self._count_skip("the previous run was still going")
+                self._count_skip(
+                    "the previous run was still going"
+                    if self._run_task is not None
+                    else "the store had not answered for the previous tick yet"
+                )
             self._rearm_delay()
             return
         assert self._lt is not None
@@ -403,7 +407,9 @@ class PeriodicJob:
             ours = await self._claim_tick(wall_due, ttl)
         finally:
             self._lease_task = None
-        if ours and self._active:
+        if ours:
+            # Claimed, so no other process will run it: it runs, even if stop()
+            # came while the store answered (the drain waits for it).
             if self._run_task is None:
                 self._run_task = me
                 await self._run(due)  # re-arms a fixed delay when it ends
@@ -418,10 +424,12 @@ class PeriodicJob:
         assert leader is not None
         try:
             anchor = await self._shared_anchor()
-            if await leader.ensure(ttl):
-                ours = await leader.slot_ok(self._slot(wall_due, anchor))
-            else:
+            if not await leader.ensure(ttl):
                 ours = False  # another process leads
+            elif not self._active:
+                ours = False  # stopped meanwhile: no new slot
+            else:
+                ours = await leader.slot_ok(self._slot(wall_due, anchor))
         except Exception as exc:
             self._lease_failed(exc)
             return False
