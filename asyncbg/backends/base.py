@@ -163,6 +163,12 @@ class Backend(abc.ABC):
     async def finish(self, claim: rec.Claim, outcome: rec.Outcome) -> bool:
         """Record the final outcome; False (nothing written) for a stale claim."""
 
+    async def finish_many(self, outcomes: Sequence[tuple[rec.Claim, rec.Outcome]]) -> list[bool]:
+        """:meth:`finish` for many claims at once (one commit where the engine
+        allows); for each, False for a stale claim. The default finishes them
+        one after the other."""
+        return [await self.finish(claim, outcome) for claim, outcome in outcomes]
+
     @abc.abstractmethod
     async def retry(self, claim: rec.Claim, run_at: float, error: str | None) -> bool:
         """Queue the job again for ``run_at``; False for a stale claim."""

@@ -548,7 +548,7 @@ class SQLiteBackend(Backend):
             ):
                 wake.notify()
         except Exception:  # pragma: no cover - the predicates and notify do not raise
-            log.exception("asyncbg: cannot wake the other processes of %s", self.path)
+            log.exception("cannot wake the other processes of %s", self.path)
 
     def _woken(self) -> None:
         # On the loop: another backend object on the file may have made work.
@@ -556,7 +556,7 @@ class SQLiteBackend(Backend):
             try:
                 callback()
             except Exception:
-                log.exception("asyncbg: an on_new_work callback of %s failed", self.path)
+                log.exception("an on_new_work callback of %s failed", self.path)
 
     def on_new_work(self, callback: Callable[[], object]) -> None:
         """Register ``callback``: called on the loop when another backend object
@@ -595,7 +595,7 @@ class SQLiteBackend(Backend):
                 self._wake.listen(asyncio.get_running_loop(), self._woken)
             except (NotImplementedError, OSError) as exc:
                 log.warning(
-                    "asyncbg: no wake-ups between processes for %s, which will only be "
+                    "no wake-ups between processes for %s, which will only be "
                     "polled: this loop cannot watch a socket (%s)",
                     self.path,
                     exc,
@@ -876,23 +876,35 @@ class SQLiteBackend(Backend):
 
         :raises BackendError: for an SQLite error.
         """
+        return (await self.finish_many([(claim, outcome)]))[0]
 
-        def finish(conn: sqlite3.Connection, now: float) -> bool:
-            cursor = conn.execute(
-                f"""UPDATE jobs SET status = :status, result_json = :result, error = :error,
-                finished_at = :now, lease_until = NULL WHERE {_HELD}""",
-                {
-                    **_held(claim),
-                    "status": outcome.status,
-                    "result": outcome.result_json,
-                    "error": outcome.error,
-                    "now": now,
-                },
-            )
-            return cursor.rowcount == 1
+    async def finish_many(self, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
+        """Record many outcomes in one write; for each, False for a stale claim.
 
+        :raises BackendError: for an SQLite error (nothing is written).
+        """
+
+        def finish(conn: sqlite3.Connection, now: float) -> list[bool]:
+            return [
+                conn.execute(
+                    f"""UPDATE jobs SET status = :status, result_json = :result,
+                    error = :error, finished_at = :now, lease_until = NULL WHERE {_HELD}""",
+                    {
+                        **_held(claim),
+                        "status": outcome.status,
+                        "result": outcome.result_json,
+                        "error": outcome.error,
+                        "now": now,
+                    },
+                ).rowcount
+                == 1
+                for claim, outcome in outcomes
+            ]
+
+        if not outcomes:
+            return []
         done = await self._write(finish)
-        if done:
+        if any(done):
             self._notify()
         return done
 

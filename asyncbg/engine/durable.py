@@ -94,6 +94,8 @@ class Store(Protocol):
 
     async def finish(self, claim: Claim, outcome: Outcome) -> bool: ...
 
+    async def finish_many(self, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]: ...
+
     async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool: ...
 
     async def release(self, claims: Sequence[Claim]) -> int: ...
@@ -203,6 +205,7 @@ class DurableRunner:
         self._writes: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
+        self._finishing: list[tuple[Claim, Outcome, asyncio.Future[bool]]] = []
         self._progress_dirty: set[str] = set()
         self._progress_timer: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -594,6 +597,19 @@ class DurableRunner:
         finished = False
         try:
             finished = await self._settle(held, await self._attempt(held))
+        except Exception as exc:
+            # The store failed the outcome's write: the claim stays the store's,
+            # and the job runs again once its lease has run out.
+            self.runner.log_failure(
+                "durable outcome",
+                job.name,
+                exc,
+                "job %s %s: its outcome could not be stored (%s); it runs again once "
+                "its lease runs out",
+                job.name,
+                job.id,
+                describe_exception(exc),
+            )
         except asyncio.CancelledError:
             if held.why != "lost":  # stopping, or the loop going away: hand it back
                 self._to_release.append(claim)
@@ -660,8 +676,7 @@ class DurableRunner:
             retry_at = time.time() + job.options.backoff(claim.record.attempts)
             ok = await self._written(self.store.retry(claim, retry_at, error))
         else:
-            outcome = Outcome(status.value, attempt.result_json, error)
-            ok = await self._written(self.store.finish(claim, outcome))
+            ok = await self._finish(claim, Outcome(status.value, attempt.result_json, error))
         if not ok:
             self.stale_rejected += 1
             log.warning(
@@ -677,6 +692,34 @@ class DurableRunner:
         if retry_at is not None:
             return False
         return job._finish(status, decode_json(attempt.result_json), exc)
+
+    async def _finish(self, claim: Claim, outcome: Outcome) -> bool:
+        # The outcomes of one loop turn go out in one write (one statement
+        # each), not one write each: a finish is most of a durable job's cost.
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._finishing.append((claim, outcome, waiter))
+        if len(self._finishing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_finishes)
+        return await asyncio.shield(waiter)
+
+    def _flush_finishes(self) -> None:
+        batch, self._finishing = self._finishing, []
+        if batch:
+            self._write(self._finish_all(batch))
+
+    async def _finish_all(self, batch: list[tuple[Claim, Outcome, asyncio.Future[bool]]]) -> None:
+        try:
+            done = await self.store.finish_many([(claim, outcome) for claim, outcome, _ in batch])
+        except BaseException as exc:
+            for _, _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, waiter), ok in zip(batch, done, strict=True):
+            if not waiter.done():
+                waiter.set_result(ok)
 
     def _log_outcome(
         self,
