@@ -1038,3 +1038,27 @@ async def test_a_forked_child_closing_its_copy_leaves_the_parents_socket_alone(
     assert exists(channel.path)
     await second.enqueue([job("a")])
     await woken.wait()
+
+
+async def test_claims_and_renewals_do_not_wait_for_the_disk_but_enqueues_do(
+    backend: SQLiteBackend,
+) -> None:
+    # FULL by default: an acknowledged enqueue (or outcome) is synced; a group
+    # of claims and renewals alone is committed as NORMAL (lost in a power cut,
+    # its jobs just run again), and the setting is put back after it.
+    assert backend.synchronous == "FULL"
+    statements = await traced(backend)
+    await backend.enqueue([JobRecord(id="j", queue="q", task="t")])
+    assert not any("synchronous" in s for s in statements)
+    claims = await backend.claim(["q"], "n1", 1, LONG)
+    await backend.renew(claims, LONG)
+    relaxed = [s for s in statements if "synchronous" in s]
+    assert relaxed == ["PRAGMA synchronous = NORMAL", "PRAGMA synchronous = FULL"] * 2
+    statements.clear()
+    assert await backend.finish(claims[0], Outcome("succeeded", "null"))
+    assert not any("synchronous" in s for s in statements)
+
+    def setting(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert await backend._read(setting) == 2  # FULL again
