@@ -782,10 +782,11 @@ class AsyncBG:
             return None
         st = self._state()
         job = st.history.get(job_id)
-        if job is not None or st.durable is None or st.loop_thread.in_loop_thread():
+        durable = st.durable
+        if durable is None or st.loop_thread.in_loop_thread() or _settled_here(job, durable):
             return job
         st.ensure_started()
-        return st.loop_thread.submit(st.durable.lookup(job_id)).result(st.durable.ack_timeout)
+        return st.loop_thread.submit(durable.lookup(job_id)).result(durable.ack_timeout)
 
     async def get_job_async(self, job_id: str) -> Job[Any] | None:
         """As :meth:`get_job`, from any event loop (the store too, on the loop thread).
@@ -796,12 +797,13 @@ class AsyncBG:
             return None
         st = self._state()
         job = st.history.get(job_id)
-        if job is not None or st.durable is None:
+        durable = st.durable
+        if durable is None or _settled_here(job, durable):
             return job
         st.ensure_started()
         if st.loop_thread.in_loop_thread():
-            return await st.durable.lookup(job_id)
-        return await asyncio.wrap_future(st.loop_thread.submit(st.durable.lookup(job_id)))
+            return await durable.lookup(job_id)
+        return await asyncio.wrap_future(st.loop_thread.submit(durable.lookup(job_id)))
 
     def get_queue(self, name: str) -> WorkQueue:
         """The :class:`WorkQueue` consumed under ``name``.
@@ -945,6 +947,12 @@ class _PinnedAsyncBG(AsyncBG):
 
     def _state(self) -> AppState:
         return self._pinned_state
+
+
+def _settled_here(job: Job[Any] | None, durable: DurableRunner) -> bool:
+    # A handle this process can answer for without the store: final, or a job
+    # that lives in memory only.
+    return job is not None and (job.done() or job._runner is not durable)
 
 
 def _run_on_a_private_loop(

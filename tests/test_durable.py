@@ -478,3 +478,45 @@ def test_a_stalled_owner_loses_its_claim_and_its_late_result_is_refused(
         assert job.result(WAIT) == "b"  # the store's outcome, not A's late one
         assert bg_a.state_for(app_a).durable.stale_rejected == 1  # type: ignore[union-attr]
     assert _rows(db)[job.id][:2] == ("succeeded", 2)  # the lost run counted as an attempt
+
+
+def test_get_job_where_it_was_submitted_sees_another_workers_outcome(
+    make_app: MakeApp, db: str
+) -> None:
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+    app_b, bg_b = _worker(make_app, db)
+    for bg in (bg_a, bg_b):
+
+        @bg.task(name="elsewhere")
+        def elsewhere() -> str:
+            return "done"
+
+    bg_a.start()
+    bg_b.start()
+    with app_a.app_context():
+        job = bg_a.tasks["elsewhere"].submit()
+    with app_b.app_context():
+        remote = bg_b.get_job(job.id)
+        assert remote is not None
+        assert remote.result(WAIT) == "done"
+    with app_a.app_context():
+        seen = bg_a.get_job(job.id)
+        assert seen is job  # the same handle, brought up to date from the store
+        assert seen.status is JobStatus.SUCCEEDED
+        assert seen.result(0) == "done"
+
+
+def test_the_jobs_endpoint_finds_a_client_made_id(make_app: MakeApp, db: str) -> None:
+    app, bg = _worker(make_app, db)
+
+    @bg.task
+    def once() -> str:
+        return "x"
+
+    bg.start()
+    job = once.using(job_id="order-17.v2:a_b").submit()
+    assert job.result(WAIT) == "x"
+    answer = app.test_client().get("/_asyncbg/jobs/order-17.v2:a_b")
+    assert answer.status_code == 200, answer.json
+    assert answer.json["id"] == "order-17.v2:a_b"
+    assert app.test_client().get("/_asyncbg/jobs/not%20an%20id").status_code == 404

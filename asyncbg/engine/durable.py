@@ -423,9 +423,14 @@ class DurableRunner:
         :raises BackendError: if the store failed.
         """
         job = self.history.get(job_id)
-        if job is not None:
-            return job
+        if job is not None and (job.done() or job._runner is not self or job_id in self._held):
+            return job  # final, in memory, or running here: the handle is up to date
         record = await self.store.get(job_id)
+        if job is not None:
+            # Ours, not running here: another process may have run it meanwhile.
+            if record is not None and job.apply_record(record):
+                self._stored_end(job)
+            return job
         if record is None:
             return None
         return Job.from_record(self, record, self._options_of(record))

@@ -58,7 +58,9 @@ log = logging.getLogger("asyncbg")
 
 View = Callable[..., "ResponseReturnValue"]
 
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
+# Generated ids are 32 hex digits; client-made ones (task.using(job_id=...))
+# are 1-128 letters, digits and "._:-" (engine/tasks.py check_key).
+_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _MAX_BODY = 64 * 1024
 _MAX_LIMIT = 500
