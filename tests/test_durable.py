@@ -317,7 +317,9 @@ def test_stop_releases_running_jobs_to_the_store(make_app: MakeApp, db: str) -> 
     report = bg_a.stop()
     assert report.released == 1
     assert report.cancelled == 0
+    assert report.abandoned == 0
     assert "1 released" in str(report)
+    assert not job.done()  # not "abandoned": the store has it, another worker runs it
     assert _rows(db)[job.id][:2] == ("pending", 0)  # handed back, attempt not counted
 
     app_b, bg_b = _worker(make_app, db)

@@ -253,7 +253,9 @@ class JobRunner:
         """
         settled = 0
         for job in self.history.jobs():
-            if job.done():
+            if job.done() or job._runner is not self:
+                # A durable job belongs to its store: released or queued there,
+                # it runs in another process; it is not abandoned.
                 continue
             error = JobCancelled(f"job {job.name} {job.id} was abandoned: {why}")
             if job._finish(JobStatus.CANCELLED, exc=error, count=from_loop):
