@@ -826,11 +826,8 @@ class DurableRunner:
         if job.done() or job.id in self._held:
             return
         if not records:
-            job._finish(
-                JobStatus.CANCELLED,
-                exc=_forgotten(job),
-                count=False,
-            )
+            if job._finish(JobStatus.CANCELLED, exc=_forgotten(job), count=False):
+                self._stored_end(job)
             return
         if job.apply_record(records[0]):
             self._stored_end(job)
