@@ -522,3 +522,23 @@ def test_the_jobs_endpoint_finds_a_client_made_id(make_app: MakeApp, db: str) ->
     assert answer.status_code == 200, answer.json
     assert answer.json["id"] == "order-17.v2:a_b"
     assert app.test_client().get("/_asyncbg/jobs/not%20an%20id").status_code == 404
+
+
+def test_a_failing_item_is_not_retried(make_app: MakeApp, db: str) -> None:
+    app, bg = _worker(make_app, db)
+    calls: list[Any] = []
+    done = threading.Event()
+
+    @bg.consumer("jobs")
+    async def handle(item: Any) -> None:
+        calls.append(item)
+        done.set()
+        raise ValueError("bad item")
+
+    bg.start()
+    with app.app_context():
+        bg.enqueue("jobs", "x", job_id="item-1")
+    assert done.wait(WAIT)
+    wait_for(lambda: _rows(db)["item-1"][0] == "failed", what="the item failed")
+    assert _rows(db)["item-1"][1] == 1  # one attempt: a handler's failure is final
+    assert calls == ["x"]

@@ -661,7 +661,9 @@ class DurableRunner:
                 return _Attempt(JobStatus.CANCELLED)
             raise
         except Exception as exc:
-            return _Attempt(JobStatus.FAILED, exc=exc)
+            # A consumer's failing item is logged and done with, as in memory;
+            # only a run that was lost (its process died) runs it again.
+            return _Attempt(JobStatus.FAILED, exc=exc, retry=held.queue is None)
         except (SystemExit, KeyboardInterrupt) as exc:
             # The code asked to stop: a failure, never retried (as in memory).
             return _Attempt(JobStatus.FAILED, exc=exc, retry=False)
@@ -940,9 +942,16 @@ def task_record(
     )
 
 
+#: Runs a durable item gets in all: a failure of its handler ends it at once
+#: (as in memory), but a run lost with its process counts as an attempt, so an
+#: item that kills its worker every time ends failed instead of looping.
+ITEM_ATTEMPTS = 3
+
+
 def item_record(queue: str, item: Any, job_id: str, key: str | None) -> JobRecord:
     """Return the record that stores ``item`` of the consumer of ``queue``
-    (an item is a job of its consumer, run once).
+    (an item is a job of its consumer: handled once, run again only if the
+    process running it died, up to :data:`ITEM_ATTEMPTS` runs).
 
     :raises TypeError: if the item is not JSON.
     """
@@ -954,6 +963,7 @@ def item_record(queue: str, item: Any, job_id: str, key: str | None) -> JobRecor
             {"args": [item], "kwargs": {}}, f"an item for the durable queue {queue!r}"
         ),
         key=key,
+        max_attempts=ITEM_ATTEMPTS,
     )
 
 
