@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import threading
@@ -51,6 +52,7 @@ import pytest
 from hypercorn_harness import WAIT, Server, WorkerConnections
 
 from asyncbg import JobStatus
+from asyncbg.backends._wake import wake_folder
 from tests.conftest import MakeApp
 
 APP = str(Path(__file__).resolve().parent / "apps" / "durable_app.py") + ":asgi_app"
@@ -394,6 +396,8 @@ class Servers:
             server.kill()
             # Kept with the test's files, for a look after a failure.
             (logs / f"server-{n}.log").write_text(server.output.text())
+        # The wake-up sockets the killed processes left (in the system's /tmp).
+        shutil.rmtree(wake_folder(str(logs / "jobs.db")), ignore_errors=True)
 
 
 @pytest.fixture
