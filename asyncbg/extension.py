@@ -450,8 +450,10 @@ class AsyncBG:
         ``every=`` fixed rate (run N at start + N * period), ``delay=`` fixed
         delay after each run ends, or ``cron=`` (5 fields, ``tz`` for its time
         zone). ``scope="host"`` runs it in one process per host at a time (a
-        file lock in ``ASYNCBG_LOCK_DIR``). ``jitter=`` adds up to that many
-        seconds at random to each start, ``run_at_start=True`` runs once at once,
+        file lock in ``ASYNCBG_LOCK_DIR``; with a durable backend, the store's
+        lease, and ``scope="cluster"`` too: one process among all that share it).
+        ``jitter=`` adds up to that many seconds at random to each start,
+        ``run_at_start=True`` runs once at once,
         ``timeout=`` cancels a run that takes longer (see :class:`Schedule`).
         Returns the :class:`PeriodicJob` of the first app (each app bound has its
         own, with its own statistics).

@@ -408,13 +408,26 @@ class AppState:
         self._running.callback(q.close)
 
     def start_periodic(self, pj: PeriodicJob) -> None:
-        """Begin ``pj``'s schedule on the loop (host scope: with its host lock)."""
-        lock = None
-        if pj.scope == "host":
-            app = self.require_app()
-            lock = HostLock(self.lock_dir, f"asyncbg-{app.import_name}-{pj.name}")
-        pj.start(self.loop_thread, context=self.app_context, lock=lock)
+        """Begin ``pj``'s schedule on the loop. Host and cluster scope: led
+        through the backend's lease when it is durable (given up after the
+        drain, before the backend closes), else host scope through its host lock.
+
+        :raises ValueError: for ``scope="cluster"`` with the memory backend.
+        """
+        from .engine.leadership import StoreLeader
+        from .engine.node import node_id
+
+        lock = leader = None
+        if pj.scope != "process":
+            name = f"asyncbg-{self.require_app().import_name}-{pj.name}"
+            if self.backend.durable:
+                leader = StoreLeader(self.backend, name, node_id())
+            elif pj.scope == "host":
+                lock = HostLock(self.lock_dir, name)
+        pj.start(self.loop_thread, context=self.app_context, lock=lock, leader=leader)
         self._running.callback(pj.stop)
+        if leader is not None:
+            self._components.push_async_callback(leader.release)
 
     def _on_stop(self) -> None:
         # On the loop, first thing at stop: no new runs, no new items handed

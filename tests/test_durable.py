@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -442,3 +443,38 @@ def test_finished_jobs_expire_and_the_file_stops_growing(make_app: MakeApp, db: 
         sizes.append(path.stat().st_size + Path(f"{path}-wal").stat().st_size)
     print("file + WAL bytes after each round of 1000 jobs:", sizes)
     assert max(sizes[2:]) <= sizes[1] * 1.25, sizes
+
+
+def test_a_stalled_owner_loses_its_claim_and_its_late_result_is_refused(
+    make_app: MakeApp, db: str
+) -> None:
+    # Worker A's loop is blocked past its lease (as SIGSTOP would do to the
+    # process); worker B takes the job over and finishes it; A's late result
+    # is refused by the token, and A's handle reports B's outcome.
+    app_a, bg_a = _worker(make_app, db, ASYNCBG_LEASE=1.0, ASYNCBG_MONITOR=False)
+    app_b, bg_b = _worker(make_app, db, ASYNCBG_LEASE=1.0)
+    started = Gate()
+
+    @bg_a.task(name="stall", retries=1, retry_backoff=0)
+    async def stall_a() -> str:
+        started.set()
+        time.sleep(2.5)  # noqa: ASYNC251 - the stall under test: the loop cannot renew
+        return "a"
+
+    @bg_b.task(name="stall", retries=1, retry_backoff=0)
+    async def stall_b() -> str:
+        return "b"
+
+    bg_a.start()
+    with app_a.app_context():
+        job = stall_a.submit()
+    assert started.wait()
+    bg_b.start()
+    with app_b.app_context():
+        remote = bg_b.get_job(job.id)
+        assert remote is not None
+        assert remote.result(WAIT) == "b"
+    with app_a.app_context():
+        assert job.result(WAIT) == "b"  # the store's outcome, not A's late one
+        assert bg_a.state_for(app_a).durable.stale_rejected == 1  # type: ignore[union-attr]
+    assert _rows(db)[job.id][:2] == ("succeeded", 2)  # the lost run counted as an attempt

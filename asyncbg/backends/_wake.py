@@ -124,7 +124,7 @@ class WakeChannel:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # pragma: no cover - nothing else is expected
-                log.debug("asyncbg: the wake-up socket %s: %s", self.path, exc)
+                log.debug("the wake-up socket %s: %s", self.path, exc)
                 break
             got += 1
         if got:
@@ -136,7 +136,7 @@ class WakeChannel:
         try:
             names = os.listdir(self.folder)
         except OSError as exc:
-            log.debug("asyncbg: cannot list the wake-up folder %s: %s", self.folder, exc)
+            log.debug("cannot list the wake-up folder %s: %s", self.folder, exc)
             return 0
         sent = 0
         for name in names:
@@ -153,7 +153,7 @@ class WakeChannel:
             except (FileNotFoundError, BlockingIOError):
                 pass  # gone meanwhile; or a full queue, which wakes its reader anyway
             except OSError as exc:
-                log.debug("asyncbg: cannot wake %s: %s", path, exc)
+                log.debug("cannot wake %s: %s", path, exc)
         return sent
 
     def fileno(self) -> int:
@@ -206,7 +206,7 @@ def _make_folder(folder: str) -> str | None:
 
 def _give_up(folder: str, reason: str) -> None:
     log.warning(
-        "asyncbg: no wake-ups between processes for this database, which will only "
+        "no wake-ups between processes for this database, which will only "
         "be polled: the wake-up folder %s: %s",
         folder,
         reason,

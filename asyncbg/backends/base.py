@@ -30,6 +30,7 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -138,6 +139,15 @@ class Backend(abc.ABC):
         no slot is None.
         """
 
+    def enqueue_from_thread(
+        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> concurrent.futures.Future[list[rec.JobRecord | None]] | None:
+        """Start :meth:`enqueue` from a thread other than the loop's, when the
+        backend has its own way in (SQLite: its writer thread); return a future
+        resolved after the commit, or None (the default) to have the engine go
+        through the loop. Same results and errors as :meth:`enqueue`."""
+        return None
+
     @abc.abstractmethod
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
@@ -152,6 +162,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def finish(self, claim: rec.Claim, outcome: rec.Outcome) -> bool:
         """Record the final outcome; False (nothing written) for a stale claim."""
+
+    async def finish_many(self, outcomes: Sequence[tuple[rec.Claim, rec.Outcome]]) -> list[bool]:
+        """:meth:`finish` for many claims at once (one commit where the engine
+        allows); for each, False for a stale claim. The default finishes them
+        one after the other."""
+        return [await self.finish(claim, outcome) for claim, outcome in outcomes]
 
     @abc.abstractmethod
     async def retry(self, claim: rec.Claim, run_at: float, error: str | None) -> bool:

@@ -82,6 +82,10 @@ class Store(Protocol):
         self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
     ) -> list[JobRecord | None]: ...
 
+    def enqueue_from_thread(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> concurrent.futures.Future[list[JobRecord | None]] | None: ...
+
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
     ) -> list[Claim]: ...
@@ -89,6 +93,8 @@ class Store(Protocol):
     async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult: ...
 
     async def finish(self, claim: Claim, outcome: Outcome) -> bool: ...
+
+    async def finish_many(self, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]: ...
 
     async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool: ...
 
@@ -199,6 +205,7 @@ class DurableRunner:
         self._writes: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
+        self._finishing: list[tuple[Claim, Outcome, asyncio.Future[bool]]] = []
         self._progress_dirty: set[str] = set()
         self._progress_timer: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -288,18 +295,7 @@ class DurableRunner:
         :raises NotRunning: if the loop is stopping.
         :raises BackendError: if the store failed or did not answer in time.
         """
-        self.loop_thread.check_not_loop_thread(
-            "a durable submit (it waits for the commit): await task.submit_async(...)"
-        )
-        job._runner = self
-        self.history.add(job)  # first: the claim may come before this thread wakes
-        waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
-        try:
-            self.loop_thread.post(self._stage, _Staged(record, job, waiter, None))
-        except NotRunning:
-            self.history.discard(job)
-            raise
-        return self._handle(job, self._acknowledged(waiter, record))
+        return self.submit_many([(job, record)])[0]
 
     def submit_many(self, pairs: Sequence[tuple[Job[Any], JobRecord]]) -> list[Job[Any]]:
         """As :meth:`submit` for many jobs at once: one commit for all of them
@@ -309,23 +305,41 @@ class DurableRunner:
         :raises NotRunning: if the loop is stopping (nothing is stored).
         :raises BackendError: if the store failed (nothing is stored).
         """
-        self.loop_thread.check_not_loop_thread("a durable submit_many (it waits for the commit)")
-        entries = []
-        for job, record in pairs:
+        self.loop_thread.check_not_loop_thread(
+            "a durable submit (it waits for the commit): await task.submit_async(...)"
+        )
+        for job, _ in pairs:
             job._runner = self
-            self.history.add(job)
-            entries.append(_Staged(record, job, concurrent.futures.Future(), None))
+            self.history.add(job)  # first: the claim may come before this thread wakes
         try:
-            self.loop_thread.post(self._stage_all, entries)
-        except NotRunning:
+            stored = self._store_from_thread([record for _, record in pairs], None)
+        except BaseException:
             for job, _ in pairs:
                 self.history.discard(job)
             raise
-        return [
-            self._handle(job, self._acknowledged(entry.waiter, record))
-            for (job, record), entry in zip(pairs, entries, strict=True)
-            if entry.waiter is not None
-        ]
+        return [self._handle(job, s) for (job, _), s in zip(pairs, stored, strict=True)]
+
+    def _store_from_thread(
+        self, records: list[JobRecord], limit: int | None
+    ) -> list[JobRecord | None]:
+        # Straight to the backend's own thread where it has one (two loop hops
+        # fewer), else staged on the loop for its next group commit.
+        lt = self.loop_thread
+        if not lt.running or lt.stopping:
+            raise NotRunning(f"{lt.name} is not running or is shutting down")
+        limits = None if limit is None else {records[0].queue: limit}
+        direct = self.store.enqueue_from_thread(records, limits=limits)
+        if direct is None:
+            entries = [_Staged(r, None, concurrent.futures.Future(), limit) for r in records]
+            lt.post(self._stage_all, entries)
+            return [self._acknowledged(e.waiter, e.record) for e in entries if e.waiter]
+        try:
+            stored = direct.result(self.ack_timeout)
+        except concurrent.futures.TimeoutError:
+            raise self._no_ack(records[0]) from None
+        with contextlib.suppress(NotRunning):
+            lt.post(self.wake)  # a claim, here too
+        return stored
 
     async def submit_async(self, job: Job[Any], record: JobRecord) -> Job[Any]:
         """As :meth:`submit`, awaited from any event loop (the loop's own included)."""
@@ -353,9 +367,7 @@ class DurableRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
         while True:
-            waiter: concurrent.futures.Future[JobRecord | None] = concurrent.futures.Future()
-            self.loop_thread.post(self._stage, _Staged(record, None, waiter, limit))
-            if self._acknowledged(waiter, record) is not None:
+            if self._store_from_thread([record], limit)[0] is not None:
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -385,10 +397,13 @@ class DurableRunner:
         try:
             return waiter.result(self.ack_timeout)
         except concurrent.futures.TimeoutError:
-            raise BackendError(
-                f"the store did not acknowledge job {record.task} {record.id} within "
-                f"{self.ack_timeout:g}s; it may or may not have been stored"
-            ) from None
+            raise self._no_ack(record) from None
+
+    def _no_ack(self, record: JobRecord) -> BackendError:
+        return BackendError(
+            f"the store did not acknowledge job {record.task} {record.id} within "
+            f"{self.ack_timeout:g}s; it may or may not have been stored"
+        )
 
     def _handle(self, job: Job[Any], stored: JobRecord | None) -> Job[Any]:
         if stored is None:  # pragma: no cover - only items carry a limit
@@ -582,6 +597,19 @@ class DurableRunner:
         finished = False
         try:
             finished = await self._settle(held, await self._attempt(held))
+        except Exception as exc:
+            # The store failed the outcome's write: the claim stays the store's,
+            # and the job runs again once its lease has run out.
+            self.runner.log_failure(
+                "durable outcome",
+                job.name,
+                exc,
+                "job %s %s: its outcome could not be stored (%s); it runs again once "
+                "its lease runs out",
+                job.name,
+                job.id,
+                describe_exception(exc),
+            )
         except asyncio.CancelledError:
             if held.why != "lost":  # stopping, or the loop going away: hand it back
                 self._to_release.append(claim)
@@ -648,8 +676,7 @@ class DurableRunner:
             retry_at = time.time() + job.options.backoff(claim.record.attempts)
             ok = await self._written(self.store.retry(claim, retry_at, error))
         else:
-            outcome = Outcome(status.value, attempt.result_json, error)
-            ok = await self._written(self.store.finish(claim, outcome))
+            ok = await self._finish(claim, Outcome(status.value, attempt.result_json, error))
         if not ok:
             self.stale_rejected += 1
             log.warning(
@@ -665,6 +692,34 @@ class DurableRunner:
         if retry_at is not None:
             return False
         return job._finish(status, decode_json(attempt.result_json), exc)
+
+    async def _finish(self, claim: Claim, outcome: Outcome) -> bool:
+        # The outcomes of one loop turn go out in one write (one statement
+        # each), not one write each: a finish is most of a durable job's cost.
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._finishing.append((claim, outcome, waiter))
+        if len(self._finishing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_finishes)
+        return await asyncio.shield(waiter)
+
+    def _flush_finishes(self) -> None:
+        batch, self._finishing = self._finishing, []
+        if batch:
+            self._write(self._finish_all(batch))
+
+    async def _finish_all(self, batch: list[tuple[Claim, Outcome, asyncio.Future[bool]]]) -> None:
+        try:
+            done = await self.store.finish_many([(claim, outcome) for claim, outcome, _ in batch])
+        except BaseException as exc:
+            for _, _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, waiter), ok in zip(batch, done, strict=True):
+            if not waiter.done():
+                waiter.set_result(ok)
 
     def _log_outcome(
         self,

@@ -40,6 +40,15 @@ class RateTrigger:
         self.n = 0 if run_at_start else 1
         return now + self.n * self.period
 
+    def realign(self, anchor: float, due: float) -> float:
+        """Move the schedule onto ``anchor + N * period`` (an anchor shared with
+        other processes, in this clock), N the period nearest to ``due`` (the
+        run armed now); return that run's due time, at most half a period
+        from ``due``."""
+        self.anchor = anchor
+        self.n = round((due - anchor) / self.period)
+        return anchor + self.n * self.period
+
     def next_due(self, now: float) -> tuple[float, int]:
         """The next run's due time after one fired, and how many whole periods
         before it were missed (the loop was busy at ``now``)."""

@@ -310,8 +310,13 @@ async def test_job_out_of_attempts_whose_lease_expired_ends_failed(backend: Back
     assert record.finished_at is not None
 
 
+async def _finish_many_one(backend: Backend, claim: Claim) -> bool:
+    return (await backend.finish_many([(claim, Outcome("succeeded", "1"))])) == [True]
+
+
 STALE_WRITES: dict[str, Callable[[Backend, Claim], Awaitable[bool]]] = {
     "finish": lambda b, c: b.finish(c, Outcome("succeeded", "1")),
+    "finish_many": _finish_many_one,
     "retry": lambda b, c: b.retry(c, time.time(), "late"),
     "progress": lambda b, c: b.progress(c, 1, 2, "late"),
     "release": lambda b, c: _release_one(b, c),
@@ -618,3 +623,26 @@ async def test_heartbeats_list_the_nodes_newest_first(backend: Backend) -> None:
     nodes = await backend.nodes()
     assert [(n.id, n.running) for n in nodes] == [("a", 5), ("b", 2)]
     assert nodes[0].last_seen > nodes[1].last_seen > 0
+
+
+async def test_finish_many_records_each_outcome_and_refuses_only_the_stale(
+    backend: Backend,
+) -> None:
+    await put(backend, [job("a"), job("b"), job("c")])
+    claims = await backend.claim(["q"], "n1", 3, LONG)
+    assert [c.id for c in claims] == ["a", "b", "c"]
+    a, b, c = claims
+    forged = Claim(b.id, "intruder", b.token, b.record)
+    done = await backend.finish_many(
+        [
+            (a, Outcome("succeeded", '"A"')),
+            (forged, Outcome("succeeded", '"B"')),
+            (c, Outcome("failed", error="boom")),
+        ]
+    )
+    assert done == [True, False, True]
+    records = {r.id: r for r in [await backend.get(i) for i in "abc"] if r is not None}
+    assert (records["a"].status, records["a"].result_json) == ("succeeded", '"A"')
+    assert records["b"].status == "running"
+    assert (records["c"].status, records["c"].error) == ("failed", "boom")
+    assert await backend.finish_many([]) == []
