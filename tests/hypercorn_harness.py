@@ -10,6 +10,7 @@ Everything waits on the process's output or on HTTP answers, with deadlines.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -243,6 +244,99 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(WAIT)
         self.output.join()
+
+
+class WorkerConnections:
+    """Keep-alive connections pinned to chosen workers of a ``workers >= 1`` server.
+
+    Hypercorn's workers share one listening socket: the kernel hands each new
+    connection to one worker, which serves every request on it. Connections are
+    opened until one lands on the worker wanted (``GET whoami_path`` answers
+    ``{"pid": ...}``); the others are kept for their own workers. A connection
+    the server closes (Hypercorn ends one after ``keep_alive_max_requests``) is
+    replaced the same way.
+    """
+
+    def __init__(self, server: Server, whoami_path: str = "/whoami", attempts: int = 400) -> None:
+        self.server = server
+        self.whoami_path = whoami_path
+        self.attempts = attempts
+        self._idle: dict[int, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self) -> tuple[int, http.client.HTTPConnection]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=WAIT)
+        conn.request("GET", self.whoami_path)
+        resp = conn.getresponse()
+        pid = int(json.loads(resp.read())["pid"])
+        return pid, conn
+
+    def checkout(self, pid: int) -> http.client.HTTPConnection:
+        """A connection served by the worker ``pid`` (for one thread at a time).
+
+        :raises AssertionError: if no new connection landed on it in ``attempts`` tries.
+        """
+        with self._lock:
+            idle = self._idle.get(pid)
+            if idle:
+                return idle.pop()
+        for _ in range(self.attempts):
+            got, conn = self._open()
+            if got == pid:
+                return conn
+            with self._lock:
+                spare = self._idle.setdefault(got, [])
+                if len(spare) < 2:
+                    spare.append(conn)
+                    continue
+            conn.close()
+        raise AssertionError(f"no connection landed on worker {pid} in {self.attempts} tries")
+
+    def checkin(self, pid: int, conn: http.client.HTTPConnection) -> None:
+        """Give back a connection taken with :meth:`checkout`."""
+        with self._lock:
+            self._idle.setdefault(pid, []).append(conn)
+
+    def get(self, pid: int, path: str) -> Reply:
+        """``GET path`` served by the worker ``pid``."""
+        return self.request(pid, "GET", path)
+
+    def request(self, pid: int, method: str, path: str, json_body: Any = None) -> Reply:
+        """One request served by the worker ``pid``. A kept connection the server
+        has closed meanwhile (idle past its keep-alive timeout, or at its request
+        limit) is dropped with the others kept for ``pid``, and the request is
+        sent once more on a new one."""
+        body = None if json_body is None else json.dumps(json_body).encode()
+        sent = {} if body is None else {"Content-Type": "application/json"}
+        for last in (False, True):
+            conn = self.checkout(pid)
+            try:
+                conn.request(method, path, body=body, headers=sent)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine):
+                conn.close()
+                if last:
+                    raise
+                with self._lock:
+                    stale = self._idle.pop(pid, [])
+                for old in stale:
+                    old.close()
+                continue
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.will_close:
+                conn.close()
+            else:
+                self.checkin(pid, conn)
+            return Reply(resp.status, headers, json.loads(raw) if raw else None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for conn in conns:
+                    conn.close()
+            self._idle.clear()
 
 
 @contextlib.contextmanager
