@@ -546,6 +546,11 @@ class AsyncBG:
 
     # -- handing work over ----------------------------------------------------------
 
+    def _route(self, task: Task[Any, Any]) -> tuple[AppState, DurableRunner | None]:
+        # The app's state, and its durable runner if this task's jobs are stored.
+        st = self._state()
+        return st, (st.durable if task.options.durable is not False else None)
+
     def _submit_task(
         self,
         task: Task[Any, T],
@@ -553,23 +558,17 @@ class AsyncBG:
         kwargs: dict[str, Any],
         how: SubmitSettings = _PLAIN,
     ) -> Job[T]:
-        st = self._state()
-        durable = st.durable if task.options.durable is not False else None
+        st, durable = self._route(task)
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
-        job, record = self._stored_job(st, task, args, kwargs, how)
-        st.ensure_started()
-        return durable.submit(job, record)
+        return durable.submit(*self._stored_job(st, task, args, kwargs, how))
 
     def _submit_many(self, task: Task[Any, T], calls: list[tuple[Any, ...]]) -> list[Job[T]]:
-        st = self._state()
-        durable = st.durable if task.options.durable is not False else None
+        st, durable = self._route(task)
         if durable is None:
             jobs = [st.runner.create_for(task, args, {}) for args in calls]  # all checked first
             return [st.dispatch(job) for job in jobs]
-        pairs = [self._stored_job(st, task, args, {}, _PLAIN) for args in calls]
-        st.ensure_started()
-        return durable.submit_many(pairs)
+        return durable.submit_many([self._stored_job(st, task, args, {}, _PLAIN) for args in calls])
 
     async def _submit_task_async(
         self,
@@ -578,13 +577,10 @@ class AsyncBG:
         kwargs: dict[str, Any],
         how: SubmitSettings = _PLAIN,
     ) -> Job[T]:
-        st = self._state()
-        durable = st.durable if task.options.durable is not False else None
+        st, durable = self._route(task)
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
-        job, record = self._stored_job(st, task, args, kwargs, how)
-        st.ensure_started()
-        return await durable.submit_async(job, record)
+        return await durable.submit_async(*self._stored_job(st, task, args, kwargs, how))
 
     @staticmethod
     def _stored_job(
@@ -594,21 +590,14 @@ class AsyncBG:
         kwargs: dict[str, Any],
         how: SubmitSettings,
     ) -> tuple[Job[T], JobRecord]:
-        # The handle and the record that stores it (arguments checked twice:
-        # against the signature, and as JSON).
-        task.check_arguments(args, kwargs)
-        job: Job[T] = st.runner.create(
-            task.fn,
-            args,
-            kwargs,
-            name=task.name,
-            options=task.options,
-            is_async=task.is_async,
-            check_args=False,
-        )
+        # The handle and the record that stores it (the arguments checked
+        # against the signature, then as JSON by the record); the loop started.
+        job = st.runner.create_for(task, args, kwargs, check_json=False)
         if how.job_id is not None:
             job.id = how.job_id
-        return job, task_record(task, job, args, kwargs, how.key)
+        record = task_record(task, job, args, kwargs, how.key)
+        st.ensure_started()
+        return job, record
 
     # Task first: it is callable too, but its __call__ does not say whether it
     # is async. Then async functions before plain ones, as for task().

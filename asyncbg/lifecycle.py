@@ -33,7 +33,7 @@ from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
 from .engine.periodic import PeriodicJob
-from .engine.records import encode_json
+from .engine.records import JobRecord, encode_json
 from .engine.runner import JobRunner
 from .engine.stats import JobStats
 from .errors import NotRunning, UnknownQueue
@@ -263,6 +263,21 @@ class AppState:
         """The durable runner that stores ``q``'s items, or None (kept in memory)."""
         return self.durable if q.durable is not False else None
 
+    def _item(
+        self, queue: str, item: Any, key: str | None, job_id: str | None
+    ) -> tuple[WorkQueue, tuple[DurableRunner, JobRecord] | None]:
+        # The queue, and (for a durable one) its runner and the item's record;
+        # the item checked as JSON where it will be stored; the loop started.
+        q = self.get_queue(queue)
+        durable = self.stored_queue(q)
+        stored = None
+        if durable is not None:
+            stored = (durable, item_record(q.name, item, job_id or _new_job_id(), key))
+        elif q.durable:  # stored as JSON: say so now, not later
+            encode_json(item, f"an item for the durable queue {q.name!r}")
+        self.ensure_started()
+        return q, stored
+
     def enqueue(
         self,
         queue: str,
@@ -272,16 +287,10 @@ class AppState:
         job_id: str | None = None,
     ) -> None:
         """See :meth:`AsyncBG.enqueue <asyncbg.AsyncBG.enqueue>`."""
-        q = self.get_queue(queue)
-        durable = self.stored_queue(q)
-        if durable is not None:
-            record = item_record(q.name, item, job_id or _new_job_id(), key)
-            self.ensure_started()
-            durable.put(record, q.maxsize, timeout)
+        q, stored = self._item(queue, item, key, job_id)
+        if stored is not None:
+            stored[0].put(stored[1], q.maxsize, timeout)
             return
-        if q.durable:  # stored as JSON: say so now, not later
-            encode_json(item, f"an item for the durable queue {q.name!r}")
-        self.ensure_started()
         if self.eager and not self.loop_thread.in_loop_thread():
             self.loop_thread.run_sync(q.handle(item, propagate=True), context=None)
             return
@@ -296,16 +305,10 @@ class AppState:
         job_id: str | None = None,
     ) -> None:
         """See :meth:`AsyncBG.enqueue_async <asyncbg.AsyncBG.enqueue_async>`."""
-        q = self.get_queue(queue)
-        durable = self.stored_queue(q)
-        if durable is not None:
-            record = item_record(q.name, item, job_id or _new_job_id(), key)
-            self.ensure_started()
-            await durable.put_async(record, q.maxsize, timeout)
+        q, stored = self._item(queue, item, key, job_id)
+        if stored is not None:
+            await stored[0].put_async(stored[1], q.maxsize, timeout)
             return
-        if q.durable:  # stored as JSON: say so now, not later
-            encode_json(item, f"an item for the durable queue {q.name!r}")
-        self.ensure_started()
         if self.eager:
             await self.loop_thread.run(q.handle(item, propagate=True))
             return

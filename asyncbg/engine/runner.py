@@ -154,15 +154,21 @@ class JobRunner:
         return Job(self, fn, args, kwargs, name, options, is_async)
 
     def create_for(
-        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        check_json: bool = True,
     ) -> Job[Any]:
         """Make a job of ``task`` with its options, after checking the arguments
-        (against the signature, and as JSON when the task is durable).
+        (against the signature, and as JSON when the task is durable, unless
+        ``check_json`` is False: the caller encodes them itself).
 
         :raises TypeError: if the arguments do not fit, or a durable task's are not JSON.
         """
         task.check_arguments(args, kwargs)
-        if task.options.durable:
+        if check_json and task.options.durable:
             encode_arguments(args, kwargs, task.name)  # a clear TypeError now, not at the store
         return self.create(
             task.fn,
