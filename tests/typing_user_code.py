@@ -96,6 +96,12 @@ def jobs_from_a_sync_view() -> None:
     # Looked up by id: the result type is not known.
     assert_type(bg.get_job("0" * 32), Job[Any] | None)
 
+    # Durable-work calls keep the types too.
+    assert_type(send_email.using(key="welcome-42").submit("a@b.c", "hi"), Job[str])
+    assert_type(resize.using(job_id="img-7").submit("a.png").result(), int)
+    assert_type(resize.submit_many([("a.png",), ("b.png",)]), list[Job[int]])
+    bg.enqueue("mail", {"to": "a@b.c"}, job_id="mail-1", key="welcome")
+
 
 async def jobs_from_an_async_view() -> None:
     job = send_email.submit("a@b.c", "hi")
@@ -111,6 +117,9 @@ async def jobs_from_an_async_view() -> None:
     assert_type(await bg.run(plain_async, count=3, label="x"), list[str])
     assert_type(await bg.run(plain_sync, 3), float)
     assert_type(await bg.run(plain_async(1)), list[str])
+    assert_type(await send_email.submit_async("a@b.c", "hi"), Job[str])
+    assert_type(await resize.using(key="k").submit_async("a.png"), Job[int])
+    assert_type(await bg.get_job_async("0" * 32), Job[Any] | None)
 
 
 def decorators_keep_the_function() -> None:
