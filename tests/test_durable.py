@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from asyncbg import AsyncBG, JobFailed, JobStatus, QueueFull, current_job
+from asyncbg import AsyncBG, BackendError, JobFailed, JobStatus, QueueFull, current_job
 from tests.conftest import MakeApp
 from tests.helpers_core import WAIT, Gate, wait_for
 
@@ -542,3 +542,36 @@ def test_a_failing_item_is_not_retried(make_app: MakeApp, db: str) -> None:
     wait_for(lambda: _rows(db)["item-1"][0] == "failed", what="the item failed")
     assert _rows(db)["item-1"][1] == 1  # one attempt: a handler's failure is final
     assert calls == ["x"]
+
+
+def test_a_full_disk_fails_the_submit_with_a_clear_error_and_stores_nothing(
+    make_app: MakeApp, db: str
+) -> None:
+    # SQLite's answer to a full disk (SQLITE_FULL), made by capping the file at
+    # the pages it has: the submit raises BackendError saying so, nothing is
+    # half-stored, and once there is room again submits work.
+    app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
+
+    @bg.task
+    def fill(blob: str) -> None:
+        pass
+
+    bg.start()
+    fill.submit("warm-up")  # the schema and a first page exist
+    backend = bg.state_for(app).backend
+
+    def cap(conn: sqlite3.Connection) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    def uncap(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA max_page_count = 1073741823")
+
+    before = set(_rows(db))
+    bg.loop_thread.submit(backend._run(lambda: cap(backend._connection()))).result(WAIT)
+    with pytest.raises(BackendError, match="full"):
+        fill.submit("x" * 200_000)
+    assert set(_rows(db)) == before
+    bg.loop_thread.submit(backend._run(lambda: uncap(backend._connection()))).result(WAIT)
+    job = fill.submit("x" * 200_000)
+    assert job.id in _rows(db)
