@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,6 +12,7 @@ import pytest
 from flask import Flask
 
 from asyncbg import AsyncBG, LoopThread
+from asyncbg.backends._wake import wake_root
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -57,3 +61,28 @@ def make_lt() -> Iterator[Callable[..., LoopThread]]:
     yield make
     for lt in made:
         lt.stop(timeout=1.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_wake_folders_left_behind() -> Iterator[None]:
+    """Remove the SQLite wake-up folders this session made whose every socket
+    belongs to a dead process: the failure tests kill servers with ``kill -9``,
+    which cannot clean up, and their databases (in tmp_path) are gone."""
+    pattern = os.path.join(wake_root(), "asyncbg-wake-*")
+    before = set(glob.glob(pattern))
+    yield
+    for folder in set(glob.glob(pattern)) - before:
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        pids = [int(n.split("-", 1)[0]) for n in names if n.split("-", 1)[0].isdigit()]
+        if len(pids) == len(names) and not any(_alive(pid) for pid in pids):
+            shutil.rmtree(folder, ignore_errors=True)
