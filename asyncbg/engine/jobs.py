@@ -268,6 +268,7 @@ class Job(Generic[T]):
         job._task = None
         job._cancel_requested = record.cancel_requested
         job._callbacks = ()
+        job.progress = None
         job.apply_record(record)
         return job
 
@@ -282,8 +283,6 @@ class Job(Generic[T]):
             self.progress = Progress(
                 record.progress_done, record.progress_total, record.progress_message
             )
-        elif not hasattr(self, "progress"):
-            self.progress = None
         if not record.final:
             self.status = JobStatus(record.status)
             self.finished_at = None

@@ -269,24 +269,21 @@ class JobRunner:
         return settled
 
     def left_without_outcome(self) -> None:
-        """An active job stopped running here without a final status (a durable
-        job handed back to its store); loop thread only."""
+        """An active job stopped running here (also without a final status: a
+        durable job handed back to its store); loop thread only."""
         self.active -= 1
         if not self.active:
             for idle in self._idle_hooks:
                 idle()
 
     def _finished(self, job: Job[Any]) -> None:
-        self.active -= 1
         self.history.finished(job)
         for hook in self.finish_hooks:
             try:
                 hook(job)
             except Exception:
                 log.exception("job finish hook %r failed", hook)
-        if not self.active:
-            for idle in self._idle_hooks:
-                idle()
+        self.left_without_outcome()  # the accounting every end of a run shares
 
     async def _execute(self, job: Job[Any]) -> None:
         # Once per job: the success path stays a straight line (no extra awaits

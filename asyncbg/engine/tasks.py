@@ -30,6 +30,7 @@ __all__ = [
     "check_key",
     "deprecated",
     "is_async_callable",
+    "is_key",
 ]
 
 T = TypeVar("T")
@@ -184,6 +185,12 @@ class Task(Generic[P, T]):
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 
 
+def is_key(value: str) -> bool:
+    """True if ``value`` can be an idempotency key or a job id (generated ids,
+    32 hex digits, are too): 1 to 128 letters, digits and ``._:-``."""
+    return 0 < len(value) <= 128 and _KEY_CHARS.issuperset(value)
+
+
 def check_key(value: str | None, what: str) -> str | None:
     """Return an idempotency key or a client-made job id, checked.
 
@@ -195,7 +202,7 @@ def check_key(value: str | None, what: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string, not {type(value).__name__}")
-    if not 0 < len(value) <= 128 or not _KEY_CHARS.issuperset(value):
+    if not is_key(value):
         raise ValueError(f"{what} must be 1 to 128 letters, digits or '._:-', not {value[:140]!r}")
     return value
 

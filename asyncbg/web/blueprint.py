@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEnti
 
 from ..engine.jobs import JobStatus
 from ..engine.records import CancelResult, JobQuery, JobRecord
+from ..engine.tasks import is_key
 from ..engine.view import StateView
 from ..errors import BackendError, NotRunning
 from .access import (
@@ -58,9 +58,6 @@ log = logging.getLogger("asyncbg")
 
 View = Callable[..., "ResponseReturnValue"]
 
-# Generated ids are 32 hex digits; client-made ones (task.using(job_id=...))
-# are 1-128 letters, digits and "._:-" (engine/tasks.py check_key).
-_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _MAX_BODY = 64 * 1024
 _MAX_LIMIT = 500
@@ -142,7 +139,7 @@ def _job_json(record: JobRecord) -> dict[str, Any]:
 
 
 def _find_job(view: StateView, job_id: str) -> JobRecord:
-    record = view.get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
+    record = view.get_job(job_id) if is_key(job_id) else None
     if record is None:
         raise NotFound(f"no job with id {job_id!r} (unknown, malformed or forgotten)")
     return record
