@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from flask import Flask
 
 from asyncbg import AsyncBG, LoopThread
 from asyncbg.backends._wake import wake_root
+from tests.servers import PostgresServer
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -86,3 +88,21 @@ def _no_wake_folders_left_behind() -> Iterator[None]:
         pids = [int(n.split("-", 1)[0]) for n in names if n.split("-", 1)[0].isdigit()]
         if len(pids) == len(names) and not any(_alive(pid) for pid in pids):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL for the session (``tests/servers.py``): started
+    on a free loopback port as the first test asks for it, stopped by PID at
+    the end. Tests keep apart by schema (:func:`pg_schema`) or database."""
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    """A schema name no other test uses (the backend creates it)."""
+    return f"t_{uuid.uuid4().hex[:12]}"

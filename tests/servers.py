@@ -1,0 +1,270 @@
+"""Throw-away database servers for the tests and benchmarks, started on free
+loopback ports with their data in a temporary folder and stopped by PID.
+
+PostgreSQL: Debian keeps ``initdb`` and ``postgres`` off the PATH, in
+PostgreSQL's versioned folder under ``/usr/lib/postgresql``; they refuse to run
+as root, so as root the server runs as the ``postgres`` user (which the Debian
+package creates) with a folder that user owns. ``ASYNCBG_TEST_PG_BIN`` names
+another folder of binaries. Authentication is ``trust`` on loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+__all__ = ["PostgresServer", "free_port", "postgres_bin"]
+
+_START_WITHIN = 30.0
+_STOP_WITHIN = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def postgres_bin() -> Path | None:
+    """Return the folder holding ``initdb`` and ``postgres``, or None."""
+    named = os.environ.get("ASYNCBG_TEST_PG_BIN")
+    if named:
+        return Path(named)
+    found = shutil.which("initdb")
+    if found:  # a link on the PATH to the versioned folder, which has them all
+        return Path(found).resolve().parent
+    folders = glob.glob("/usr/lib/postgresql/*/bin")
+    folders.sort(key=lambda f: int(Path(f).parent.name) if Path(f).parent.name.isdigit() else 0)
+    for folder in reversed(folders):
+        if (Path(folder) / "initdb").exists():
+            return Path(folder)
+    return None
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in a temporary folder, run as a child process.
+
+    ``start()`` initialises it once and starts it; ``stop(mode)`` sends the
+    shutdown signal for ``"smart"``, ``"fast"`` or ``"immediate"`` to the
+    postmaster's PID and waits for it; ``restart(mode)`` does both, on the
+    same port and data. ``listen`` is the addresses to listen on (loopback
+    by default; a network namespace's address for the partition tests).
+    """
+
+    _SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        listen: Sequence[str] = ("127.0.0.1",),
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        found = postgres_bin()
+        if found is None:
+            raise RuntimeError(
+                "PostgreSQL's initdb was not found (looked in ASYNCBG_TEST_PG_BIN, the PATH "
+                "and /usr/lib/postgresql/*/bin): install Debian's postgresql package"
+            )
+        self.bin = found
+        self.port = port or free_port()
+        self.listen = tuple(listen)
+        self.settings = dict(settings or {})
+        self.root = Path(tempfile.mkdtemp(prefix="asyncbg-pg-"))
+        self.data = self.root / "data"
+        self.log_path = self.root / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = "postgres"
+            entry = pwd.getpwnam(self._user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        self._initdb()
+
+    # -- addresses -------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.listen[0]
+
+    def url(self, database: str = "postgres", host: str | None = None) -> str:
+        """A ``postgresql://`` URL for ``database`` as the superuser ``asyncbg``."""
+        return f"postgresql://asyncbg@{host or self.host}:{self.port}/{database}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _run(self, args: list[str]) -> None:
+        done = subprocess.run(
+            args, user=self._user, capture_output=True, timeout=120, cwd=self.root, check=False
+        )
+        if done.returncode:
+            raise RuntimeError(
+                f"{args[0]} failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
+            )
+
+    def _initdb(self) -> None:
+        self._run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "asyncbg",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
+
+    def start(self) -> PostgresServer:
+        """Start the server and wait (bounded) until it accepts connections.
+
+        :raises RuntimeError: when it exits or is not ready in time (with its log).
+        """
+        if self.pid is not None:
+            return self
+        options = {
+            "listen_addresses": ",".join(self.listen),
+            "port": str(self.port),
+            "unix_socket_directories": str(self.root),
+            "max_connections": "200",
+            "fsync": "on",
+            "synchronous_commit": "on",
+            **self.settings,
+        }
+        args = [str(self.bin / "postgres"), "-D", str(self.data)]
+        for name, value in options.items():
+            args += ["-c", f"{name}={value}"]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            args, user=self._user, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
+        )
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_WITHIN
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.process.returncode}):\n{self.log()}")
+            if self._accepts():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"postgres not ready within {_START_WITHIN} s:\n{self.log()}")
+
+    def _accepts(self) -> bool:
+        # The postmaster writes "ready" as the last line of its pid file once
+        # it accepts connections (the status PostgreSQL's own pg_ctl -w reads).
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except (FileNotFoundError, PermissionError):
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server by signalling its PID; wait (bounded) until it is gone."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(self._SIGNALS[mode])
+        try:
+            process.wait(timeout=_STOP_WITHIN)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=_STOP_WITHIN)
+
+    def kill(self) -> None:
+        """kill -9 the postmaster (its children notice and exit)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=_STOP_WITHIN)
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop with ``mode`` and start again on the same port and data."""
+        self.stop(mode)
+        self.process = None
+        deadline = time.monotonic() + _START_WITHIN
+        while True:  # an immediate stop can leave the old children for a moment
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                self.process = None
+                time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its folder."""
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    # -- helpers ---------------------------------------------------------------
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` (via psql on the server's socket); return its URL."""
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run ``sql`` with psql over the Unix socket; return what it printed."""
+        done = subprocess.run(
+            [
+                str(self.bin / "psql"),
+                "-h",
+                str(self.root),
+                "-p",
+                str(self.port),
+                "-U",
+                "asyncbg",
+                "-d",
+                database,
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            user=self._user,
+        )
+        if done.returncode:
+            raise RuntimeError(f"psql failed: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode()
+
+
+@contextlib.contextmanager
+def postgres(**kwargs: object) -> Iterator[PostgresServer]:
+    """A started :class:`PostgresServer`, cleaned up on exit."""
+    server = PostgresServer(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
