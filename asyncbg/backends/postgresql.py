@@ -348,6 +348,70 @@ def _columns(records: Sequence[JobRecord]) -> list[list[Any]]:
     return [[getattr(r, name) for r in records] for name in _FIELDS]
 
 
+def _first_stored(records: Sequence[JobRecord], stored: set[str]) -> dict[str, JobRecord]:
+    # The record stored for each id: the first of the batch with it.
+    first: dict[str, JobRecord] = {}
+    for record in records:
+        if record.id in stored:
+            first.setdefault(record.id, record)
+    return first
+
+
+def _missing(records: Sequence[JobRecord], stored: set[str]) -> list[JobRecord]:
+    # The records an insert did not store: each gets what is there instead.
+    first = _first_stored(records, stored)
+    return [r for r in records if first.get(r.id) is not r]
+
+
+def _answer(
+    records: Sequence[JobRecord], stored: set[str], known: Sequence[JobRecord]
+) -> list[JobRecord | None]:
+    """Each record that was stored is itself; each other one gets the stored
+    record with its id, or the active one with its key (an earlier record of
+    the same batch included)."""
+    first = _first_stored(records, stored)
+    keys: dict[str, JobRecord] = {}
+    for record in first.values():
+        if record.key is not None:
+            keys.setdefault(record.key, record)
+    by_id = {r.id: r for r in known}
+    by_key = {r.key: r for r in known if r.key is not None and not r.final}
+    answer: list[JobRecord | None] = []
+    for record in records:
+        if first.get(record.id) is record:
+            answer.append(record)
+            continue
+        found = first.get(record.id) or by_id.get(record.id)
+        if found is None and record.key is not None:
+            found = keys.get(record.key) or by_key.get(record.key)
+        if found is None:  # pragma: no cover - only the id and the key are unique
+            raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
+        answer.append(found)
+    return answer
+
+
+def _dbapi_cursor(connection: object) -> Any:
+    """A DB-API cursor on the caller's connection: psycopg's own, or the one
+    under a SQLAlchemy ``Session`` or ``Connection``."""
+    if isinstance(connection, psycopg.AsyncConnection):
+        raise TypeError(
+            "using(connection=...) got a psycopg AsyncConnection: await task.using(...)"
+            ".submit_async(...) with it"
+        )
+    if isinstance(connection, psycopg.Connection):
+        return connection.cursor()
+    target: Any = connection
+    if callable(getattr(target, "connection", None)) and hasattr(target, "commit"):
+        target = target.connection()  # a SQLAlchemy Session: its Connection
+    proxied = getattr(target, "connection", None)
+    if proxied is not None and hasattr(target, "exec_driver_sql"):
+        return proxied.cursor()  # a SQLAlchemy Connection: the DB-API connection under it
+    raise TypeError(
+        f"using(connection=...) takes a psycopg Connection, or a SQLAlchemy Session or "
+        f"Connection on the backend's database, not {type(connection).__name__}"
+    )
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0] if "\n" in text else text
@@ -690,51 +754,95 @@ class PostgresBackend(Backend):
             )
         return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records))
 
+    def _insert_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
+        return (*_columns(records), self._sql.channel)
+
+    def _existing_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
+        return ([r.id for r in records], [r.key for r in records if r.key is not None])
+
     async def _insert(self, conn: Any, records: Sequence[JobRecord]) -> set[str]:
-        cursor = await conn.execute(self._sql.insert, (*_columns(records), self._sql.channel))
+        cursor = await conn.execute(self._sql.insert, self._insert_params(records))
         return {row[0] for row in await cursor.fetchall()}
 
     async def _existing(self, conn: Any, records: Sequence[JobRecord]) -> list[JobRecord]:
-        cursor = await conn.execute(
-            self._sql.existing,
-            ([r.id for r in records], [r.key for r in records if r.key is not None]),
-        )
+        cursor = await conn.execute(self._sql.existing, self._existing_params(records))
         return [_record(row) for row in await cursor.fetchall()]
 
     async def _enqueue_free(
         self, conn: Any, records: Sequence[JobRecord]
     ) -> list[JobRecord | None]:
         stored = await self._insert(conn, records)
-        return await self._answer(conn, records, stored)
+        missing = _missing(records, stored)
+        known = await self._existing(conn, missing) if missing else []
+        return list(_answer(records, stored, known))
 
-    async def _answer(
-        self, conn: Any, records: Sequence[JobRecord], stored: set[str]
-    ) -> list[JobRecord | None]:
-        # Each record that was stored is itself; the others get what is there.
-        # A record of the batch whose id or key an earlier one took counts too.
-        first: dict[str, JobRecord] = {}
-        keys: dict[str, JobRecord] = {}
+    def enqueue_in(self, connection: object, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """Write ``records`` in the caller's open transaction on ``connection``,
+        in the caller's thread, without committing: a psycopg ``Connection``,
+        a SQLAlchemy ``Session`` (Flask-SQLAlchemy's ``db.session``) or
+        ``Connection`` on this database (psycopg or psycopg2 underneath). The
+        ``work`` notification is sent at the caller's commit, as PostgreSQL
+        delivers notifications; a rollback leaves no job and wakes nobody.
+        The tables are this backend's schema, whatever the connection's
+        ``search_path``.
+
+        :raises TypeError: for another kind of connection (an async one: use
+            ``submit_async``), naming what is accepted.
+        :raises ValueError: when a record is not ``pending``.
+        :raises BackendError: for a database error (the caller's transaction
+            is then aborted: the caller rolls it back).
+        """
         for record in records:
-            if record.id in stored and record.id not in first:
-                first[record.id] = record
-                if record.key is not None:
-                    keys.setdefault(record.key, record)
-        missing = [r for r in records if first.get(r.id) is not r]
-        known: list[JobRecord] = await self._existing(conn, missing) if missing else []
-        by_id = {r.id: r for r in known}
-        by_key = {r.key: r for r in known if r.key is not None and not r.final}
-        answer: list[JobRecord | None] = []
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        cursor = _dbapi_cursor(connection)
+        try:
+            cursor.execute(self._sql.insert, self._insert_params(records))
+            stored = {row[0] for row in cursor.fetchall()}
+            missing = _missing(records, stored)
+            known: list[JobRecord] = []
+            if missing:
+                cursor.execute(self._sql.existing, self._existing_params(missing))
+                known = [_record(row) for row in cursor.fetchall()]
+        except Exception as exc:
+            if type(exc).__module__.partition(".")[0] not in ("psycopg", "psycopg2"):
+                raise
+            raise BackendError(
+                f"PostgreSQL: writing the job in your transaction failed: {_describe(exc)}"
+            ) from exc
+        finally:
+            cursor.close()
+        return [r for r in _answer(records, stored, known) if r is not None]
+
+    async def enqueue_in_async(
+        self, connection: object, records: Sequence[JobRecord]
+    ) -> list[JobRecord]:
+        """As :meth:`enqueue_in`, on a psycopg ``AsyncConnection`` in the
+        caller's transaction (on any event loop).
+
+        :raises TypeError: for another kind of connection.
+        :raises ValueError: when a record is not ``pending``.
+        :raises BackendError: for a database error.
+        """
+        if not isinstance(connection, psycopg.AsyncConnection):
+            if isinstance(connection, psycopg.Connection) or hasattr(connection, "cursor"):
+                return self.enqueue_in(connection, records)
+            raise TypeError(
+                f"using(connection=...) with submit_async takes a psycopg AsyncConnection "
+                f"(or a sync connection), not {type(connection).__name__}"
+            )
         for record in records:
-            if first.get(record.id) is record:
-                answer.append(record)
-                continue
-            found = first.get(record.id) or by_id.get(record.id)
-            if found is None and record.key is not None:
-                found = keys.get(record.key) or by_key.get(record.key)
-            if found is None:  # pragma: no cover - only the id and the key are unique
-                raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
-            answer.append(found)
-        return answer
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        try:
+            stored = await self._insert(connection, records)
+            missing = _missing(records, stored)
+            known = await self._existing(connection, missing) if missing else []
+        except psycopg.Error as exc:
+            raise BackendError(
+                f"PostgreSQL: writing the job in your transaction failed: {_describe(exc)}"
+            ) from exc
+        return [r for r in _answer(records, stored, known) if r is not None]
 
     async def _enqueue_bounded(
         self, conn: Any, records: Sequence[JobRecord], limits: Mapping[str, int]
@@ -779,7 +887,9 @@ class PostgresBackend(Backend):
                         pending[record.queue] += 1
             stored = await self._insert(conn, chosen) if chosen else set()
             kept = [r for i, r in enumerate(records) if i not in refused]
-            answers = iter(await self._answer(conn, kept, stored))
+            missing = _missing(kept, stored)
+            known += await self._existing(conn, missing) if missing else []
+            answers = iter(_answer(kept, stored, known))
             return [None if i in refused else next(answers) for i in range(len(records))]
 
     async def claim(
