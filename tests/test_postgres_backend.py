@@ -496,3 +496,29 @@ def test_logging_names_the_listener_reconnect(
             "WHERE application_name = 'asyncbg' AND query LIKE 'LISTEN%'"
         )
         wait_for(lambda: "listening on PostgreSQL" in caplog.text, timeout=WAIT, what="re-LISTEN")
+
+
+async def test_a_claim_whose_answer_was_lost_is_taken_up_at_the_next_claim(
+    backend: PostgresBackend, postgres_server: PostgresServer, pg_schema: str
+) -> None:
+    # The claim's commit landed but its connection broke before the answer
+    # came: the rows are running as ours, unknown to the engine. The next
+    # claim hands them out (lease renewed) instead of leaving them to their
+    # lease. Made here by writing such a claim by hand and marking the lane
+    # in doubt, as a claim that raised on a broken connection does (the
+    # restart tests above make real ones, when the timing falls that way).
+    await backend.enqueue([_job("a"), _job("b")])
+    (held,) = await backend.claim(["q"], "me", 1, 30.0)
+    postgres_server.psql(
+        f"UPDATE {pg_schema}.jobs SET status = 'running', owner = 'me', token = token + 1, "
+        f"attempts = attempts + 1, lease_until = extract(epoch from now()) + 30 "
+        f"WHERE id <> '{held.id}'"
+    )
+    backend._in_doubt.add("q")  # what a claim that broke under its answer leaves
+    (adopted,) = await backend.claim(["q"], "me", 5, 30.0)
+    assert adopted.id != held.id
+    assert adopted.token == 1
+    assert await backend.finish(adopted, Outcome("succeeded", "1"))
+    assert await backend.finish(held, Outcome("succeeded", "2"))
+    assert await backend.claim(["q"], "me", 5, 30.0) == []
+    assert not backend._in_doubt

@@ -49,7 +49,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -267,6 +267,13 @@ class _Statements:
             changes="attempts = j.attempts - 1",
             source="unnest(%s::text[], %s::text[], %s::int8[]) AS c(id, owner, token)",
         )
+        self.adopt = f"""UPDATE {s}.jobs j SET lease_until = {_NOW} + %(lease)s
+            WHERE j.id IN (
+                SELECT id FROM {s}.jobs WHERE owner = %(owner)s AND status = 'running'
+                AND queue = ANY(%(queues)s::text[]) AND NOT (id = ANY(%(handed)s::text[]))
+                ORDER BY due, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+            )
+            RETURNING {", ".join(f"j.{n}" for n in _FIELDS)}"""
         self.progress = f"""UPDATE {s}.jobs SET progress_done = %s, progress_total = %s,
             progress_message = %s
             WHERE id = %s AND owner = %s AND token = %s AND status = 'running'"""
@@ -460,6 +467,11 @@ class PostgresBackend(Backend):
         self._work_callbacks: list[Callable[[], object]] = []
         self._cancel_callbacks: list[Callable[[str], object]] = []
         self._listener: asyncio.Task[None] | None = None
+        # Claims handed out and not ended (id -> token); the lanes where a claim
+        # may have committed unseen; how many claims are in flight.
+        self._handed: dict[str, int] = {}
+        self._in_doubt: set[str] = set()
+        self._claiming = 0
         self._finished: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -474,7 +486,22 @@ class PostgresBackend(Backend):
             "connect_timeout": max(1, round(self.options.connect_timeout)),
             "options": f"-c statement_timeout={timeout_ms}",
             "application_name": "asyncbg",
+            # A server behind a partition answers nothing, not even a reset:
+            # keepalives find an idle connection dead within ~10 s (the
+            # listener's included), and tcp_user_timeout bounds how long sent
+            # data may go unacknowledged on a busy one.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(self._answer_within * 1000),
         }
+
+    @property
+    def _answer_within(self) -> float:
+        # The longest an operation waits for the server (the connection, then
+        # the statement), after which it fails rather than hangs.
+        return self.options.connect_timeout + self.options.statement_timeout + 1.0
 
     async def _configure(self, conn: Any) -> None:
         # Every pooled connection's server pid: notifications they send are ours.
@@ -550,8 +577,13 @@ class PostgresBackend(Backend):
             raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
         for attempt in (1, 2):
             try:
-                async with self._pool.connection() as conn:
+                async with asyncio.timeout(self._answer_within), self._pool.connection() as conn:
                     return await fn(conn)
+            except TimeoutError:
+                raise BackendError(
+                    f"PostgreSQL at {self._shown}: {what} got no answer within "
+                    f"{self._answer_within:g} s (the server or the network is away)"
+                ) from None
             except psycopg_pool.PoolTimeout as exc:
                 raise BackendError(
                     f"PostgreSQL at {self._shown}: {what} found no connection within "
@@ -907,13 +939,59 @@ class PostgresBackend(Backend):
         if limit <= 0 or not lanes:
             return []
         params = {"queues": lanes, "owner": owner, "limit": limit, "lease": lease}
-        rows = await self._rows("a claim", self._sql.claim, params, repeatable=False)
+        alone = not self._claiming
+        self._claiming += 1
+        try:
+            if alone and self._in_doubt.intersection(lanes):
+                adopted = await self._adopt(params)
+                if adopted:
+                    return adopted
+            try:
+                rows = await self._rows("a claim", self._sql.claim, params, repeatable=False)
+            except BackendError as exc:
+                if isinstance(exc.__cause__, psycopg.Error) and _broken(exc.__cause__):
+                    # It may have committed with its answer lost: those rows
+                    # are ours and running, unknown to the caller (see _adopt).
+                    self._in_doubt.update(lanes)
+                raise
+        finally:
+            self._claiming -= 1
         n = len(_FIELDS)
         # One row at least, which carries the count of lost jobs failed.
         if rows and rows[0][n + 2]:
             self._done()
         taken = sorted((row for row in rows if row[0] is not None), key=lambda r: (r[n], r[n + 1]))
-        return [Claim(r.id, owner, r.token, r) for r in map(_record, taken)]
+        return self._hand_out(owner, map(_record, taken))
+
+    def _hand_out(self, owner: str, records: Iterable[JobRecord]) -> list[Claim]:
+        claims = [Claim(r.id, owner, r.token, r) for r in records]
+        self._handed.update((c.id, c.token) for c in claims)
+        return claims
+
+    def _ended(self, claims: Iterable[Claim]) -> None:
+        for claim in claims:
+            if self._handed.get(claim.id) == claim.token:
+                del self._handed[claim.id]
+
+    async def _adopt(self, params: dict[str, Any]) -> list[Claim]:
+        """Claims of this owner running in the store that were never handed out:
+        a claim whose commit landed and whose answer was lost (the connection
+        broke under it) made them. They are handed out now, their leases
+        renewed, instead of waiting for those to run out. Only while no other
+        claim is in flight (whose rows would look the same)."""
+        rows = await self._rows(
+            "an adoption of claims in doubt",
+            self._sql.adopt,
+            {**params, "handed": list(self._handed)},
+        )
+        if len(rows) < params["limit"]:
+            self._in_doubt.difference_update(params["queues"])
+        if rows:
+            log.info(
+                "asyncbg: %d claim(s) whose answer was lost with the connection taken up again",
+                len(rows),
+            )
+        return self._hand_out(params["owner"], map(_record, rows))
 
     async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult:
         """Extend to ``lease`` seconds from the server's now every claim still
@@ -936,6 +1014,7 @@ class PostgresBackend(Backend):
         # By (id, owner, token): a stale claim and the fresh one of a job differ.
         kept = {(job_id, owner, token): requested for job_id, owner, token, requested in rows}
         held = [(c, (c.id, c.owner, c.token) in kept) for c in claims]
+        self._ended(c for c, ok in held if not ok)
         return RenewResult(
             tuple(c.id for c, ok in held if ok),
             tuple(c.id for c, ok in held if not ok),
@@ -972,6 +1051,7 @@ class PostgresBackend(Backend):
         done = {(job_id, owner, token) for job_id, owner, token, _ in rows}
         if done:
             self._done()
+        self._ended(c for c, _ in outcomes)
         return [(c.id, c.owner, c.token) in done for c, _ in outcomes]
 
     async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool:
@@ -986,6 +1066,7 @@ class PostgresBackend(Backend):
             (run_at, error, claim.id, claim.owner, claim.token, self._sql.channel),
             repeatable=False,
         )
+        self._ended([claim])
         if rows and rows[0][1] == "cancelled":
             self._done()
         return bool(rows)
@@ -1009,6 +1090,7 @@ class PostgresBackend(Backend):
             ),
             repeatable=False,
         )
+        self._ended(claims)
         if any(row[1] == "cancelled" for row in rows):
             self._done()
         return len(rows)
