@@ -710,7 +710,7 @@ class PostgresBackend(Backend):
                 )
             except Exception as exc:
                 log.warning(
-                    "asyncbg: cannot listen for wake-ups on PostgreSQL at %s (%s); polling "
+                    "cannot listen for wake-ups on PostgreSQL at %s (%s); polling "
                     "meanwhile, trying again in %.2g s",
                     self._shown,
                     _describe(exc),
@@ -725,7 +725,7 @@ class PostgresBackend(Backend):
                     if not ready.done():
                         ready.set_result(None)
                     if not first:  # what was sent while away is lost: look now
-                        log.info("asyncbg: listening on PostgreSQL at %s again", self._shown)
+                        log.info("listening on PostgreSQL at %s again", self._shown)
                         self._call(self._work_callbacks)
                     first = False
                     delay = _LISTEN_RETRY_FIRST
@@ -733,7 +733,7 @@ class PostgresBackend(Backend):
                         self._notified(notify.pid, notify.payload)
             except psycopg.Error as exc:
                 log.warning(
-                    "asyncbg: the PostgreSQL wake-up connection to %s broke (%s); reconnecting",
+                    "the PostgreSQL wake-up connection to %s broke (%s); reconnecting",
                     self._shown,
                     _describe(exc),
                 )
@@ -988,7 +988,7 @@ class PostgresBackend(Backend):
             self._in_doubt.difference_update(params["queues"])
         if rows:
             log.info(
-                "asyncbg: %d claim(s) whose answer was lost with the connection taken up again",
+                "%d claim(s) whose answer was lost with the connection taken up again",
                 len(rows),
             )
         return self._hand_out(params["owner"], map(_record, rows))
