@@ -359,6 +359,7 @@ class AppState:
         if self.durable is not None:
             # Unwound after the drain: every write awaited, what is held released.
             stack.push_async_callback(self.durable.close)
+            self.durable.loop_lag = self.monitor.current_lag  # None while unmonitored
             self.durable.start()
         stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
@@ -422,15 +423,22 @@ class AppState:
 
         lock = leader = None
         if pj.scope != "process":
-            name = f"asyncbg-{self.require_app().import_name}-{pj.name}"
+            name = self.lease_name(pj)
             if self.backend.durable:
-                leader = StoreLeader(self.backend, name, node_id())
+                # The node that heartbeats and claims leads too.
+                owner = node_id() if self.durable is None else self.durable.owner
+                leader = StoreLeader(self.backend, name, owner)
             elif pj.scope == "host":
                 lock = HostLock(self.lock_dir, name)
         pj.start(self.loop_thread, context=self.app_context, lock=lock, leader=leader)
         self._running.callback(pj.stop)
         if leader is not None:
             self._components.push_async_callback(leader.release)
+
+    def lease_name(self, pj: PeriodicJob) -> str:
+        """The name of ``pj``'s lease (or host lock): its app's import name and
+        its own, the same in every process of the app."""
+        return f"asyncbg-{self.require_app().import_name}-{pj.name}"
 
     def _on_stop(self) -> None:
         # On the loop, first thing at stop: no new runs, no new items handed
