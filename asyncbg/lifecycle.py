@@ -29,6 +29,7 @@ from .engine.consumers import WorkQueue
 from .engine.durable import DurableRunner, item_record
 from .engine.host_lock import HostLock, default_lock_dir
 from .engine.jobs import Job, JobHistory, _new_job_id
+from .engine.logthrottle import describe_exception
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
@@ -357,6 +358,8 @@ class AppState:
         stack = self._components = contextlib.AsyncExitStack()
         await stack.enter_async_context(_opened(self.backend))
         if self.durable is not None:
+            # After the close below: this node leaves the cluster's list.
+            stack.push_async_callback(self._leave_cluster, self.durable)
             # Unwound after the drain: every write awaited, what is held released.
             stack.push_async_callback(self.durable.close)
             self.durable.loop_lag = self.monitor.current_lag  # None while unmonitored
@@ -364,6 +367,19 @@ class AppState:
         stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
             await self._startup_hook(hook)
+
+    async def _leave_cluster(self, durable: DurableRunner) -> None:
+        # A graceful stop: the surfaces stop listing this node rather than show
+        # it dead for an hour. Its heartbeats ended with durable.close().
+        try:
+            await durable.store.forget_node(durable.owner)
+        except Exception as exc:
+            log.warning(
+                "could not remove this node (%s) from the store's list at stop (%s): "
+                "it is shown dead until forgotten",
+                durable.owner,
+                describe_exception(exc),
+            )
 
     async def _close_components(self) -> None:
         await self._components.aclose()

@@ -11,6 +11,7 @@ surfaces answer.
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -154,35 +155,63 @@ def test_every_node_sees_both_nodes_with_heartbeat_lag_and_running_count(
     )
 
 
-def test_a_node_whose_heartbeats_stopped_is_marked_dead(make_node: Any) -> None:
+def stall(bg: AsyncBG) -> threading.Event:
+    """Block ``bg``'s loop (its heartbeats stop, as in a stuck or paused
+    process) until the returned event is set, or for WAIT seconds at most."""
+    release, blocked = threading.Event(), threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        release.wait(WAIT)
+
+    bg.loop_thread.loop.call_soon_threadsafe(block)
+    assert blocked.wait(WAIT)
+    return release
+
+
+def test_a_node_whose_heartbeats_stopped_is_marked_dead_and_one_that_stopped_leaves(
+    make_node: Any,
+) -> None:
     (app_a, bg_a), (app_b, bg_b) = make_node(), make_node()
     bg_a.start()
     bg_b.start()
     a, b = node_of(bg_a), node_of(bg_b)
     wait_for(lambda: nodes(app_a)["alive"] == 2, what="both nodes alive, seen from A")
 
-    bg_b.stop(timeout=WAIT)  # B's heartbeats stop; its row stays
-    last = node_in(app_a, b)
-    assert last is not None
-    dead = wait_for(
-        lambda: (n := node_in(app_a, b)) is not None and not n["alive"] and n,
-        what="B marked dead, seen from A",
-    )
-    assert dead["last_seen"] == last["last_seen"]  # no heartbeat since
-    assert dead["age"] > dead_after(LEASE)
-    body = nodes(app_a)
-    assert (body["alive"], body["dead"]) == (1, 1)
-    assert [n["id"] for n in body["nodes"] if n["alive"]] == [a]
+    release = stall(bg_b)
+    try:
+        last = node_in(app_a, b)
+        assert last is not None
+        dead = wait_for(
+            lambda: (n := node_in(app_a, b)) is not None and not n["alive"] and n,
+            what="B marked dead, seen from A",
+        )
+        assert dead["age"] > dead_after(LEASE)
+        assert dead["last_seen"] - last["last_seen"] < dead_after(LEASE)
+        body = nodes(app_a)
+        assert (body["alive"], body["dead"]) == (1, 1)
+        assert [n["id"] for n in body["nodes"] if n["alive"]] == [a]
 
-    # A dead node elsewhere does not make this one unhealthy.
-    health = app_a.test_client().get("/_asyncbg/health")
-    assert health.status_code == 200
-    assert health.json["status"] == "ok"
-    assert (health.json["cluster"]["alive"], health.json["cluster"]["dead"]) == (1, 1)
-    samples = scrape(app_a)
-    assert samples[("asyncbg_cluster_nodes", (("state", "dead"),))] == 1
-    assert samples[("asyncbg_node_up", (("node", b),))] == 0
-    assert samples[("asyncbg_node_up", (("node", a),))] == 1
+        # A dead node elsewhere does not make this one unhealthy.
+        health = app_a.test_client().get("/_asyncbg/health")
+        assert health.status_code == 200
+        assert health.json["status"] == "ok"
+        assert (health.json["cluster"]["alive"], health.json["cluster"]["dead"]) == (1, 1)
+        samples = scrape(app_a)
+        assert samples[("asyncbg_cluster_nodes", (("state", "dead"),))] == 1
+        assert samples[("asyncbg_node_up", (("node", b),))] == 0
+        assert samples[("asyncbg_node_up", (("node", a),))] == 1
+    finally:
+        release.set()
+
+    # B's loop runs again: its next heartbeat makes it alive.
+    wait_for(lambda: nodes(app_a)["alive"] == 2, what="B alive again")
+
+    # A graceful stop: B leaves the list instead of being shown dead.
+    bg_b.stop(timeout=WAIT)
+    body = nodes(app_a)
+    assert [n["id"] for n in body["nodes"]] == [a]
+    assert (body["alive"], body["dead"]) == (1, 0)
 
     # B's own surface, with its loop stopped, cannot ask the store.
     r = app_b.test_client().get("/_asyncbg/nodes")

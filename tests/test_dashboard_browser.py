@@ -410,11 +410,26 @@ def test_the_dashboard_shows_every_node_the_dead_one_marked_and_the_leader(
         re.compile(r"^until \d\d:\d\d:\d\d\.\d \(in .*\)$")
     )
 
-    # The other node stops: its heartbeats stop, it is marked dead; the lease is here.
+    # The other node's loop is stuck: its heartbeats stop, it is marked dead, and
+    # the lease (if it held it) runs out and comes here.
+    release, blocked = threading.Event(), threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        release.wait(WAIT)
+
+    cluster.bgs[1].loop_thread.loop.call_soon_threadsafe(block)
+    try:
+        assert blocked.wait(WAIT)
+        expect(theirs.locator('[data-field="state"]')).to_have_text("dead", timeout=WAIT * 1000)
+        expect(theirs).to_have_attribute("data-alive", "false")
+        expect(mine.locator('[data-field="state"]')).to_have_text("alive")
+        expect(page.locator("#nodes-summary")).to_contain_text("1 alive, 1 dead")
+        expect(leader).to_have_text("this node", timeout=WAIT * 1000)
+        expect(leader).to_have_attribute("data-owner", here)
+    finally:
+        release.set()
+    # A graceful stop: the node leaves the list.
     cluster.bgs[1].stop(timeout=WAIT)
-    expect(theirs.locator('[data-field="state"]')).to_have_text("dead", timeout=WAIT * 1000)
-    expect(theirs).to_have_attribute("data-alive", "false")
-    expect(mine.locator('[data-field="state"]')).to_have_text("alive")
-    expect(page.locator("#nodes-summary")).to_contain_text("1 alive, 1 dead")
-    expect(leader).to_have_text("this node", timeout=WAIT * 1000)
-    expect(leader).to_have_attribute("data-owner", here)
+    expect(theirs).to_have_count(0, timeout=WAIT * 1000)
+    expect(page.locator("#nodes-summary")).to_have_text("1 alive")

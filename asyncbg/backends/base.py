@@ -27,8 +27,9 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
   once per (schedule, slot number), and only by the current epoch's holder;
   ``leases`` reads every schedule's row, whoever holds it;
 - a heartbeat replaces its node's row and deletes the rows of nodes silent for
-  longer than its ``forget_after``, so ``nodes`` stays bounded; who is dead is
-  decided by the reader (:mod:`asyncbg.engine.cluster`).
+  longer than its ``forget_after``, so ``nodes`` stays bounded; a node that
+  stops gracefully deletes its own (``forget_node``); who is dead is decided
+  by the reader (:mod:`asyncbg.engine.cluster`).
 """
 
 from __future__ import annotations
@@ -266,6 +267,12 @@ class Backend(abc.ABC):
         row), and in the same call forget every other node whose ``last_seen``
         is more than ``forget_after`` seconds before now, so that the list
         stays bounded however many processes came and went."""
+
+    @abc.abstractmethod
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when there is none): it
+        stopped gracefully, so the surfaces stop listing it instead of showing
+        it dead. A heartbeat of that node after this brings it back."""
 
     @abc.abstractmethod
     async def nodes(self) -> list[rec.NodeRecord]:

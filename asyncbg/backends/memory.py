@@ -375,6 +375,10 @@ class MemoryBackend(Backend):
         self._nodes.pop(node.id, None)
         self._nodes[node.id] = dataclasses.replace(node, last_seen=now)
 
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the node ``node_id`` (nothing when unknown)."""
+        self._nodes.pop(node_id, None)
+
     async def nodes(self) -> list[NodeRecord]:
         """Return every node not forgotten, newest heartbeat first."""
         return sorted(reversed(self._nodes.values()), key=attrgetter("last_seen"), reverse=True)

@@ -1266,6 +1266,17 @@ class SQLiteBackend(Backend):
 
         await self._write(beat, relaxed=True)
 
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when unknown).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def forget(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+        await self._write(forget, relaxed=True)
+
     async def nodes(self) -> list[NodeRecord]:
         """Return every node not forgotten, newest heartbeat first.
 

@@ -12,13 +12,14 @@ every lease/3:
   :func:`dead_after` = lease + lease/3 old: four heartbeat intervals, three
   missed beats and some slack for a slow store. It is also the bound within
   which another process claims again what a dead node held (BACKENDS.md), so
-  a node shown dead is one whose work is, or is about to be, taken over. A
-  node that stopped gracefully is shown dead too, until forgotten: nothing
-  tells a stop from a crash but the released jobs.
-- a node is **forgotten** (its row deleted by the next heartbeat of any other
-  node) once it has been silent for :func:`forget_after`: an hour, or ten
-  times the dead bound for a very long lease. So a crash stays visible for an
-  hour, and the list stays bounded through any number of restarts.
+  a node shown dead is one whose work is, or is about to be, taken over: a
+  process killed, stuck, paused or cut off. A node that stops gracefully is
+  not shown dead: it deletes its own row at stop
+  (:meth:`Backend.forget_node`), after its last heartbeat.
+- a dead node is **forgotten** (its row deleted by the next heartbeat of any
+  other node) once it has been silent for :func:`forget_after`: an hour, or
+  ten times the dead bound for a very long lease. So a crash stays visible
+  for an hour, and the list stays bounded through any number of crashes.
 
 Times come from the store's clock (``last_seen``, ``expires_at``) and are
 compared with this host's: fine on one host (SQLite), and within the bounds

@@ -717,6 +717,19 @@ async def test_a_heartbeat_forgets_the_nodes_silent_for_longer_than_forget_after
     assert "new" in {n.id for n in await backend.nodes()}
 
 
+async def test_forget_node_deletes_only_that_node(backend: Backend) -> None:
+    for node_id in ("a", "b"):
+        await backend.heartbeat(NodeRecord(node_id, host="h", pid=1, started_at=1000.0))
+    await backend.forget_node("a")
+    assert [n.id for n in await backend.nodes()] == ["b"]
+    await backend.forget_node("a")  # already gone: nothing
+    await backend.forget_node("never-seen")
+    assert [n.id for n in await backend.nodes()] == ["b"]
+    # A heartbeat after it brings the node back.
+    await backend.heartbeat(NodeRecord("a", host="h", pid=1, started_at=1000.0))
+    assert {n.id for n in await backend.nodes()} == {"a", "b"}
+
+
 async def test_finish_many_records_each_outcome_and_refuses_only_the_stale(
     backend: Backend,
 ) -> None:
