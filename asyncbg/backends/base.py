@@ -24,7 +24,12 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 - a claim whose lease ran out may be claimed again (its token grows); a lost
   claim counts as an attempt, and a job out of attempts ends failed;
 - periodic leadership is a lease row with an epoch; a slot is claimed at most
-  once per (schedule, slot number), and only by the current epoch's holder.
+  once per (schedule, slot number), and only by the current epoch's holder;
+  ``leases`` reads every schedule's row, whoever holds it;
+- a heartbeat replaces its node's row and deletes the rows of nodes silent for
+  longer than its ``forget_after``, so ``nodes`` stays bounded; a node that
+  stops gracefully deletes its own (``forget_node``); who is dead is decided
+  by the reader (:mod:`asyncbg.engine.cluster`).
 """
 
 from __future__ import annotations
@@ -37,9 +42,16 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
+from ..engine.cluster import NODE_FORGET_AFTER
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["Backend", "BackendOptions", "lost_lease_error", "require_driver"]
+__all__ = [
+    "NODE_FORGET_AFTER",
+    "Backend",
+    "BackendOptions",
+    "lost_lease_error",
+    "require_driver",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -291,12 +303,39 @@ class Backend(abc.ABC):
         """Return the stored anchor (slot 0's time) of schedule ``name``,
         storing ``proposed`` when there is none yet."""
 
+    @abc.abstractmethod
+    async def leases(self) -> list[rec.LeaseState]:
+        """Return the lease row of every schedule ever acquired in this store,
+        whoever holds it (other processes' too), sorted by name: a read, for
+        the surfaces.
+
+        Each is as stored: ``owner`` and ``expires_at`` None once released
+        (the epoch kept); a lease that ran out keeps its owner and its past
+        ``expires_at`` (on the store's clock) until someone acquires it again.
+        A schedule with only an anchor and no lease is not listed.
+        """
+
     # -- nodes -----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def heartbeat(self, node: rec.NodeRecord) -> None:
-        """Record that ``node`` is alive, with its running count and loop lag."""
+    async def heartbeat(
+        self, node: rec.NodeRecord, *, forget_after: float = NODE_FORGET_AFTER
+    ) -> None:
+        """Record that ``node`` is alive, with its running count and loop lag,
+        ``last_seen`` set to now on the store's clock (replacing its earlier
+        row), and in the same call forget every other node whose ``last_seen``
+        is more than ``forget_after`` seconds before now, so that the list
+        stays bounded however many processes came and went."""
+
+    @abc.abstractmethod
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when there is none): it
+        stopped gracefully, so the surfaces stop listing it instead of showing
+        it dead. A heartbeat of that node after this brings it back."""
 
     @abc.abstractmethod
     async def nodes(self) -> list[rec.NodeRecord]:
-        """Return every node heard from recently, newest heartbeat first."""
+        """Return every node not forgotten yet (see :meth:`heartbeat`), newest
+        heartbeat first (ties: the latest heartbeat call first). Dead ones
+        included: telling them apart is the caller's business
+        (:func:`asyncbg.engine.cluster.dead_after`)."""

@@ -89,6 +89,7 @@ from ..engine.records import (
     JobQuery,
     JobRecord,
     Lease,
+    LeaseState,
     NodeRecord,
     Outcome,
     RenewResult,
@@ -96,7 +97,7 @@ from ..engine.records import (
 from ..errors import BackendError, ConfigError
 from . import _redact
 from ._wake import WakeChannel
-from .base import Backend, BackendOptions, lost_lease_error
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -1221,15 +1222,32 @@ class SQLiteBackend(Backend):
 
         return await self._write(anchor)
 
+    async def leases(self) -> list[LeaseState]:
+        """Return the lease row of every schedule ever acquired, sorted by name
+        (owner and expiry NULL once released; a lease that ran out as it was).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def leases(conn: sqlite3.Connection) -> list[LeaseState]:
+            cursor = conn.execute("SELECT name, owner, epoch, expires_at FROM leases ORDER BY name")
+            return [LeaseState(*row) for row in cursor]
+
+        return await self._read(leases)
+
     # -- nodes -----------------------------------------------------------------
 
-    async def heartbeat(self, node: NodeRecord) -> None:
-        """Store ``node`` with ``last_seen`` set to now.
+    async def heartbeat(self, node: NodeRecord, *, forget_after: float = NODE_FORGET_AFTER) -> None:
+        """Store ``node`` with ``last_seen`` set to now; forget (delete) the
+        other nodes not heard from for more than ``forget_after`` seconds.
 
         :raises BackendError: for an SQLite error.
         """
 
         def beat(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(
+                "DELETE FROM nodes WHERE last_seen < ? AND id != ?", (now - forget_after, node.id)
+            )
             conn.execute(
                 """INSERT OR REPLACE INTO nodes
                 (id, host, pid, started_at, last_seen, running, lag, beat)
@@ -1248,8 +1266,19 @@ class SQLiteBackend(Backend):
 
         await self._write(beat, relaxed=True)
 
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when unknown).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def forget(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+        await self._write(forget, relaxed=True)
+
     async def nodes(self) -> list[NodeRecord]:
-        """Return every node that sent a heartbeat, newest heartbeat first.
+        """Return every node not forgotten, newest heartbeat first.
 
         :raises BackendError: for an SQLite error.
         """
