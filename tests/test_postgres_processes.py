@@ -12,11 +12,14 @@ second job) until every id is acknowledged.
 
 - ``test_three_hosts_...``: under steady load, kill -9 of one host (the
   periodic leader), SIGSTOP of another (the leader then) past its lease and
-  SIGCONT, an immediate restart of PostgreSQL, and a rolling SIGTERM restart of
-  all three; then every acknowledged id is final, every succeeded one ran and
+  SIGCONT, a rolling SIGTERM restart of all three, and an immediate restart of
+  PostgreSQL; then every acknowledged id is final, every succeeded one ran and
   the store's result names the run that landed, the stopped host's late
-  writes were all rejected, released jobs ran again at once (same attempt: no
-  lease ran out), and no slot of the periodic job ran twice.
+  writes were all rejected, released jobs ran again at once (same attempt,
+  before their lease could have run out), and no slot of the periodic job ran
+  twice. (The database restart comes last: a host stopped after one cannot
+  finish its shutdown, ``test_a_host_stopped_after_a_database_restart_...``,
+  an xfail until the engine keeps the driver's own tasks alive at stop.)
 - ``test_a_host_cut_off_...``: one host's Hypercorn runs in a network namespace
   reaching PostgreSQL over a veth pair; its routes are blackholed past the
   lease: the others take its jobs and the periodic leadership; on heal its
@@ -24,6 +27,9 @@ second job) until every id is acknowledged.
 - ``test_a_cancel_from_another_host_...``: the delay from a cancel request on
   one host to the cancellation of the run on another, with a 30 s lease (a
   renewal every 10 s): only the NOTIFY wake-up explains a short one.
+
+The namespace test needs root and ``ip`` (CI has both): without them it fails,
+saying so, instead of skipping.
 
 Everything waits on conditions with deadlines (the store, the audit file, the
 servers' output); the checks read what the hosts cannot lie about: the store
