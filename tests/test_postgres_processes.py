@@ -393,7 +393,7 @@ class Load:
         self.seconds = seconds
         self.pace = pace
         self._kinds: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="load")
         self._thread.start()
@@ -401,6 +401,11 @@ class Load:
     def kinds(self) -> dict[str, str]:
         with self._lock:
             return dict(self._kinds)
+
+    def wait_fed(self, n: int, timeout: float = WAIT) -> None:
+        """Wait until ``n`` ids were fed in all."""
+        with self._lock:
+            assert self._lock.wait_for(lambda: len(self._kinds) >= n, timeout), len(self._kinds)
 
     def stop(self) -> dict[str, str]:
         self._stop.set()
@@ -414,6 +419,7 @@ class Load:
                 ids = new_ids(n)
                 with self._lock:
                     self._kinds.update(dict.fromkeys(ids, kind))
+                    self._lock.notify_all()
                 work += batches(kind, ids, self.seconds.get(kind, 0.0))
             self.clients.feed(work)
 
@@ -752,6 +758,7 @@ def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
             lambda acked: len(acked) >= acked_before + 30, "submits acknowledged again"
         )
         flowing = time.time() - t_pg_up
+        load.wait_fed(300)  # a few hundred, however fast the failures went
         kinds = load.stop()
         clients.wait_acknowledged(kinds)
         kinds.update(extra)
