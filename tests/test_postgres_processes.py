@@ -77,7 +77,6 @@ APP = str(Path(__file__).resolve().parent / "apps" / "durable_app.py") + ":asgi_
 #: The stale side's two ways of noticing a lost claim (the engine's warnings).
 REJECTED = re.compile(r"\[(?P<pid>\d+)\] \[WARNING\] asyncbg: job \S+ (?P<id>\S+): this process's")
 LOST = re.compile(r"\[(?P<pid>\d+)\] \[WARNING\] asyncbg: job \S+ (?P<id>\S+): its claim was lost")
-RELEASED = re.compile(r"\[(?P<pid>\d+)\].*released (?P<n>\d+) durable job\(s\) to the store")
 RELISTEN = re.compile(r"\[(?P<pid>\d+)\].*listening on PostgreSQL at \S+ again")
 TICK = "cluster-tick"
 
@@ -628,7 +627,7 @@ def check_stale(
         assert ended or cancelled or kinds[uid] == "trivial", (uid, audit.runs[uid])
 
 
-# -- a. three hosts under load: kill -9, SIGSTOP, the database restarted, a rolling restart -----
+# -- a. three hosts under load: kill -9, SIGSTOP, a rolling restart, the database restarted -----
 
 
 @pytest.mark.timeout(150)
