@@ -35,10 +35,12 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 from __future__ import annotations
 
 import abc
+import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
@@ -50,6 +52,7 @@ __all__ = [
     "Backend",
     "BackendOptions",
     "lost_lease_error",
+    "poll_until_final",
     "require_driver",
 ]
 
@@ -71,6 +74,10 @@ class BackendOptions:
     lease: float = 30.0
 
 
+# wait()'s polls of a store that another process may finish a job in.
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1
+
+
 def require_driver(module: str, extra: str) -> ModuleType:
     """Import a backend's optional driver, as a backend module does at its top.
 
@@ -84,6 +91,33 @@ def require_driver(module: str, extra: str) -> ModuleType:
             f"this backend needs {module!r}, which is not installed ({exc}): "
             f"pip install 'asyncbg[{extra}]'"
         ) from None
+
+
+async def poll_until_final(
+    read: Callable[[], Awaitable[list[rec.JobRecord]]],
+    timeout: float,
+    woken: Callable[[], asyncio.Event | None],
+) -> list[rec.JobRecord]:
+    """What :meth:`Backend.wait` does on a store other processes write: read
+    the records, and until every one is final or ``timeout`` seconds passed,
+    wait for ``woken()`` (an event a finish seen by this backend object sets;
+    None once closed) or a poll delay, 5 ms doubling to 100 ms.
+
+    :raises BackendError: whatever ``read`` raises.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = _POLL_FIRST
+    while True:
+        finished = woken()
+        records = await read()
+        remaining = deadline - loop.time()
+        if remaining <= 0 or all(r.final for r in records) or finished is None:
+            return records
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(delay, remaining)):
+                await finished.wait()
+        delay = min(2 * delay, _POLL_MAX)
 
 
 def lost_lease_error(owner: str | None, attempts: int, max_attempts: int) -> str:

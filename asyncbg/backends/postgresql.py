@@ -68,7 +68,7 @@ from ..engine.records import (
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
-from .base import NODE_FORGET_AFTER, Backend, BackendOptions, require_driver
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, poll_until_final, require_driver
 
 psycopg: Any = require_driver("psycopg", "postgres")
 psycopg_pool: Any = require_driver("psycopg_pool", "postgres")
@@ -112,8 +112,6 @@ _TYPES = {
     "cancel_requested": "bool",
     "timeout": "float8",
 }
-# wait() polls: another process may be the one that finishes a job.
-_POLL_FIRST, _POLL_MAX = 0.005, 0.1
 # The listener's reconnect backoff.
 _LISTEN_RETRY_FIRST, _LISTEN_RETRY_MAX = 0.05, 2.0
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
@@ -1200,20 +1198,8 @@ class PostgresBackend(Backend):
 
         :raises BackendError: for a database error.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         ids = list(job_ids)
-        delay = _POLL_FIRST
-        while True:
-            finished = self._finished
-            records = await self._get_many(ids)
-            remaining = deadline - loop.time()
-            if remaining <= 0 or all(r.final for r in records) or finished is None:
-                return records
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, remaining)):
-                    await finished.wait()
-            delay = min(2 * delay, _POLL_MAX)
+        return await poll_until_final(lambda: self._get_many(ids), timeout, lambda: self._finished)
 
     async def expire(self, finished_before: float) -> int:
         """Forget final records finished before ``finished_before``; return how many.

@@ -97,7 +97,7 @@ from ..engine.records import (
 from ..errors import BackendError, ConfigError
 from . import _redact
 from ._wake import WakeChannel
-from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error, poll_until_final
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -116,8 +116,6 @@ _SLOT_MEMORY = 1024
 _GROUP_LIMIT = 256
 # Ids per statement where a list of them becomes ``IN (?, ?, …)``.
 _CHUNK = 500
-# wait() polls the file: another process may be the one that finishes a job.
-_POLL_FIRST, _POLL_MAX = 0.005, 0.1
 # Filesystems on which WAL's shared-memory index is not shared between hosts.
 _NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs"}
@@ -1081,20 +1079,10 @@ class SQLiteBackend(Backend):
 
         :raises BackendError: for an SQLite error.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         ids = list(job_ids)
-        delay = _POLL_FIRST
-        while True:
-            finished = self._finished
-            records = await self._read(lambda conn: _get_many(conn, ids))
-            remaining = deadline - loop.time()
-            if remaining <= 0 or all(r.final for r in records) or finished is None:
-                return records
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, remaining)):
-                    await finished.wait()
-            delay = min(2 * delay, _POLL_MAX)
+        return await poll_until_final(
+            lambda: self._read(lambda conn: _get_many(conn, ids)), timeout, lambda: self._finished
+        )
 
     async def expire(self, finished_before: float) -> int:
         """Forget final records finished before ``finished_before``; return how many.
