@@ -765,16 +765,19 @@ class DurableRunner:
         return job._finish(status, decode_json(attempt.result_json), exc)
 
     async def _finish(self, claim: Claim, outcome: Outcome) -> bool:
-        # A store that is away for a moment (a server restart) gets the outcome
-        # once it is back, as long as the claim may still be held (a lease
-        # from now): a backend's finish is idempotent, so a write whose
+        # A store that is away (a server restart, a partition) gets the
+        # outcome once it is back, however long that takes: then the fenced
+        # write decides (refused if another process took the job meanwhile,
+        # counted as stale). A backend's finish is idempotent, so a write whose
         # acknowledgement was lost and is made again is recognised as its own.
-        delay, give_up = _OUTCOME_RETRY_FIRST, time.monotonic() + self.lease
+        # Only the stop ends the tries (the claim is then released, or left
+        # to its lease).
+        delay = _OUTCOME_RETRY_FIRST
         while True:
             try:
                 return await self._finish_once(claim, outcome)
             except BackendError as exc:
-                if self._stopping or time.monotonic() + delay > give_up:
+                if self._stopping:
                     raise
                 log.debug(
                     "storing the outcome of %s failed (%s); again in %.2gs", claim.id, exc, delay
