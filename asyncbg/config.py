@@ -27,6 +27,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ASYNCBG_LEASE": 30.0,
     "ASYNCBG_WORKER_CONCURRENCY": 32,
     "ASYNCBG_POLL_INTERVAL": 1.0,
+    "ASYNCBG_POOL_SIZE": 4,
+    "ASYNCBG_STATEMENT_TIMEOUT": 10.0,
+    "ASYNCBG_CONNECT_TIMEOUT": 5.0,
     "ASYNCBG_SHUTDOWN_TIMEOUT": 10.0,
     "ASYNCBG_QUEUE_MAXSIZE": 1000,
     "ASYNCBG_JOB_HISTORY_SIZE": 1000,
@@ -134,6 +137,9 @@ _CHECKS: dict[str, Callable[[str, object], Any]] = {
     "ASYNCBG_LEASE": lambda k, v: _number(k, v, low=1),
     "ASYNCBG_WORKER_CONCURRENCY": lambda k, v: _count(k, v, low=0),
     "ASYNCBG_POLL_INTERVAL": lambda k, v: _number(k, v, low=0.01),
+    "ASYNCBG_POOL_SIZE": lambda k, v: _count(k, v, low=1),
+    "ASYNCBG_STATEMENT_TIMEOUT": lambda k, v: _number(k, v, low=0.1),
+    "ASYNCBG_CONNECT_TIMEOUT": lambda k, v: _number(k, v, low=0.1),
     "ASYNCBG_SHUTDOWN_TIMEOUT": lambda k, v: _number(k, v, low=0),
     "ASYNCBG_QUEUE_MAXSIZE": lambda k, v: _count(k, v, low=1),
     "ASYNCBG_JOB_HISTORY_SIZE": lambda k, v: _count(k, v, low=0),
@@ -172,6 +178,9 @@ class Settings:
     lease: float
     worker_concurrency: int
     poll_interval: float
+    pool_size: int
+    statement_timeout: float
+    connect_timeout: float
     shutdown_timeout: float
     queue_maxsize: int
     job_history_size: int

@@ -34,7 +34,7 @@ from flask.logging import has_level_handler
 from .app_view import AppView
 from .asgi import DEFAULT_MAX_BODY_SIZE, AsyncBGASGI
 from .async_views import async_view_bridge
-from .backends import Backend, open_backend
+from .backends import Backend, BackendOptions, open_backend
 from .config import DEFAULT_CONFIG, Settings, load_settings
 from .engine.consumers import WorkQueue
 from .engine.durable import DurableRunner, task_record
@@ -262,7 +262,14 @@ class AsyncBG:
             app.config.setdefault(key, value)
         settings = load_settings(app.config)
         backend = open_backend(
-            self._backend if settings.backend is None else settings.backend, app.instance_path
+            self._backend if settings.backend is None else settings.backend,
+            app.instance_path,
+            BackendOptions(
+                pool_size=settings.pool_size,
+                statement_timeout=settings.statement_timeout,
+                connect_timeout=settings.connect_timeout,
+                lease=settings.lease,
+            ),
         )
         st = self._spare if self._spare is not None else self._new_state()
         self._spare = None

@@ -355,7 +355,13 @@ class AppState:
         # On the loop, in start order; _close_components unwinds them in
         # reverse after the drain: the shutdown hooks, then the backend.
         stack = self._components = contextlib.AsyncExitStack()
+        before = asyncio.all_tasks()
         await stack.enter_async_context(_opened(self.backend))
+        # Tasks the backend started at open (a driver's pool workers, a
+        # listener) are its own: its close() ends them, after the drain, so
+        # the stop must not cancel them before (store writes still need them).
+        for task in asyncio.all_tasks() - before:
+            self.loop_thread.protect(task)
         if self.durable is not None:
             # Unwound after the drain: every write awaited, what is held released.
             stack.push_async_callback(self.durable.close)

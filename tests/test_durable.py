@@ -1,9 +1,12 @@
-"""Durable jobs and items through the SQLite backend, within this process.
+"""Durable jobs and items through the SQLite and PostgreSQL backends, within
+this process.
 
-Two apps on one database file stand for two workers of one host: each has its
-own loop, its own backend object (its own connection and writer thread) and
-its own node id, as two Hypercorn workers would. Real processes are in
-tests/test_durable_processes.py.
+Two apps on one store stand for two workers (of one host on SQLite, of any
+hosts on PostgreSQL): each has its own loop, its own backend object (its own
+connections, and writer thread or listener) and its own node id, as two
+Hypercorn workers would. Real processes are in tests/test_durable_processes.py
+and tests/test_postgres_processes.py. The tests of what only a file has (its
+size, a full disk) take the ``sqlite_db`` fixture.
 """
 
 from __future__ import annotations
@@ -25,19 +28,41 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
+def sqlite_db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty store: an SQLite file, or a schema of its own on the
+    session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return f"{server.url()}?schema={request.getfixturevalue('pg_schema')}"
+
+
+def _select(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    # Straight from the store, not through asyncbg: ``?`` marks parameters.
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+    import psycopg
+
+    base, _, schema = url.partition("?schema=")
+    with psycopg.connect(base, autocommit=True) as pg:
+        pg.execute(f'SET search_path TO "{schema}"')
+        return pg.execute(sql.replace("?", "%s"), params).fetchall()
+
+
 def _rows(url: str) -> dict[str, tuple[Any, ...]]:
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-    try:
-        return {
-            row[0]: row[1:]
-            for row in conn.execute("SELECT id, status, attempts, owner, result_json FROM jobs")
-        }
-    finally:
-        conn.close()
+    return {
+        row[0]: row[1:]
+        for row in _select(url, "SELECT id, status, attempts, owner, result_json FROM jobs")
+    }
 
 
 def _worker(make_app: MakeApp, db: str, **config: Any) -> tuple[Any, AsyncBG]:
@@ -350,14 +375,11 @@ def test_progress_reaches_the_store(make_app: MakeApp, db: str) -> None:
     job = step.submit()
 
     def stored() -> Any:
-        conn = sqlite3.connect(db.removeprefix("sqlite:///"))
-        try:
-            return conn.execute(
-                "SELECT progress_done, progress_total, progress_message FROM jobs WHERE id = ?",
-                (job.id,),
-            ).fetchone() == (3.0, 10.0, "three")
-        finally:
-            conn.close()
+        return _select(
+            db,
+            "SELECT progress_done, progress_total, progress_message FROM jobs WHERE id = ?",
+            (job.id,),
+        ) == [(3.0, 10.0, "three")]
 
     wait_for(stored, what="the progress in the store")
     gate.set()
@@ -413,18 +435,15 @@ def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) ->
     assert all(job.id in rows for job in jobs)
     # One commit: every record of the burst has the same creation batch (seq
     # numbers drawn in one transaction are consecutive).
-    conn = sqlite3.connect(db.removeprefix("sqlite:///"))
-    try:
-        seqs = sorted(s for (s,) in conn.execute("SELECT seq FROM jobs"))
-    finally:
-        conn.close()
+    seqs = sorted(s for (s,) in _select(db, "SELECT seq FROM jobs"))
     assert seqs == list(range(seqs[0], seqs[0] + 50))
     with pytest.raises(TypeError):
         square.submit_many([(1,), (1, 2)])
     assert len(_rows(db)) == 50  # the bad burst stored nothing
 
 
-def test_finished_jobs_expire_and_the_file_stops_growing(make_app: MakeApp, db: str) -> None:
+def test_finished_jobs_expire_and_the_file_stops_growing(make_app: MakeApp, sqlite_db: str) -> None:
+    db = sqlite_db
     # A steady load with a short retention: rows are deleted after
     # ASYNCBG_JOB_HISTORY_AGE and SQLite reuses the freed pages, so after the
     # first rounds the file keeps its size.
@@ -545,11 +564,12 @@ def test_a_failing_item_is_not_retried(make_app: MakeApp, db: str) -> None:
 
 
 def test_a_full_disk_fails_the_submit_with_a_clear_error_and_stores_nothing(
-    make_app: MakeApp, db: str
+    make_app: MakeApp, sqlite_db: str
 ) -> None:
     # SQLite's answer to a full disk (SQLITE_FULL), made by capping the file at
     # the pages it has: the submit raises BackendError saying so, nothing is
     # half-stored, and once there is room again submits work.
+    db = sqlite_db
     app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
 
     @bg.task

@@ -15,9 +15,9 @@ import pkgutil
 from typing import Any
 
 from ..errors import BackendUnavailable
-from .base import Backend
+from .base import Backend, BackendOptions
 
-__all__ = ["Backend", "known_schemes", "open_backend"]
+__all__ = ["Backend", "BackendOptions", "known_schemes", "open_backend"]
 
 # Other spellings of a scheme, as URLs are written elsewhere (SQLAlchemy, redis-py).
 _ALIASES = {"postgres": "postgresql", "rediss": "redis"}
@@ -30,11 +30,14 @@ def known_schemes() -> list[str]:
     return sorted(n for n in names if n not in _NOT_BACKENDS)
 
 
-def open_backend(spec: object, instance_path: str) -> Backend:
+def open_backend(
+    spec: object, instance_path: str, options: BackendOptions | None = None
+) -> Backend:
     """Return the backend ``spec`` names: None, a URL string, or a backend object.
 
     A relative path in a file URL resolves against ``instance_path`` (the app's
-    instance folder). Nothing is connected yet: the loop calls ``open`` at start.
+    instance folder); ``options`` (pool size, timeouts) go to the backends that
+    take them. Nothing is connected yet: the loop calls ``open`` at start.
 
     :raises BackendUnavailable: for an unknown scheme, or a backend whose
         optional driver is not installed.
@@ -57,7 +60,7 @@ def open_backend(spec: object, instance_path: str) -> Backend:
             f"(known: {', '.join(known_schemes())})"
         )
     module: Any = importlib.import_module(f"{__name__}.{scheme}")
-    backend = module.from_url(spec, instance_path)
+    backend = module.from_url(spec, instance_path, options or BackendOptions())
     if not isinstance(backend, Backend):  # pragma: no cover - a broken backend module
         raise TypeError(f"{module.__name__}.from_url returned {backend!r}, not a Backend")
     return backend

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -38,7 +39,24 @@ from types import ModuleType
 from ..engine import records as rec
 from ..errors import BackendUnavailable
 
-__all__ = ["Backend", "lost_lease_error", "require_driver"]
+__all__ = ["Backend", "BackendOptions", "lost_lease_error", "require_driver"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """What a networked backend takes from the app's config besides its URL
+    (``ASYNCBG_POOL_SIZE``, ``ASYNCBG_STATEMENT_TIMEOUT``,
+    ``ASYNCBG_CONNECT_TIMEOUT``, ``ASYNCBG_LEASE``); a backend uses what
+    applies to it."""
+
+    #: Connections per process to the engine (the pool's largest size).
+    pool_size: int = 4
+    #: Seconds a statement may run before the server cancels it.
+    statement_timeout: float = 10.0
+    #: Seconds to reach the engine at start (and to get a pooled connection).
+    connect_timeout: float = 5.0
+    #: The job lease, for checks sized by it (the nodes heard from lately).
+    lease: float = 30.0
 
 
 def require_driver(module: str, extra: str) -> ModuleType:
@@ -118,6 +136,14 @@ class Backend(abc.ABC):
         backend object on the same store counts as another process. The
         default does nothing (``wakes_other_processes`` is False). May be
         called before :meth:`open`; a callback that raises is logged.
+        """
+
+    def on_cancel_request(self, callback: Callable[[str], object]) -> None:  # noqa: B027
+        """Register ``callback``, which the backend calls with a job id (on the
+        loop's thread) when another process asked to cancel that running job.
+
+        A hint that lets the owner look at once instead of at its next
+        renewal (which carries the truth either way). The default does nothing.
         """
 
     # -- jobs and queue items --------------------------------------------------

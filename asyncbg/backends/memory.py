@@ -54,7 +54,7 @@ from ..engine.records import (
 )
 from ..errors import ConfigError
 from . import _redact
-from .base import Backend, lost_lease_error
+from .base import Backend, BackendOptions, lost_lease_error
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -494,12 +494,13 @@ class MemoryBackend(Backend):
         )
 
 
-def from_url(url: str, instance_path: str) -> MemoryBackend:
+def from_url(url: str, instance_path: str, options: BackendOptions | None = None) -> MemoryBackend:
     """Return a new :class:`MemoryBackend` for ``memory://``.
 
     :raises ConfigError: when anything follows ``memory://`` (the memory
         backend has no location and no options).
     """
+    del options  # nothing here is pooled or networked
     scheme, sep, rest = url.partition("://")
     if scheme.lower() != "memory" or not sep or rest:
         raise ConfigError(

@@ -96,7 +96,7 @@ from ..engine.records import (
 from ..errors import BackendError, ConfigError
 from . import _redact
 from ._wake import WakeChannel
-from .base import Backend, lost_lease_error
+from .base import Backend, BackendOptions, lost_lease_error
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -1414,7 +1414,7 @@ def filesystem_type(path: str, mounts: str | None = None) -> str | None:
     return None if best is None else best[1]
 
 
-def from_url(url: str, instance_path: str) -> SQLiteBackend:
+def from_url(url: str, instance_path: str, options: BackendOptions | None = None) -> SQLiteBackend:
     """Return a new :class:`SQLiteBackend` for ``sqlite:///relative/path.db``
     (under ``instance_path``, whose folder is made at open) or
     ``sqlite:////absolute/path.db``, with options ``?synchronous=FULL|EXTRA|NORMAL``
@@ -1423,6 +1423,7 @@ def from_url(url: str, instance_path: str) -> SQLiteBackend:
     :raises ConfigError: for a host, a missing path, ``:memory:``, an unknown
         or repeated option, or a value an option does not take.
     """
+    del options  # nothing here is pooled or networked
     shown = _redact(url)
     parts = urlsplit(url)
     if parts.scheme.lower() != "sqlite":
@@ -1439,11 +1440,11 @@ def from_url(url: str, instance_path: str) -> SQLiteBackend:
             f"ASYNCBG_BACKEND {shown!r}: name a database file, as in 'sqlite:///asyncbg.db' "
             f"(an in-memory SQLite database is not shared: use 'memory://')"
         )
-    options = _options(parts.query, shown)
+    settings = _options(parts.query, shown)
     relative = not os.path.isabs(path)
     if relative:
         path = os.path.join(instance_path, path)
-    return SQLiteBackend(os.path.normpath(path), make_parent=relative, **options)
+    return SQLiteBackend(os.path.normpath(path), make_parent=relative, **settings)
 
 
 def _options(query: str, shown: str) -> dict[str, Any]:

@@ -120,6 +120,8 @@ class Store(Protocol):
 
     def on_new_work(self, callback: Callable[[], object]) -> None: ...
 
+    def on_cancel_request(self, callback: Callable[[str], object]) -> None: ...
+
 
 @dataclass(slots=True)
 class _Staged:
@@ -242,6 +244,7 @@ class DurableRunner:
         self._stopping = False
         self._wake = asyncio.Event()
         self.store.on_new_work(self.wake)
+        self.store.on_cancel_request(self._cancel_asked)
         # Plain tasks, not spawned ones: the drain at stop waits for jobs, not for these.
         self._loops = [
             loop.create_task(self._claim_loop(), name="asyncbg:durable:claim"),
@@ -903,6 +906,22 @@ class DurableRunner:
         if now - self._last_expire >= min(_EXPIRE_EVERY, self.history_age or _EXPIRE_EVERY):
             self._last_expire = now
             await self._written(self.store.expire(now - self.history_age))
+
+    def _cancel_asked(self, job_id: str) -> None:
+        # Another process asked to cancel a job: if this one holds it, renew
+        # that claim now (the renewal says whether the cancel is real).
+        held = self._held.get(job_id)
+        if held is not None and not self._stopping:
+            self._write(self._renew_claim(held.claim))
+
+    async def _renew_claim(self, claim: Claim) -> None:
+        try:
+            result = await self.store.renew([claim], self.lease)
+        except Exception as exc:  # the regular renewal will look again
+            log.debug("renewing %s on a cancel request failed: %s", claim.id, exc)
+            return
+        for job_id in result.cancel_requested:
+            self._cancel_held(job_id, "cancel")
 
     def _cancel_held(self, job_id: str, why: str) -> None:
         held = self._held.get(job_id)

@@ -10,6 +10,7 @@ server or driver is missing).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from asyncbg.backends.base import Backend
 from asyncbg.backends.memory import MemoryBackend
 from asyncbg.backends.sqlite import SQLiteBackend
+from tests.servers import PostgresServer
 
 BackendFactory = Callable[[Path], AbstractAsyncContextManager[Backend]]
 
@@ -33,16 +35,33 @@ async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     yield SQLiteBackend(str(tmp_path / "asyncbg.db"))
 
 
+def postgres_backend(server: PostgresServer) -> BackendFactory:
+    @asynccontextmanager
+    async def make(tmp_path: Path) -> AsyncIterator[Backend]:
+        # The session's server; a schema of its own per test.
+        from asyncbg.backends.postgresql import PostgresBackend
+
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        yield PostgresBackend(server.url(), schema=schema)
+        server.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    return make
+
+
 BACKENDS = [
     pytest.param(memory_backend, id="memory"),
     pytest.param(sqlite_backend, id="sqlite"),
+    pytest.param("postgresql", id="postgresql"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    """An opened, migrated, empty backend of each kind in :data:`BACKENDS`."""
+    """An opened, migrated, empty backend of each kind in :data:`BACKENDS`
+    (PostgreSQL: the session's server, ``postgres_server``)."""
     factory: BackendFactory = request.param
+    if request.param == "postgresql":
+        factory = postgres_backend(request.getfixturevalue("postgres_server"))
     async with factory(tmp_path) as made:
         await made.open()
         try:
