@@ -110,7 +110,7 @@ MODES: Mapping[str, Mode] = {
         durable_jobs=2000,
         durable_samples=200,
         time_budget=600.0,
-        postgres_jobs=2000,
+        postgres_jobs=1000,
         postgres_samples=150,
     ),
 }

@@ -708,9 +708,27 @@ def _remote(
     return lags, calls
 
 
-def _jobs(hosts: list[_Host], per_host: int, threads: int, deadline: Deadline) -> dict[str, Any]:
+def _cpu(pids: list[int]) -> float | None:
+    """CPU seconds (user + system, every thread) used so far by ``pids``; None
+    when one cannot be read (another machine's, or gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _jobs(
+    hosts: list[_Host], server: _Server, per_host: int, threads: int, deadline: Deadline
+) -> dict[str, Any]:
     """Every host submits ``per_host`` jobs from ``threads`` threads at once:
-    {"rate": jobs/s end to end, "calls": every submit call}."""
+    {"rate": jobs/s end to end, "calls": every submit call, "host cpu" and
+    "server cpu": CPU seconds per job of the host processes and of the
+    server's processes over the measurement, when they can be read}."""
     gen = next(_GENS)
     per = max(1, per_host // threads)
     cap = max(1.0, deadline.end - time.monotonic())
@@ -718,6 +736,9 @@ def _jobs(hosts: list[_Host], per_host: int, threads: int, deadline: Deadline) -
         h.send("arm", gen, per, threads, repr(cap))
     for h in hosts:
         h.expect("armed")
+    pids = [h.proc.pid for h in hosts]
+    host_cpu, server_pids = _cpu(pids), server.pids()
+    server_cpu = _cpu(server_pids)
     for h in hosts:
         h.send("go")
     total = 0
@@ -734,7 +755,16 @@ def _jobs(hosts: list[_Host], per_host: int, threads: int, deadline: Deadline) -
         hits = sum(int(c[0]) for c in counts)
         if hits >= total:
             last = max(float(c[1]) for c in counts)
-            return {"rate": total / (last - t0), "calls": calls, "jobs": total}
+            res = {"rate": total / (last - t0), "calls": calls, "jobs": total}
+            after = _cpu(pids)
+            if host_cpu is not None and after is not None:
+                res["host cpu"] = (after - host_cpu) / total
+            # a backend that connected meanwhile counts from zero
+            after = _cpu([p for p in server.pids() if p in server_pids])
+            if server_cpu is not None and after is not None:
+                joined = _cpu([p for p in server.pids() if p not in server_pids]) or 0.0
+                res["server cpu"] = (after - server_cpu + joined) / total
+            return res
         if time.monotonic() > end:
             return {"rate": float("nan"), "calls": calls, "jobs": total}
         time.sleep(0.02)  # the coordinator's look; the rate is from the jobs' own clocks
@@ -749,11 +779,56 @@ def _put(figures: Figures, group: str, what: str, values: list[float], scale: fl
         figures[(group, f"{what} p99")] = percentile(values, 99) * scale
 
 
+def _put_jobs(figures: Figures, group: str, res: dict[str, Any]) -> None:
+    figures[(group, "jobs/s")] = res["rate"]
+    _put(figures, group, "submit call", res["calls"], 1e6)
+    for what in ("host cpu", "server cpu"):
+        if what in res:
+            figures[(group, f"{what} per job")] = res[what] * 1e6
+
+
 class _Server:
     """The run's PostgreSQL: databases made and dropped through an admin URL."""
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
+        self.postmaster = self._postmaster()
+
+    def _postmaster(self) -> int | None:
+        """The server's postmaster PID when it runs on this machine (a loopback
+        or socket URL, its backend's parent named postgres), else None."""
+        import psycopg
+
+        host = urlsplit(self.admin_url).hostname or ""
+        if host not in ("", "localhost", "127.0.0.1", "::1") and not host.startswith("/"):
+            return None
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        try:
+            with open(f"/proc/{row[0] if row else 0}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            with open(f"/proc/{ppid}/comm") as f:
+                name = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            return None
+        return ppid if name.startswith("postgres") else None
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, WAL writer, checkpointer...)."""
+        if self.postmaster is None:
+            return []
+        found = [self.postmaster]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rpartition(")")[2].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == self.postmaster:
+                    found.append(int(entry))
+        return found
 
     def url(self, database: str) -> str:
         parts = urlsplit(self.admin_url)
@@ -811,17 +886,14 @@ def _trial(
             _put(figures, "other", "submit call", calls, 1e6)
             raw["other host start"] = lags
             for threads in THREADS:
-                res = _jobs([first], mode.postgres_jobs, threads, deadline)
-                figures[(f"1x{threads}", "jobs/s")] = res["rate"]
-                _put(figures, f"1x{threads}", "submit call", res["calls"], 1e6)
+                res = _jobs([first], server, mode.postgres_jobs, threads, deadline)
+                _put_jobs(figures, f"1x{threads}", res)
             if max(HOSTS) > 1 and not deadline.passed():
                 with _hosts(kind, url, ["run"] * (max(HOSTS) - 1)) as more:
                     everyone = [first, *more]
                     for threads in THREADS:
-                        res = _jobs(everyone, mode.postgres_jobs, threads, deadline)
-                        key = f"{len(everyone)}x{threads}"
-                        figures[(key, "jobs/s")] = res["rate"]
-                        _put(figures, key, "submit call", res["calls"], 1e6)
+                        res = _jobs(everyone, server, mode.postgres_jobs, threads, deadline)
+                        _put_jobs(figures, f"{len(everyone)}x{threads}", res)
     return figures, raw
 
 
@@ -937,7 +1009,9 @@ def _notes(sec: Section, unavailable: str | None, version: str, missing: list[st
         f"their worker with concurrency {CONCURRENCY} (asyncbg's default), LISTEN/NOTIFY on; "
         f"one statement per job: {BARE_CONSUMERS} consumer threads per host, each sleeping "
         f"{BARE_POLL * 1e3:.0f} ms after an empty claim; a job counts when its first line "
-        "runs; jobs/s ratios are to the faster of procrastinate and SAQ in the same group"
+        "runs; jobs/s ratios are to the faster of procrastinate and SAQ in the same group; "
+        "CPU per job: user + system time of the host processes and of the server's "
+        "processes over the measurement, from /proc (clock ticks: coarse on short runs)"
     )
 
 
