@@ -728,7 +728,8 @@ def _jobs(
     """Every host submits ``per_host`` jobs from ``threads`` threads at once:
     {"rate": jobs/s end to end, "calls": every submit call, "host cpu" and
     "server cpu": CPU seconds per job of the host processes and of the
-    server's processes over the measurement, when they can be read}."""
+    server's processes over the measurement, when they can be read; "wal":
+    bytes of WAL per job, the whole server's, so one subject at a time}."""
     gen = next(_GENS)
     per = max(1, per_host // threads)
     cap = max(1.0, deadline.end - time.monotonic())
@@ -739,6 +740,7 @@ def _jobs(
     pids = [h.proc.pid for h in hosts]
     host_cpu, server_pids = _cpu(pids), server.pids()
     server_cpu = _cpu(server_pids)
+    wal = server.wal()
     for h in hosts:
         h.send("go")
     total = 0
@@ -756,6 +758,7 @@ def _jobs(
         if hits >= total:
             last = max(float(c[1]) for c in counts)
             res = {"rate": total / (last - t0), "calls": calls, "jobs": total}
+            res["wal"] = (server.wal() - wal) / total
             after = _cpu(pids)
             if host_cpu is not None and after is not None:
                 res["host cpu"] = (after - host_cpu) / total
@@ -785,6 +788,8 @@ def _put_jobs(figures: Figures, group: str, res: dict[str, Any]) -> None:
     for what in ("host cpu", "server cpu"):
         if what in res:
             figures[(group, f"{what} per job")] = res[what] * 1e6
+    if "wal" in res:
+        figures[(group, "WAL per job")] = res["wal"]
 
 
 class _Server:
@@ -813,6 +818,14 @@ class _Server:
         except (OSError, ValueError, IndexError):
             return None
         return ppid if name.startswith("postgres") else None
+
+    def wal(self) -> int:
+        """The server's current WAL position, in bytes."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+            return int(row[0]) if row else 0
 
     def pids(self) -> list[int]:
         """The postmaster and its children (backends, WAL writer, checkpointer...)."""
@@ -917,6 +930,8 @@ def _groups() -> dict[str, str]:
 def _unit(key: str, metric: str) -> str:
     if metric == "jobs/s":
         return "1/s"
+    if metric.startswith("WAL"):
+        return "B"
     return "ms" if metric.startswith("start") else "us"
 
 
@@ -1011,7 +1026,8 @@ def _notes(sec: Section, unavailable: str | None, version: str, missing: list[st
         f"{BARE_POLL * 1e3:.0f} ms after an empty claim; a job counts when its first line "
         "runs; jobs/s ratios are to the faster of procrastinate and SAQ in the same group; "
         "CPU per job: user + system time of the host processes and of the server's "
-        "processes over the measurement, from /proc (clock ticks: coarse on short runs)"
+        "processes over the measurement, from /proc (clock ticks: coarse on short runs); "
+        "WAL per job: the server's WAL position moved over the measurement, per job"
     )
 
 
