@@ -67,6 +67,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TASK = "bench_pg_stamp"  # the same name in every process and for every subject
 START_TIMEOUT = 10.0  # a job that has not started by then fails the run
 URL_ENV = "ASYNCBG_BENCH_PG_URL"
+#: A JSON object of config keys for asyncbg's hosts instead of its defaults
+#: (``'{"ASYNCBG_POOL_SIZE": 8}'``), to see what a setting buys; noted in the run.
+CONFIG_ENV = "ASYNCBG_BENCH_PG_CONFIG"
 
 ASYNCBG = "asyncbg postgresql"
 PROCRASTINATE = "procrastinate"
@@ -169,6 +172,16 @@ class _LoopThread:
             self.loop.close()
 
 
+def _extra_config() -> dict[str, Any]:
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    if not text:
+        return {}
+    config = json.loads(text)
+    if not isinstance(config, dict) or not all(str(k).startswith("ASYNCBG_") for k in config):
+        raise ValueError(f"{CONFIG_ENV}: a JSON object of ASYNCBG_* keys, not {text!r}")
+    return config
+
+
 class _AsyncBGHost:
     """A Flask app with asyncbg on the PostgreSQL backend and the task."""
 
@@ -181,6 +194,7 @@ class _AsyncBGHost:
         app.config.update(
             ASYNCBG_HANDLE_SIGNALS=False, ASYNCBG_AUTOSTART=False, ASYNCBG_BACKEND=url
         )
+        app.config.update(_extra_config())
         if not run:
             app.config["ASYNCBG_WORKER_CONCURRENCY"] = 0
         try:
@@ -1007,8 +1021,10 @@ def _notes(sec: Section, unavailable: str | None, version: str, missing: list[st
         )
     else:
         s = (sec.raw.get("settings") or {}).get(ASYNCBG) or {}
+        extra = _extra_config()
+        which = f"{CONFIG_ENV} {json.dumps(extra)}, otherwise its defaults" if extra else "defaults"
         sec.notes.append(
-            f"{ASYNCBG}: its defaults ({', '.join(f'{k} {v!r}' for k, v in s.items())}); the "
+            f"{ASYNCBG}: {which} ({', '.join(f'{k} {v!r}' for k, v in s.items())}); the "
             "submitting host of the cross-host rows runs ASYNCBG_WORKER_CONCURRENCY=0"
         )
     for name in missing:
