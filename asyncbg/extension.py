@@ -566,9 +566,23 @@ class AsyncBG:
         how: SubmitSettings = _PLAIN,
     ) -> Job[T]:
         st, durable = self._route(task)
+        if how.connection is not None:
+            return self._in_transaction(task, durable).submit_in(
+                how.connection, *self._stored_job(st, task, args, kwargs, how)
+            )
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
         return durable.submit(*self._stored_job(st, task, args, kwargs, how))
+
+    @staticmethod
+    def _in_transaction(task: Task[Any, Any], durable: DurableRunner | None) -> DurableRunner:
+        if durable is None:
+            raise ValueError(
+                f"task {task.name!r}: using(connection=...) writes the job in your "
+                f"transaction, which needs a durable task on a backend that can "
+                f"(ASYNCBG_BACKEND = 'postgresql://...')"
+            )
+        return durable
 
     def _submit_many(self, task: Task[Any, T], calls: list[tuple[Any, ...]]) -> list[Job[T]]:
         st, durable = self._route(task)
@@ -585,6 +599,10 @@ class AsyncBG:
         how: SubmitSettings = _PLAIN,
     ) -> Job[T]:
         st, durable = self._route(task)
+        if how.connection is not None:
+            return await self._in_transaction(task, durable).submit_in_async(
+                how.connection, *self._stored_job(st, task, args, kwargs, how)
+            )
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
         return await durable.submit_async(*self._stored_job(st, task, args, kwargs, how))

@@ -181,6 +181,43 @@ def procs() -> Iterator[Callable[..., Proc]]:
         p.close()
 
 
+class SharedStore:
+    """One store that several "processes" open, each with its own backend
+    object: an SQLite file, or a schema of the session's PostgreSQL."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.path = tmp_path / "x.db"
+        if kind == "postgresql":
+            self.server = request.getfixturevalue("postgres_server")
+            self.schema = request.getfixturevalue("pg_schema")
+
+    def backend(self) -> Backend:
+        if self.kind == "sqlite":
+            return SQLiteBackend(str(self.path))
+        from asyncbg.backends.postgresql import PostgresBackend
+
+        return PostgresBackend(self.server.url(), schema=self.schema)
+
+    def procs(self, make: Callable[..., Proc], *owners: str) -> list[Proc]:
+        out = []
+        for owner in owners:
+            backend = self.backend()
+            out.append(make(owner, backend, backend))
+        return out
+
+    def slots(self, name: str = NAME) -> list[int]:
+        if self.kind == "sqlite":
+            return slot_rows(self.path, name)
+        text = self.server.psql(f"SELECT slot FROM {self.schema}.slots WHERE name = '{name}'")
+        return [int(line) for line in text.split()]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStore:
+    return SharedStore(request.param, tmp_path, request)
+
+
 def sqlite_procs(make: Callable[..., Proc], path: Path, *owners: str) -> list[Proc]:
     out = []
     for owner in owners:
@@ -309,10 +346,11 @@ async def test_a_release_is_for_good_even_with_a_take_in_flight() -> None:
 # -- periodic jobs on the lease --------------------------------------------------------
 
 
-def test_the_leader_runs_and_the_follower_neither_runs_nor_skips(procs, tmp_path: Path) -> None:
-    db = tmp_path / "x.db"
+def test_the_leader_runs_and_the_follower_neither_runs_nor_skips(
+    procs, shared: SharedStore
+) -> None:
     runs = Runs()
-    a, b = sqlite_procs(procs, db, "a", "b")
+    a, b = shared.procs(procs, "a", "b")
     ja = a.start(PeriodicJob(runs.job("a"), name="chore", every=0.1, scope="host"))
     runs.wait("a to run", lambda: runs.by("a") >= 1)  # a asked first: a leads
     jb = b.start(PeriodicJob(runs.job("b"), name="chore", every=0.1, scope="host"))
@@ -326,15 +364,14 @@ def test_the_leader_runs_and_the_follower_neither_runs_nor_skips(procs, tmp_path
     a.stop()
     b.stop()
     assert ja.runs == len(runs.log)
-    assert len(slot_rows(db)) == ja.runs  # one slot claimed per run, none twice
+    assert len(shared.slots()) == ja.runs  # one slot claimed per run, none twice
 
 
 def test_release_at_stop_hands_over_at_the_next_tick_and_every_slot_runs_once(
-    procs, tmp_path: Path
+    procs, shared: SharedStore
 ) -> None:
-    db = tmp_path / "x.db"
     runs = Runs()
-    a, b = sqlite_procs(procs, db, "a", "b")
+    a, b = shared.procs(procs, "a", "b")
     ja = a.start(PeriodicJob(runs.job("a"), name="chore", every=0.05, scope="cluster"))
     runs.wait("a to run", lambda: runs.by("a") >= 1)
     jb = b.start(PeriodicJob(runs.job("b"), name="chore", every=0.05, scope="cluster"))
@@ -348,7 +385,7 @@ def test_release_at_stop_hands_over_at_the_next_tick_and_every_slot_runs_once(
     assert handover < LEASE_TTL_MIN / 2
     runs.wait("b to run more", lambda: runs.by("b") >= 5)
     b.stop()
-    slots = slot_rows(db)
+    slots = shared.slots()
     assert len(slots) == len(set(slots)) == ja.runs + jb.runs == len(runs.log)
     # The slots are grid times (ms) one period apart: a single sequence across
     # the handover, nothing run twice.
@@ -402,10 +439,9 @@ def test_store_errors_are_counted_and_the_schedule_goes_on(procs) -> None:
     assert ja.holds_lock is True
 
 
-def test_fixed_rate_schedules_of_two_processes_tick_on_one_grid(procs, tmp_path: Path) -> None:
-    db = tmp_path / "x.db"
+def test_fixed_rate_schedules_of_two_processes_tick_on_one_grid(procs, shared: SharedStore) -> None:
     runs = Runs()
-    a, b = sqlite_procs(procs, db, "a", "b")
+    a, b = shared.procs(procs, "a", "b")
     period = 0.2
     ja = a.start(PeriodicJob(runs.job("a"), name="chore", every=period, scope="host"))
     runs.wait("a to run", lambda: runs.by("a") >= 1)
@@ -423,17 +459,16 @@ def test_fixed_rate_schedules_of_two_processes_tick_on_one_grid(procs, tmp_path:
     assert min(offset, period - offset) < 0.02, offset
 
 
-def test_cron_occurrences_run_once_each_across_two_processes(procs, tmp_path: Path) -> None:
-    db = tmp_path / "x.db"
+def test_cron_occurrences_run_once_each_across_two_processes(procs, shared: SharedStore) -> None:
     runs = Runs()
-    a, b = sqlite_procs(procs, db, "a", "b")
+    a, b = shared.procs(procs, "a", "b")
     every_second = "* * * * * *"  # croniter's sixth field: seconds
     ja = a.start(PeriodicJob(runs.job("a"), name="chore", cron=every_second, scope="cluster"))
     jb = b.start(PeriodicJob(runs.job("b"), name="chore", cron=every_second, scope="cluster"))
     runs.wait("three occurrences", lambda: len(runs.log) >= 3)
     a.stop()
     b.stop()
-    slots = sorted(slot_rows(db))
+    slots = sorted(shared.slots())
     assert len(slots) == ja.runs + jb.runs
     assert all(s % 1000 == 0 for s in slots)  # whole seconds: the occurrences
     assert len(set(slots)) == len(slots)

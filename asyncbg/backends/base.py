@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
-from ..errors import BackendUnavailable
+from ..errors import BackendError, BackendUnavailable
 
 __all__ = ["Backend", "BackendOptions", "lost_lease_error", "require_driver"]
 
@@ -173,6 +173,33 @@ class Backend(abc.ABC):
         resolved after the commit, or None (the default) to have the engine go
         through the loop. Same results and errors as :meth:`enqueue`."""
         return None
+
+    def enqueue_in(
+        self, connection: object, records: Sequence[rec.JobRecord]
+    ) -> list[rec.JobRecord]:
+        """Write ``records`` in the caller's open transaction on ``connection``
+        (the caller's thread; no commit): they exist if and only if the caller
+        commits. Idempotent on id and active key as :meth:`enqueue` (no limits).
+
+        :raises BackendError: by default: this backend cannot write in a
+            caller's transaction (only a backend on the app's own database can).
+        :raises TypeError: for a connection the backend does not know.
+        """
+        raise BackendError(
+            f"the {self.scheme or type(self).__name__} backend cannot write a job in your "
+            f"transaction (using(connection=...)): that needs ASYNCBG_BACKEND on the "
+            f"database of that transaction, a postgresql:// URL"
+        )
+
+    async def enqueue_in_async(
+        self, connection: object, records: Sequence[rec.JobRecord]
+    ) -> list[rec.JobRecord]:
+        """As :meth:`enqueue_in`, on an async connection.
+
+        :raises BackendError: by default, as :meth:`enqueue_in`.
+        :raises TypeError: for a connection the backend does not know.
+        """
+        return self.enqueue_in(connection, records)
 
     @abc.abstractmethod
     async def claim(

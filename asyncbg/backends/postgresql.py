@@ -49,7 +49,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -267,6 +267,13 @@ class _Statements:
             changes="attempts = j.attempts - 1",
             source="unnest(%s::text[], %s::text[], %s::int8[]) AS c(id, owner, token)",
         )
+        self.adopt = f"""UPDATE {s}.jobs j SET lease_until = {_NOW} + %(lease)s
+            WHERE j.id IN (
+                SELECT id FROM {s}.jobs WHERE owner = %(owner)s AND status = 'running'
+                AND queue = ANY(%(queues)s::text[]) AND NOT (id = ANY(%(handed)s::text[]))
+                ORDER BY due, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+            )
+            RETURNING {", ".join(f"j.{n}" for n in _FIELDS)}"""
         self.progress = f"""UPDATE {s}.jobs SET progress_done = %s, progress_total = %s,
             progress_message = %s
             WHERE id = %s AND owner = %s AND token = %s AND status = 'running'"""
@@ -348,6 +355,70 @@ def _columns(records: Sequence[JobRecord]) -> list[list[Any]]:
     return [[getattr(r, name) for r in records] for name in _FIELDS]
 
 
+def _first_stored(records: Sequence[JobRecord], stored: set[str]) -> dict[str, JobRecord]:
+    # The record stored for each id: the first of the batch with it.
+    first: dict[str, JobRecord] = {}
+    for record in records:
+        if record.id in stored:
+            first.setdefault(record.id, record)
+    return first
+
+
+def _missing(records: Sequence[JobRecord], stored: set[str]) -> list[JobRecord]:
+    # The records an insert did not store: each gets what is there instead.
+    first = _first_stored(records, stored)
+    return [r for r in records if first.get(r.id) is not r]
+
+
+def _answer(
+    records: Sequence[JobRecord], stored: set[str], known: Sequence[JobRecord]
+) -> list[JobRecord | None]:
+    """Each record that was stored is itself; each other one gets the stored
+    record with its id, or the active one with its key (an earlier record of
+    the same batch included)."""
+    first = _first_stored(records, stored)
+    keys: dict[str, JobRecord] = {}
+    for record in first.values():
+        if record.key is not None:
+            keys.setdefault(record.key, record)
+    by_id = {r.id: r for r in known}
+    by_key = {r.key: r for r in known if r.key is not None and not r.final}
+    answer: list[JobRecord | None] = []
+    for record in records:
+        if first.get(record.id) is record:
+            answer.append(record)
+            continue
+        found = first.get(record.id) or by_id.get(record.id)
+        if found is None and record.key is not None:
+            found = keys.get(record.key) or by_key.get(record.key)
+        if found is None:  # pragma: no cover - only the id and the key are unique
+            raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
+        answer.append(found)
+    return answer
+
+
+def _dbapi_cursor(connection: object) -> Any:
+    """A DB-API cursor on the caller's connection: psycopg's own, or the one
+    under a SQLAlchemy ``Session`` or ``Connection``."""
+    if isinstance(connection, psycopg.AsyncConnection):
+        raise TypeError(
+            "using(connection=...) got a psycopg AsyncConnection: await task.using(...)"
+            ".submit_async(...) with it"
+        )
+    if isinstance(connection, psycopg.Connection):
+        return connection.cursor()
+    target: Any = connection
+    if callable(getattr(target, "connection", None)) and hasattr(target, "commit"):
+        target = target.connection()  # a SQLAlchemy Session: its Connection
+    proxied = getattr(target, "connection", None)
+    if proxied is not None and hasattr(target, "exec_driver_sql"):
+        return proxied.cursor()  # a SQLAlchemy Connection: the DB-API connection under it
+    raise TypeError(
+        f"using(connection=...) takes a psycopg Connection, or a SQLAlchemy Session or "
+        f"Connection on the backend's database, not {type(connection).__name__}"
+    )
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0] if "\n" in text else text
@@ -396,6 +467,11 @@ class PostgresBackend(Backend):
         self._work_callbacks: list[Callable[[], object]] = []
         self._cancel_callbacks: list[Callable[[str], object]] = []
         self._listener: asyncio.Task[None] | None = None
+        # Claims handed out and not ended (id -> token); the lanes where a claim
+        # may have committed unseen; how many claims are in flight.
+        self._handed: dict[str, int] = {}
+        self._in_doubt: set[str] = set()
+        self._claiming = 0
         self._finished: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -410,7 +486,22 @@ class PostgresBackend(Backend):
             "connect_timeout": max(1, round(self.options.connect_timeout)),
             "options": f"-c statement_timeout={timeout_ms}",
             "application_name": "asyncbg",
+            # A server behind a partition answers nothing, not even a reset:
+            # keepalives find an idle connection dead within ~10 s (the
+            # listener's included), and tcp_user_timeout bounds how long sent
+            # data may go unacknowledged on a busy one.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(self._answer_within * 1000),
         }
+
+    @property
+    def _answer_within(self) -> float:
+        # The longest an operation waits for the server (the connection, then
+        # the statement), after which it fails rather than hangs.
+        return self.options.connect_timeout + self.options.statement_timeout + 1.0
 
     async def _configure(self, conn: Any) -> None:
         # Every pooled connection's server pid: notifications they send are ours.
@@ -486,8 +577,13 @@ class PostgresBackend(Backend):
             raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
         for attempt in (1, 2):
             try:
-                async with self._pool.connection() as conn:
+                async with asyncio.timeout(self._answer_within), self._pool.connection() as conn:
                     return await fn(conn)
+            except TimeoutError:
+                raise BackendError(
+                    f"PostgreSQL at {self._shown}: {what} got no answer within "
+                    f"{self._answer_within:g} s (the server or the network is away)"
+                ) from None
             except psycopg_pool.PoolTimeout as exc:
                 raise BackendError(
                     f"PostgreSQL at {self._shown}: {what} found no connection within "
@@ -614,7 +710,7 @@ class PostgresBackend(Backend):
                 )
             except Exception as exc:
                 log.warning(
-                    "asyncbg: cannot listen for wake-ups on PostgreSQL at %s (%s); polling "
+                    "cannot listen for wake-ups on PostgreSQL at %s (%s); polling "
                     "meanwhile, trying again in %.2g s",
                     self._shown,
                     _describe(exc),
@@ -629,7 +725,7 @@ class PostgresBackend(Backend):
                     if not ready.done():
                         ready.set_result(None)
                     if not first:  # what was sent while away is lost: look now
-                        log.info("asyncbg: listening on PostgreSQL at %s again", self._shown)
+                        log.info("listening on PostgreSQL at %s again", self._shown)
                         self._call(self._work_callbacks)
                     first = False
                     delay = _LISTEN_RETRY_FIRST
@@ -637,7 +733,7 @@ class PostgresBackend(Backend):
                         self._notified(notify.pid, notify.payload)
             except psycopg.Error as exc:
                 log.warning(
-                    "asyncbg: the PostgreSQL wake-up connection to %s broke (%s); reconnecting",
+                    "the PostgreSQL wake-up connection to %s broke (%s); reconnecting",
                     self._shown,
                     _describe(exc),
                 )
@@ -690,51 +786,95 @@ class PostgresBackend(Backend):
             )
         return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records))
 
+    def _insert_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
+        return (*_columns(records), self._sql.channel)
+
+    def _existing_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
+        return ([r.id for r in records], [r.key for r in records if r.key is not None])
+
     async def _insert(self, conn: Any, records: Sequence[JobRecord]) -> set[str]:
-        cursor = await conn.execute(self._sql.insert, (*_columns(records), self._sql.channel))
+        cursor = await conn.execute(self._sql.insert, self._insert_params(records))
         return {row[0] for row in await cursor.fetchall()}
 
     async def _existing(self, conn: Any, records: Sequence[JobRecord]) -> list[JobRecord]:
-        cursor = await conn.execute(
-            self._sql.existing,
-            ([r.id for r in records], [r.key for r in records if r.key is not None]),
-        )
+        cursor = await conn.execute(self._sql.existing, self._existing_params(records))
         return [_record(row) for row in await cursor.fetchall()]
 
     async def _enqueue_free(
         self, conn: Any, records: Sequence[JobRecord]
     ) -> list[JobRecord | None]:
         stored = await self._insert(conn, records)
-        return await self._answer(conn, records, stored)
+        missing = _missing(records, stored)
+        known = await self._existing(conn, missing) if missing else []
+        return list(_answer(records, stored, known))
 
-    async def _answer(
-        self, conn: Any, records: Sequence[JobRecord], stored: set[str]
-    ) -> list[JobRecord | None]:
-        # Each record that was stored is itself; the others get what is there.
-        # A record of the batch whose id or key an earlier one took counts too.
-        first: dict[str, JobRecord] = {}
-        keys: dict[str, JobRecord] = {}
+    def enqueue_in(self, connection: object, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """Write ``records`` in the caller's open transaction on ``connection``,
+        in the caller's thread, without committing: a psycopg ``Connection``,
+        a SQLAlchemy ``Session`` (Flask-SQLAlchemy's ``db.session``) or
+        ``Connection`` on this database (psycopg or psycopg2 underneath). The
+        ``work`` notification is sent at the caller's commit, as PostgreSQL
+        delivers notifications; a rollback leaves no job and wakes nobody.
+        The tables are this backend's schema, whatever the connection's
+        ``search_path``.
+
+        :raises TypeError: for another kind of connection (an async one: use
+            ``submit_async``), naming what is accepted.
+        :raises ValueError: when a record is not ``pending``.
+        :raises BackendError: for a database error (the caller's transaction
+            is then aborted: the caller rolls it back).
+        """
         for record in records:
-            if record.id in stored and record.id not in first:
-                first[record.id] = record
-                if record.key is not None:
-                    keys.setdefault(record.key, record)
-        missing = [r for r in records if first.get(r.id) is not r]
-        known: list[JobRecord] = await self._existing(conn, missing) if missing else []
-        by_id = {r.id: r for r in known}
-        by_key = {r.key: r for r in known if r.key is not None and not r.final}
-        answer: list[JobRecord | None] = []
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        cursor = _dbapi_cursor(connection)
+        try:
+            cursor.execute(self._sql.insert, self._insert_params(records))
+            stored = {row[0] for row in cursor.fetchall()}
+            missing = _missing(records, stored)
+            known: list[JobRecord] = []
+            if missing:
+                cursor.execute(self._sql.existing, self._existing_params(missing))
+                known = [_record(row) for row in cursor.fetchall()]
+        except Exception as exc:
+            if type(exc).__module__.partition(".")[0] not in ("psycopg", "psycopg2"):
+                raise
+            raise BackendError(
+                f"PostgreSQL: writing the job in your transaction failed: {_describe(exc)}"
+            ) from exc
+        finally:
+            cursor.close()
+        return [r for r in _answer(records, stored, known) if r is not None]
+
+    async def enqueue_in_async(
+        self, connection: object, records: Sequence[JobRecord]
+    ) -> list[JobRecord]:
+        """As :meth:`enqueue_in`, on a psycopg ``AsyncConnection`` in the
+        caller's transaction (on any event loop).
+
+        :raises TypeError: for another kind of connection.
+        :raises ValueError: when a record is not ``pending``.
+        :raises BackendError: for a database error.
+        """
+        if not isinstance(connection, psycopg.AsyncConnection):
+            if isinstance(connection, psycopg.Connection) or hasattr(connection, "cursor"):
+                return self.enqueue_in(connection, records)
+            raise TypeError(
+                f"using(connection=...) with submit_async takes a psycopg AsyncConnection "
+                f"(or a sync connection), not {type(connection).__name__}"
+            )
         for record in records:
-            if first.get(record.id) is record:
-                answer.append(record)
-                continue
-            found = first.get(record.id) or by_id.get(record.id)
-            if found is None and record.key is not None:
-                found = keys.get(record.key) or by_key.get(record.key)
-            if found is None:  # pragma: no cover - only the id and the key are unique
-                raise BackendError(f"the insert of {record.id!r} conflicted with nothing known")
-            answer.append(found)
-        return answer
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        try:
+            stored = await self._insert(connection, records)
+            missing = _missing(records, stored)
+            known = await self._existing(connection, missing) if missing else []
+        except psycopg.Error as exc:
+            raise BackendError(
+                f"PostgreSQL: writing the job in your transaction failed: {_describe(exc)}"
+            ) from exc
+        return [r for r in _answer(records, stored, known) if r is not None]
 
     async def _enqueue_bounded(
         self, conn: Any, records: Sequence[JobRecord], limits: Mapping[str, int]
@@ -779,7 +919,9 @@ class PostgresBackend(Backend):
                         pending[record.queue] += 1
             stored = await self._insert(conn, chosen) if chosen else set()
             kept = [r for i, r in enumerate(records) if i not in refused]
-            answers = iter(await self._answer(conn, kept, stored))
+            missing = _missing(kept, stored)
+            known += await self._existing(conn, missing) if missing else []
+            answers = iter(_answer(kept, stored, known))
             return [None if i in refused else next(answers) for i in range(len(records))]
 
     async def claim(
@@ -797,13 +939,59 @@ class PostgresBackend(Backend):
         if limit <= 0 or not lanes:
             return []
         params = {"queues": lanes, "owner": owner, "limit": limit, "lease": lease}
-        rows = await self._rows("a claim", self._sql.claim, params, repeatable=False)
+        alone = not self._claiming
+        self._claiming += 1
+        try:
+            if alone and self._in_doubt.intersection(lanes):
+                adopted = await self._adopt(params)
+                if adopted:
+                    return adopted
+            try:
+                rows = await self._rows("a claim", self._sql.claim, params, repeatable=False)
+            except BackendError as exc:
+                if isinstance(exc.__cause__, psycopg.Error) and _broken(exc.__cause__):
+                    # It may have committed with its answer lost: those rows
+                    # are ours and running, unknown to the caller (see _adopt).
+                    self._in_doubt.update(lanes)
+                raise
+        finally:
+            self._claiming -= 1
         n = len(_FIELDS)
         # One row at least, which carries the count of lost jobs failed.
         if rows and rows[0][n + 2]:
             self._done()
         taken = sorted((row for row in rows if row[0] is not None), key=lambda r: (r[n], r[n + 1]))
-        return [Claim(r.id, owner, r.token, r) for r in map(_record, taken)]
+        return self._hand_out(owner, map(_record, taken))
+
+    def _hand_out(self, owner: str, records: Iterable[JobRecord]) -> list[Claim]:
+        claims = [Claim(r.id, owner, r.token, r) for r in records]
+        self._handed.update((c.id, c.token) for c in claims)
+        return claims
+
+    def _ended(self, claims: Iterable[Claim]) -> None:
+        for claim in claims:
+            if self._handed.get(claim.id) == claim.token:
+                del self._handed[claim.id]
+
+    async def _adopt(self, params: dict[str, Any]) -> list[Claim]:
+        """Claims of this owner running in the store that were never handed out:
+        a claim whose commit landed and whose answer was lost (the connection
+        broke under it) made them. They are handed out now, their leases
+        renewed, instead of waiting for those to run out. Only while no other
+        claim is in flight (whose rows would look the same)."""
+        rows = await self._rows(
+            "an adoption of claims in doubt",
+            self._sql.adopt,
+            {**params, "handed": list(self._handed)},
+        )
+        if len(rows) < params["limit"]:
+            self._in_doubt.difference_update(params["queues"])
+        if rows:
+            log.info(
+                "%d claim(s) whose answer was lost with the connection taken up again",
+                len(rows),
+            )
+        return self._hand_out(params["owner"], map(_record, rows))
 
     async def renew(self, claims: Sequence[Claim], lease: float) -> RenewResult:
         """Extend to ``lease`` seconds from the server's now every claim still
@@ -826,6 +1014,7 @@ class PostgresBackend(Backend):
         # By (id, owner, token): a stale claim and the fresh one of a job differ.
         kept = {(job_id, owner, token): requested for job_id, owner, token, requested in rows}
         held = [(c, (c.id, c.owner, c.token) in kept) for c in claims]
+        self._ended(c for c, ok in held if not ok)
         return RenewResult(
             tuple(c.id for c, ok in held if ok),
             tuple(c.id for c, ok in held if not ok),
@@ -862,6 +1051,7 @@ class PostgresBackend(Backend):
         done = {(job_id, owner, token) for job_id, owner, token, _ in rows}
         if done:
             self._done()
+        self._ended(c for c, _ in outcomes)
         return [(c.id, c.owner, c.token) in done for c, _ in outcomes]
 
     async def retry(self, claim: Claim, run_at: float, error: str | None) -> bool:
@@ -876,6 +1066,7 @@ class PostgresBackend(Backend):
             (run_at, error, claim.id, claim.owner, claim.token, self._sql.channel),
             repeatable=False,
         )
+        self._ended([claim])
         if rows and rows[0][1] == "cancelled":
             self._done()
         return bool(rows)
@@ -899,6 +1090,7 @@ class PostgresBackend(Backend):
             ),
             repeatable=False,
         )
+        self._ended(claims)
         if any(row[1] == "cancelled" for row in rows):
             self._done()
         return len(rows)

@@ -65,6 +65,8 @@ T = TypeVar("T")
 
 # The claimer's poll delay grows from this after activity, to poll_interval.
 _POLL_FIRST = 0.01
+# The pauses between tries to store an outcome while the store is away.
+_OUTCOME_RETRY_FIRST, _OUTCOME_RETRY_MAX = 0.05, 1.0
 # How long a store wait lasts before a waiter looks again (store polls inside).
 _WAIT_SLICE = 1.0
 # Progress writes of one job are coalesced over this many seconds.
@@ -121,6 +123,12 @@ class Store(Protocol):
     def on_new_work(self, callback: Callable[[], object]) -> None: ...
 
     def on_cancel_request(self, callback: Callable[[str], object]) -> None: ...
+
+    def enqueue_in(self, connection: object, records: Sequence[JobRecord]) -> list[JobRecord]: ...
+
+    async def enqueue_in_async(
+        self, connection: object, records: Sequence[JobRecord]
+    ) -> list[JobRecord]: ...
 
 
 @dataclass(slots=True)
@@ -321,6 +329,39 @@ class DurableRunner:
                 self.history.discard(job)
             raise
         return [self._handle(job, s) for (job, _), s in zip(pairs, stored, strict=True)]
+
+    def submit_in(self, connection: object, job: Job[Any], record: JobRecord) -> Job[Any]:
+        """Write ``record`` in the caller's open transaction on ``connection``
+        and return a handle at once: the job exists if and only if that
+        transaction commits (any process may then claim it; this one is woken
+        by the backend's notification). Waiting on the handle before the commit
+        in another thread finds no job (it ends cancelled, as a forgotten job).
+
+        :raises BackendError: when the backend cannot write in a caller's
+            transaction, or the statement failed (the transaction is the
+            caller's to roll back).
+        :raises TypeError: for a connection the backend does not know.
+        """
+        return self._handle_in(job, self.store.enqueue_in(connection, [record])[0])
+
+    async def submit_in_async(
+        self, connection: object, job: Job[Any], record: JobRecord
+    ) -> Job[Any]:
+        """As :meth:`submit_in`, on an async connection (psycopg's ``AsyncConnection``).
+
+        :raises BackendError: as :meth:`submit_in`.
+        :raises TypeError: as :meth:`submit_in`.
+        """
+        stored = await self.store.enqueue_in_async(connection, [record])
+        return self._handle_in(job, stored[0])
+
+    def _handle_in(self, job: Job[Any], stored: JobRecord) -> Job[Any]:
+        # Not in this process's history: the transaction may still roll back.
+        existing = self.history.get(stored.id)
+        if existing is not None:
+            return existing
+        del job
+        return Job.from_record(self, stored, self._options_of(stored))
 
     def _store_from_thread(
         self, records: list[JobRecord], limit: int | None
@@ -602,6 +643,7 @@ class DurableRunner:
         job.status = JobStatus.RUNNING
         job.started_at = claim.record.started_at or time.time()
         job.attempts = claim.record.attempts
+        job.token = claim.token
         finished = False
         try:
             finished = await self._settle(held, await self._attempt(held))
@@ -704,6 +746,24 @@ class DurableRunner:
         return job._finish(status, decode_json(attempt.result_json), exc)
 
     async def _finish(self, claim: Claim, outcome: Outcome) -> bool:
+        # A store that is away for a moment (a server restart) gets the outcome
+        # once it is back, as long as the claim may still be held (a lease
+        # from now): a backend's finish is idempotent, so a write whose
+        # acknowledgement was lost and is made again is recognised as its own.
+        delay, give_up = _OUTCOME_RETRY_FIRST, time.monotonic() + self.lease
+        while True:
+            try:
+                return await self._finish_once(claim, outcome)
+            except BackendError as exc:
+                if self._stopping or time.monotonic() + delay > give_up:
+                    raise
+                log.debug(
+                    "storing the outcome of %s failed (%s); again in %.2gs", claim.id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _OUTCOME_RETRY_MAX)
+
+    async def _finish_once(self, claim: Claim, outcome: Outcome) -> bool:
         # The outcomes of one loop turn go out in one write (one statement
         # each), not one write each: a finish is most of a durable job's cost.
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -216,6 +216,7 @@ class Job(Generic[T]):
         "progress",
         "started_at",
         "status",
+        "token",
     )
 
     def __init__(
@@ -236,6 +237,10 @@ class Job(Generic[T]):
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.attempts = 0
+        #: The fencing token of this run's claim (durable jobs; None in memory):
+        #: it grows at every claim, so a write of your own that carries it
+        #: (``WHERE token < :token``) can refuse a stale run's late write.
+        self.token: int | None = None
         self.progress: Progress | None = None
         self._runner = runner
         self._fn = fn
@@ -277,6 +282,7 @@ class Job(Generic[T]):
         the outcome once final). Loop thread only, or before anyone else sees
         the handle. Return True if that made the job final."""
         self.attempts = record.attempts
+        self.token = record.token or None
         self.created_at = record.created_at
         self.started_at = record.started_at
         if record.progress_done is not None:

@@ -158,7 +158,13 @@ class Task(Generic[P, T]):
         """
         return await self._submitter._submit_task_async(self, args, kwargs, SubmitSettings())
 
-    def using(self, *, key: str | None = None, job_id: str | None = None) -> TaskCall[P, T]:
+    def using(
+        self,
+        *,
+        key: str | None = None,
+        job_id: str | None = None,
+        connection: object | None = None,
+    ) -> TaskCall[P, T]:
         """Return a submitter of this task with per-job settings:
         ``task.using(key="report-42").submit(...)``.
 
@@ -166,10 +172,15 @@ class Task(Generic[P, T]):
         that job instead of making another (durable tasks). ``job_id``: the id
         the job gets (letters, digits and ``._:-``, at most 128), so that a
         client retrying a submit whose answer it never got does not make two.
+        ``connection``: write the job in the caller's open transaction on that
+        connection (PostgreSQL: a psycopg connection, or a SQLAlchemy session
+        or connection), so that it exists if and only if that transaction
+        commits; the submit returns at once, and the job runs after the commit.
 
         :raises ValueError: for a key or id that is empty, too long or has other characters.
         """
-        return TaskCall(self, SubmitSettings(check_key(key, "key"), check_key(job_id, "job_id")))
+        how = SubmitSettings(check_key(key, "key"), check_key(job_id, "job_id"), connection)
+        return TaskCall(self, how)
 
     async def run(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the task as a job and await its result, from any event loop.
@@ -213,6 +224,8 @@ class SubmitSettings:
 
     key: str | None = None
     job_id: str | None = None
+    #: The caller's connection, whose transaction the job is written in.
+    connection: object | None = None
 
 
 class Submitter(Protocol):
