@@ -14,8 +14,9 @@ import traceback
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .engine.cluster import dead_after, lease_dict, node_dicts
 from .engine.jobs import Job, JobStatus, TaskOptions
-from .engine.records import CancelResult, JobPage, JobQuery, JobRecord
+from .engine.records import CancelResult, JobPage, JobQuery, JobRecord, LeaseState, NodeRecord
 from .engine.tasks import Task
 from .engine.view import RunKind, RunResult
 from .errors import JobCancelled, JobTimedOut, NotRunning
@@ -217,6 +218,42 @@ class AppView:
             ],
         }
 
+    def cluster(self) -> dict[str, Any]:
+        """The nodes sharing this app's store and the leaders of its store-leased
+        periodic jobs (see :meth:`StateView.cluster`), in one visit to the store.
+
+        :raises NotRunning: with a durable backend while the loop is not running.
+        :raises BackendError: if the store failed.
+        """
+        st = self._state
+        if st.durable is None:
+            return {"shared": False, "node": None, "nodes": [], "leaders": {}}
+        durable = self._store()
+        if durable is None:
+            raise NotRunning("the event loop is not running: the store is asked through it")
+        nodes, leases = self._ask(durable, _read_cluster(durable))
+        now = time.time()
+        here = durable.owner
+        listed = node_dicts(nodes, now=now, lease=durable.lease, here=here)
+        alive = sum(1 for n in listed if n["alive"])
+        by_name = {lease.name: lease for lease in leases}
+        leaders = {
+            name: lease_dict(by_name.get(st.lease_name(pj)), now=now, here=here)
+            for name, pj in sorted(st.periodic_jobs.items())
+            if pj.scope != "process"
+        }
+        return {
+            "shared": True,
+            "node": here,
+            "lease": durable.lease,
+            "dead_after": dead_after(durable.lease),
+            "time": now,
+            "alive": alive,
+            "dead": len(listed) - alive,
+            "nodes": listed,
+            "leaders": leaders,
+        }
+
     # -- acting ----------------------------------------------------------------------
 
     def cancel_job(self, job_id: str, *, wait: float = 0.0) -> tuple[str, JobRecord | None]:
@@ -327,6 +364,10 @@ class AppView:
     def stop(self) -> None:
         """Stop the app's loop gracefully; idempotent."""
         self._state.stop()
+
+
+async def _read_cluster(durable: DurableRunner) -> tuple[list[NodeRecord], list[LeaseState]]:
+    return await durable.store.nodes(), await durable.store.leases()
 
 
 def _run_result(job: Job[Any], took: float, started_loop: bool) -> RunResult:

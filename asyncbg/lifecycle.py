@@ -29,6 +29,7 @@ from .engine.consumers import WorkQueue
 from .engine.durable import DurableRunner, item_record
 from .engine.host_lock import HostLock, default_lock_dir
 from .engine.jobs import Job, JobHistory, _new_job_id
+from .engine.logthrottle import describe_exception
 from .engine.loop import LoopThread, ShutdownReport
 from .engine.monitor import LoopMonitor
 from .engine.os_signals import ShutdownSignals
@@ -355,20 +356,35 @@ class AppState:
         # On the loop, in start order; _close_components unwinds them in
         # reverse after the drain: the shutdown hooks, then the backend.
         stack = self._components = contextlib.AsyncExitStack()
-        before = asyncio.all_tasks()
-        await stack.enter_async_context(_opened(self.backend))
-        # Tasks the backend started at open (a driver's pool workers, a
-        # listener) are its own: its close() ends them, after the drain, so
-        # the stop must not cancel them before (store writes still need them).
-        for task in asyncio.all_tasks() - before:
-            self.loop_thread.protect(task)
+        # Tasks the backend starts at open (a driver's pool workers and
+        # scheduler, a listener), and those they start later, are its own:
+        # its close() ends them after the drain, so the stop must not cancel
+        # them before (the release of what is held still needs them).
+        with self.loop_thread.protected_scope():
+            await stack.enter_async_context(_opened(self.backend))
         if self.durable is not None:
+            # After the close below: this node leaves the cluster's list.
+            stack.push_async_callback(self._leave_cluster, self.durable)
             # Unwound after the drain: every write awaited, what is held released.
             stack.push_async_callback(self.durable.close)
+            self.durable.loop_lag = self.monitor.current_lag  # None while unmonitored
             self.durable.start()
         stack.push_async_callback(self._run_shutdown_hooks)
         for hook in self.startup_hooks:
             await self._startup_hook(hook)
+
+    async def _leave_cluster(self, durable: DurableRunner) -> None:
+        # A graceful stop: the surfaces stop listing this node rather than show
+        # it dead for an hour. Its heartbeats ended with durable.close().
+        try:
+            await durable.store.forget_node(durable.owner)
+        except Exception as exc:
+            log.warning(
+                "could not remove this node (%s) from the store's list at stop (%s): "
+                "it is shown dead until forgotten",
+                durable.owner,
+                describe_exception(exc),
+            )
 
     async def _close_components(self) -> None:
         await self._components.aclose()
@@ -428,15 +444,22 @@ class AppState:
 
         lock = leader = None
         if pj.scope != "process":
-            name = f"asyncbg-{self.require_app().import_name}-{pj.name}"
+            name = self.lease_name(pj)
             if self.backend.durable:
-                leader = StoreLeader(self.backend, name, node_id())
+                # The node that heartbeats and claims leads too.
+                owner = node_id() if self.durable is None else self.durable.owner
+                leader = StoreLeader(self.backend, name, owner)
             elif pj.scope == "host":
                 lock = HostLock(self.lock_dir, name)
         pj.start(self.loop_thread, context=self.app_context, lock=lock, leader=leader)
         self._running.callback(pj.stop)
         if leader is not None:
             self._components.push_async_callback(leader.release)
+
+    def lease_name(self, pj: PeriodicJob) -> str:
+        """The name of ``pj``'s lease (or host lock): its app's import name and
+        its own, the same in every process of the app."""
+        return f"asyncbg-{self.require_app().import_name}-{pj.name}"
 
     def _on_stop(self) -> None:
         # On the loop, first thing at stop: no new runs, no new items handed

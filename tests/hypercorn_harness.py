@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,10 @@ class Server:
         ``graceful_timeout`` and ``worker_class``).
     :param config: ``DEMO_*``/``ASYNCBG_*`` settings, passed as ``FLASK_<KEY>``.
     :param env: more environment variables for the server.
+    :param host: the address to bind and to send requests to (loopback by
+        default; a network namespace's address for the partition tests).
+    :param prefix: a command the server runs under (``ip netns exec NAME``,
+        which execs it: the process is still the one started here).
     """
 
     def __init__(
@@ -131,9 +135,14 @@ class Server:
         worker_class: str | None = None,
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.workers = workers
-        args = [*hypercorn_command(), "--config", str(HYPERCORN_TOML), "--bind", "127.0.0.1:0"]
+        self.host = host
+        self._running_on = re.compile(rf"Running on http://{re.escape(host)}:(\d+)")
+        args = [*prefix, *hypercorn_command(), "--config", str(HYPERCORN_TOML)]
+        args += ["--bind", f"{host}:0"]
         if workers is not None:
             args += ["--workers", str(workers)]
         if graceful_timeout is not None:
@@ -163,7 +172,7 @@ class Server:
     def wait_ready(self, timeout: float = WAIT) -> Server:
         """Wait until every worker listens and the app answers; return self."""
         expected = max(1, self.workers or 1)
-        found = self.output.wait_for(_RUNNING_ON, count=expected, timeout=timeout)
+        found = self.output.wait_for(self._running_on, count=expected, timeout=timeout)
         self.port = int(found[0].group(1))
         deadline = time.monotonic() + timeout
         while True:
@@ -197,7 +206,7 @@ class Server:
             data = json.dumps(json_body).encode()
             hdrs.setdefault("Content-Type", "application/json")
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, headers=hdrs, method=method
+            f"http://{self.host}:{self.port}{path}", data=data, headers=hdrs, method=method
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -265,7 +274,7 @@ class WorkerConnections:
         self._lock = threading.Lock()
 
     def _open(self) -> tuple[int, http.client.HTTPConnection]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=WAIT)
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=WAIT)
         conn.request("GET", self.whoami_path)
         resp = conn.getresponse()
         pid = int(json.loads(resp.read())["pid"])

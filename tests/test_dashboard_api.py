@@ -419,10 +419,30 @@ def test_run_now_when_the_loop_is_stopped_is_503(make_app: MakeApp) -> None:
     assert "not running" in json_of(r)["error"]
 
 
+# -- nodes (the cluster with a durable backend: tests/test_cluster_view.py) ---------------
+
+
+def test_nodes_with_the_memory_backend_says_nothing_is_shared(make_app: MakeApp) -> None:
+    app, bg = make_app()
+
+    @bg.periodic(every=3600, scope="host")
+    async def nightly() -> None:
+        pass
+
+    bg.start()
+    body = json_of(app.test_client().get("/_asyncbg/nodes"))
+    assert body == {"shared": False, "node": None, "nodes": [], "leaders": {}}
+    health = json_of(app.test_client().get("/_asyncbg/health"))
+    assert health["cluster"] == {"shared": False, "node": None, "nodes": []}
+    assert [pj["leader"] for pj in health["periodic"]] == [None]  # a host lock, no lease
+
+
 # -- who may read --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/_asyncbg/jobs", f"/_asyncbg/jobs/{'a' * 32}"])
+@pytest.mark.parametrize(
+    "path", ["/_asyncbg/jobs", f"/_asyncbg/jobs/{'a' * 32}", "/_asyncbg/nodes"]
+)
 def test_reads_without_a_hook_are_refused_to_remote_clients(make_app: MakeApp, path: str) -> None:
     app, bg = make_app()
     bg.start()

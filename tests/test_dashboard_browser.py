@@ -277,7 +277,7 @@ def test_periodic_last_run_shows_its_time_and_took_its_duration(
     wait_for(lambda: pj.runs >= 1 and pj.last_duration is not None, what="a first run")
     page.goto(f"{server}/_asyncbg/")
     headers = page.locator("#periodic-section thead th").all_inner_texts()
-    assert headers[3:5] == ["last run", "took"]
+    assert headers[3:6] == ["leader", "last run", "took"]
     row = page.locator('tr[data-periodic="refresh_prices"]')
     last = row.locator('[data-field="last_start"]')
     expect(last).not_to_have_attribute("data-value", "", timeout=WAIT * 1000)
@@ -317,3 +317,119 @@ def test_the_page_says_loading_until_its_first_answer(demo: Demo, server: str, p
     expect(page.locator('[data-empty-for="queues"]')).to_be_hidden()
     expect(page.locator('[data-empty-for="failures"]')).to_have_text("No failures.")
     expect(page.locator('[data-empty-for="failures"]')).to_be_visible()
+    # The memory backend shares nothing: no nodes section.
+    expect(page.locator("#nodes-section")).to_be_hidden()
+    expect(page.locator('tr[data-periodic="refresh_prices"] [data-field="leader"]')).to_have_text(
+        "every process"
+    )
+    expect(page.locator('tr[data-periodic="nightly_report"] [data-field="leader"]')).to_have_text(
+        "host lock, not held here"  # taken at its tick, at 3 in the morning
+    )
+
+
+# -- the cluster: two apps on one SQLite file are two nodes ---------------------------------
+
+
+class ClusterDemo:
+    """Two apps sharing one SQLite file; the browser looks at the first."""
+
+    def __init__(self, db: str) -> None:
+        self.apps: list[Flask] = []
+        self.bgs: list[AsyncBG] = []
+        for _ in range(2):
+            app = Flask("cluster_shop")  # one app name: one lease per schedule for both
+            app.config.update(
+                ASYNCBG_HANDLE_SIGNALS=False,
+                ASYNCBG_AUTOSTART=False,
+                ASYNCBG_DASHBOARD=True,
+                ASYNCBG_DASHBOARD_REFRESH=0.25,
+                ASYNCBG_BACKEND=db,
+                ASYNCBG_LEASE=1.0,  # heartbeats every 1/3 s, dead after 4/3 s
+                ASYNCBG_POLL_INTERVAL=0.05,
+            )
+            bg = AsyncBG(app)
+
+            @bg.periodic(every=0.2, scope="cluster", name="rebuild_index")
+            async def rebuild_index() -> None:
+                pass
+
+            self.apps.append(app)
+            self.bgs.append(bg)
+
+    def node(self, i: int) -> str:
+        durable = self.bgs[i]._state().durable
+        assert durable is not None
+        return durable.owner
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterDemo]:
+    demo = ClusterDemo(f"sqlite:///{tmp_path / 'jobs.db'}")
+    for bg in demo.bgs:
+        bg.start()
+    yield demo
+    for bg in demo.bgs:
+        bg.stop(timeout=2.0)
+
+
+@pytest.fixture
+def cluster_server(cluster: ClusterDemo) -> Iterator[str]:
+    srv: BaseWSGIServer = make_server("127.0.0.1", 0, cluster.apps[0], threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, name="dashboard-test-server", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    thread.join(WAIT)
+
+
+def test_the_dashboard_shows_every_node_the_dead_one_marked_and_the_leader(
+    cluster: ClusterDemo, cluster_server: str, page: Page
+) -> None:
+    here, other = cluster.node(0), cluster.node(1)
+    page.goto(f"{cluster_server}/_asyncbg/")
+    expect(page.locator("#nodes-section")).to_be_visible(timeout=WAIT * 1000)
+    mine = page.locator(f'#nodes tr[data-node="{here}"]')
+    theirs = page.locator(f'#nodes tr[data-node="{other}"]')
+    expect(mine.locator('[data-field="state"]')).to_have_text("alive", timeout=WAIT * 1000)
+    expect(theirs.locator('[data-field="state"]')).to_have_text("alive", timeout=WAIT * 1000)
+    expect(mine.locator('[data-field="here"]')).to_have_text("this node")
+    expect(theirs.locator('[data-field="here"]')).to_be_hidden()
+    expect(page.locator("#nodes-summary")).to_have_text("2 alive")
+    expect(mine.locator('[data-field="last_seen"]')).to_have_text(re.compile(r" ago$"))
+
+    # The leader of the cluster-wide schedule: one of the two, with its epoch and expiry.
+    leader = page.locator('tr[data-periodic="rebuild_index"] [data-field="leader"]')
+    expect(leader).not_to_have_attribute("data-owner", "", timeout=WAIT * 1000)
+    owner = leader.get_attribute("data-owner")
+    assert owner in (here, other)
+    expect(leader).to_have_text("this node" if owner == here else owner)
+    expect(leader).to_have_attribute("data-here", "true" if owner == here else "false")
+    row = page.locator('tr[data-periodic="rebuild_index"]')
+    expect(row.locator('[data-field="leader_epoch"]')).to_have_text(re.compile(r"^epoch \d+$"))
+    expect(row.locator('[data-field="leader_expires"]')).to_have_text(
+        re.compile(r"^until \d\d:\d\d:\d\d\.\d \(in .*\)$")
+    )
+
+    # The other node's loop is stuck: its heartbeats stop, it is marked dead, and
+    # the lease (if it held it) runs out and comes here.
+    release, blocked = threading.Event(), threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        release.wait(WAIT)
+
+    cluster.bgs[1].loop_thread.loop.call_soon_threadsafe(block)
+    try:
+        assert blocked.wait(WAIT)
+        expect(theirs.locator('[data-field="state"]')).to_have_text("dead", timeout=WAIT * 1000)
+        expect(theirs).to_have_attribute("data-alive", "false")
+        expect(mine.locator('[data-field="state"]')).to_have_text("alive")
+        expect(page.locator("#nodes-summary")).to_contain_text("1 alive, 1 dead")
+        expect(leader).to_have_text("this node", timeout=WAIT * 1000)
+        expect(leader).to_have_attribute("data-owner", here)
+    finally:
+        release.set()
+    # A graceful stop: the node leaves the list.
+    cluster.bgs[1].stop(timeout=WAIT)
+    expect(theirs).to_have_count(0, timeout=WAIT * 1000)
+    expect(page.locator("#nodes-summary")).to_have_text("1 alive")

@@ -712,3 +712,65 @@ def test_restarted_loop_thread_stops_again_with_a_fresh_report(lt: LoopThread) -
     second = lt.stop(timeout=0.1)
     assert second is not first
     assert second.cancelled == 1
+
+
+def test_tasks_made_in_a_protected_scope_and_by_them_later_outlive_the_stops_cancellation(
+    make_lt: Callable[..., LoopThread],
+) -> None:
+    # As a driver's pool does: a scheduler task started at open makes a new
+    # task each time it wakes (asyncio.wait_for's inner task on 3.11). Neither
+    # may be cancelled by the stop before the backend's close (an async
+    # shutdown hook) ends them; a task made outside the scope is cancelled.
+    lt = make_lt()
+    lt.start()
+    seen: dict[str, bool] = {}
+    wake = asyncio.Event()
+    made = asyncio.Event()
+    made_later: list[asyncio.Task[None]] = []
+
+    async def scheduler() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            made_later.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
+            made.set()
+
+    async def open_scope() -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+        with lt.protected_scope():
+            inside = asyncio.get_running_loop().create_task(scheduler())
+        outside = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+        return inside, outside
+
+    inside, outside = lt.submit(open_scope()).result(WAIT)
+
+    async def wake_up() -> None:
+        wake.set()
+        await made.wait()
+
+    lt.submit(wake_up()).result(WAIT)
+
+    async def close() -> None:  # what the backend's close does, after the drain
+        seen["inside"] = not inside.cancelled() and not inside.done()
+        seen["later"] = not made_later[0].done()
+        seen["outside"] = outside.cancelled()
+        inside.cancel()
+        made_later[0].cancel()
+
+    lt.add_async_shutdown_hook(close)
+    report = lt.stop(timeout=WAIT)
+    assert report.finished
+    assert seen == {"inside": True, "later": True, "outside": True}
+
+
+def test_a_protected_scope_that_makes_no_task_leaves_the_task_factory_alone(
+    make_lt: Callable[..., LoopThread],
+) -> None:
+    lt = make_lt()
+    lt.start()
+
+    async def scope() -> object:
+        with lt.protected_scope():
+            pass
+        return asyncio.get_running_loop().get_task_factory()
+
+    assert lt.submit(scope()).result(WAIT) is None

@@ -73,6 +73,16 @@ def test_metrics_have_the_documented_families_and_types(make_app: MakeApp) -> No
         "asyncbg_periodic_skips": "counter",
         "asyncbg_periodic_last_duration_seconds": "gauge",
         "asyncbg_periodic_next_due_timestamp_seconds": "gauge",
+        # The cluster's families: described always, with samples only with a
+        # durable backend (tests/test_cluster_view.py).
+        "asyncbg_cluster_nodes": "gauge",
+        "asyncbg_node_up": "gauge",
+        "asyncbg_node_last_seen_timestamp_seconds": "gauge",
+        "asyncbg_node_running": "gauge",
+        "asyncbg_node_lag_seconds": "gauge",
+        "asyncbg_periodic_leader": "gauge",
+        "asyncbg_periodic_lease_epoch": "gauge",
+        "asyncbg_periodic_lease_expires_timestamp_seconds": "gauge",
     }
 
 

@@ -32,7 +32,6 @@ from asyncbg.backends.base import Backend
 from asyncbg.backends.memory import MemoryBackend
 from asyncbg.backends.sqlite import SQLiteBackend
 from asyncbg.engine.leadership import LEASE_TTL_MIN, StoreLeader, lease_ttl
-from asyncbg.engine.node import node_id
 from asyncbg.engine.periodic import PeriodicJob
 from asyncbg.engine.records import Lease
 
@@ -529,9 +528,10 @@ def test_host_scope_with_sqlite_takes_the_store_lease_not_the_lock_file_and_rele
     bg.start()
     assert started.wait(WAIT)
     name = "asyncbg-leaseapp-chore"
+    node = bg._state().durable.owner  # the app's node: its claims', leases' and heartbeat's
     row = lease_row(db, name)
     assert row is not None
-    assert row[0] == node_id()
+    assert row[0] == node
     assert chore.holds_lock is True
     assert not locks.exists()  # no file lock with a durable backend
 
@@ -540,13 +540,13 @@ def test_host_scope_with_sqlite_takes_the_store_lease_not_the_lock_file_and_rele
     wait_for(lambda: bg.loop_thread.stopping, what="the drain to begin")
     row = lease_row(db, name)
     assert row is not None
-    assert row[0] == node_id()  # still held while the run drains: no overlap elsewhere
+    assert row[0] == node  # still held while the run drains: no overlap elsewhere
     at_stop = row[2]
     renewed = wait_for(
         lambda: (r := lease_row(db, name)) is not None and r[2] > at_stop and r,
         what="a renewal during the drain",
     )
-    assert renewed[0] == node_id()
+    assert renewed[0] == node
     release.set()
     stopping.join(WAIT)
     assert not stopping.is_alive()

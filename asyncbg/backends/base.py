@@ -24,22 +24,37 @@ The semantics (``shared/BACKENDS.md`` in the project's notes, and
 - a claim whose lease ran out may be claimed again (its token grows); a lost
   claim counts as an attempt, and a job out of attempts ends failed;
 - periodic leadership is a lease row with an epoch; a slot is claimed at most
-  once per (schedule, slot number), and only by the current epoch's holder.
+  once per (schedule, slot number), and only by the current epoch's holder;
+  ``leases`` reads every schedule's row, whoever holds it;
+- a heartbeat replaces its node's row and deletes the rows of nodes silent for
+  longer than its ``forget_after``, so ``nodes`` stays bounded; a node that
+  stops gracefully deletes its own (``forget_node``); who is dead is decided
+  by the reader (:mod:`asyncbg.engine.cluster`).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
 
 from ..engine import records as rec
+from ..engine.cluster import NODE_FORGET_AFTER
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["Backend", "BackendOptions", "lost_lease_error", "require_driver"]
+__all__ = [
+    "NODE_FORGET_AFTER",
+    "Backend",
+    "BackendOptions",
+    "lost_lease_error",
+    "poll_until_final",
+    "require_driver",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +74,10 @@ class BackendOptions:
     lease: float = 30.0
 
 
+# wait()'s polls of a store that another process may finish a job in.
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1
+
+
 def require_driver(module: str, extra: str) -> ModuleType:
     """Import a backend's optional driver, as a backend module does at its top.
 
@@ -72,6 +91,33 @@ def require_driver(module: str, extra: str) -> ModuleType:
             f"this backend needs {module!r}, which is not installed ({exc}): "
             f"pip install 'asyncbg[{extra}]'"
         ) from None
+
+
+async def poll_until_final(
+    read: Callable[[], Awaitable[list[rec.JobRecord]]],
+    timeout: float,
+    woken: Callable[[], asyncio.Event | None],
+) -> list[rec.JobRecord]:
+    """What :meth:`Backend.wait` does on a store other processes write: read
+    the records, and until every one is final or ``timeout`` seconds passed,
+    wait for ``woken()`` (an event a finish seen by this backend object sets;
+    None once closed) or a poll delay, 5 ms doubling to 100 ms.
+
+    :raises BackendError: whatever ``read`` raises.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = _POLL_FIRST
+    while True:
+        finished = woken()
+        records = await read()
+        remaining = deadline - loop.time()
+        if remaining <= 0 or all(r.final for r in records) or finished is None:
+            return records
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(delay, remaining)):
+                await finished.wait()
+        delay = min(2 * delay, _POLL_MAX)
 
 
 def lost_lease_error(owner: str | None, attempts: int, max_attempts: int) -> str:
@@ -291,12 +337,39 @@ class Backend(abc.ABC):
         """Return the stored anchor (slot 0's time) of schedule ``name``,
         storing ``proposed`` when there is none yet."""
 
+    @abc.abstractmethod
+    async def leases(self) -> list[rec.LeaseState]:
+        """Return the lease row of every schedule ever acquired in this store,
+        whoever holds it (other processes' too), sorted by name: a read, for
+        the surfaces.
+
+        Each is as stored: ``owner`` and ``expires_at`` None once released
+        (the epoch kept); a lease that ran out keeps its owner and its past
+        ``expires_at`` (on the store's clock) until someone acquires it again.
+        A schedule with only an anchor and no lease is not listed.
+        """
+
     # -- nodes -----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def heartbeat(self, node: rec.NodeRecord) -> None:
-        """Record that ``node`` is alive, with its running count and loop lag."""
+    async def heartbeat(
+        self, node: rec.NodeRecord, *, forget_after: float = NODE_FORGET_AFTER
+    ) -> None:
+        """Record that ``node`` is alive, with its running count and loop lag,
+        ``last_seen`` set to now on the store's clock (replacing its earlier
+        row), and in the same call forget every other node whose ``last_seen``
+        is more than ``forget_after`` seconds before now, so that the list
+        stays bounded however many processes came and went."""
+
+    @abc.abstractmethod
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when there is none): it
+        stopped gracefully, so the surfaces stop listing it instead of showing
+        it dead. A heartbeat of that node after this brings it back."""
 
     @abc.abstractmethod
     async def nodes(self) -> list[rec.NodeRecord]:
-        """Return every node heard from recently, newest heartbeat first."""
+        """Return every node not forgotten yet (see :meth:`heartbeat`), newest
+        heartbeat first (ties: the latest heartbeat call first). Dead ones
+        included: telling them apart is the caller's business
+        (:func:`asyncbg.engine.cluster.dead_after`)."""

@@ -48,13 +48,14 @@ from ..engine.records import (
     JobQuery,
     JobRecord,
     Lease,
+    LeaseState,
     NodeRecord,
     Outcome,
     RenewResult,
 )
 from ..errors import ConfigError
 from . import _redact
-from .base import Backend, BackendOptions, lost_lease_error
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -350,16 +351,36 @@ class MemoryBackend(Backend):
         when there is none yet."""
         return self._anchors.setdefault(name, proposed)
 
+    async def leases(self) -> list[LeaseState]:
+        """Return the lease of every schedule ever acquired, sorted by name
+        (owner and expiry None once released; a lease that ran out as it was)."""
+        states = []
+        for name, epoch in sorted(self._epochs.items()):
+            lease = self._leases.get(name)
+            if lease is None:
+                states.append(LeaseState(name, None, epoch, None))
+            else:
+                states.append(LeaseState(name, lease.owner, lease.epoch, lease.expires_at))
+        return states
+
     # -- nodes -----------------------------------------------------------------
 
-    async def heartbeat(self, node: NodeRecord) -> None:
-        """Store ``node`` with ``last_seen`` set to now."""
+    async def heartbeat(self, node: NodeRecord, *, forget_after: float = NODE_FORGET_AFTER) -> None:
+        """Store ``node`` with ``last_seen`` set to now; forget the other nodes
+        not heard from for more than ``forget_after`` seconds."""
+        now = self._clock()
+        for old in [n.id for n in self._nodes.values() if n.last_seen < now - forget_after]:
+            del self._nodes[old]
         # Re-inserted so that dict order is heartbeat order: it breaks ties in nodes().
         self._nodes.pop(node.id, None)
-        self._nodes[node.id] = dataclasses.replace(node, last_seen=self._clock())
+        self._nodes[node.id] = dataclasses.replace(node, last_seen=now)
+
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the node ``node_id`` (nothing when unknown)."""
+        self._nodes.pop(node_id, None)
 
     async def nodes(self) -> list[NodeRecord]:
-        """Return every node that sent a heartbeat, newest heartbeat first."""
+        """Return every node not forgotten, newest heartbeat first."""
         return sorted(reversed(self._nodes.values()), key=attrgetter("last_seen"), reverse=True)
 
     # -- internals -------------------------------------------------------------

@@ -61,13 +61,14 @@ from ..engine.records import (
     JobQuery,
     JobRecord,
     Lease,
+    LeaseState,
     NodeRecord,
     Outcome,
     RenewResult,
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
-from .base import Backend, BackendOptions, require_driver
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, poll_until_final, require_driver
 
 psycopg: Any = require_driver("psycopg", "postgres")
 psycopg_pool: Any = require_driver("psycopg_pool", "postgres")
@@ -111,8 +112,6 @@ _TYPES = {
     "cancel_requested": "bool",
     "timeout": "float8",
 }
-# wait() polls: another process may be the one that finishes a job.
-_POLL_FIRST, _POLL_MAX = 0.005, 0.1
 # The listener's reconnect backoff.
 _LISTEN_RETRY_FIRST, _LISTEN_RETRY_MAX = 0.05, 2.0
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
@@ -337,11 +336,16 @@ class _Statements:
                 ON CONFLICT DO NOTHING RETURNING at
             )
             SELECT at FROM stored UNION ALL SELECT at FROM {s}.anchors WHERE name = %(name)s"""
-        self.heartbeat = f"""INSERT INTO {s}.nodes AS n
-            (id, host, pid, started_at, last_seen, running, lag)
-            VALUES (%s, %s, %s, %s, {_NOW}, %s, %s)
+        # The beat, and the forgetting of nodes silent for long (never this one).
+        self.heartbeat = f"""WITH gone AS (
+                DELETE FROM {s}.nodes WHERE last_seen < {_NOW} - %(forget)s AND id <> %(id)s
+            )
+            INSERT INTO {s}.nodes AS n (id, host, pid, started_at, last_seen, running, lag)
+            VALUES (%(id)s, %(host)s, %(pid)s, %(started)s, {_NOW}, %(running)s, %(lag)s)
             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen,
                 running = excluded.running, lag = excluded.lag"""
+        self.forget_node = f"DELETE FROM {s}.nodes WHERE id = %s"
+        self.leases = f"SELECT name, owner, epoch, expires_at FROM {s}.leases ORDER BY name"
         self.nodes = f"""SELECT id, host, pid, started_at, last_seen, running, lag
             FROM {s}.nodes ORDER BY last_seen DESC, id"""
 
@@ -1194,20 +1198,8 @@ class PostgresBackend(Backend):
 
         :raises BackendError: for a database error.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         ids = list(job_ids)
-        delay = _POLL_FIRST
-        while True:
-            finished = self._finished
-            records = await self._get_many(ids)
-            remaining = deadline - loop.time()
-            if remaining <= 0 or all(r.final for r in records) or finished is None:
-                return records
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, remaining)):
-                    await finished.wait()
-            delay = min(2 * delay, _POLL_MAX)
+        return await poll_until_final(lambda: self._get_many(ids), timeout, lambda: self._finished)
 
     async def expire(self, finished_before: float) -> int:
         """Forget final records finished before ``finished_before``; return how many.
@@ -1299,16 +1291,42 @@ class PostgresBackend(Backend):
 
     # -- nodes ------------------------------------------------------------------------
 
-    async def heartbeat(self, node: NodeRecord) -> None:
-        """Store ``node`` with ``last_seen`` set to the server's now.
+    async def heartbeat(self, node: NodeRecord, *, forget_after: float = NODE_FORGET_AFTER) -> None:
+        """Store ``node`` with ``last_seen`` set to the server's now, and forget
+        the other nodes not heard from for ``forget_after`` seconds.
 
         :raises BackendError: for a database error.
         """
         await self._rows(
             "a heartbeat",
             self._sql.heartbeat,
-            (node.id, node.host, node.pid, node.started_at, node.running, node.lag),
+            {
+                "id": node.id,
+                "host": node.host,
+                "pid": node.pid,
+                "started": node.started_at,
+                "running": node.running,
+                "lag": node.lag,
+                "forget": forget_after,
+            },
         )
+
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (at its graceful stop); nothing
+        when it is not there.
+
+        :raises BackendError: for a database error.
+        """
+        await self._rows("a node's goodbye", self._sql.forget_node, (node_id,))
+
+    async def leases(self) -> list[LeaseState]:
+        """Return every schedule's lease row, by name: a released one with no
+        owner and no expiry (its epoch kept), a lapsed one as stored.
+
+        :raises BackendError: for a database error.
+        """
+        rows = await self._rows("a lease list", self._sql.leases)
+        return [LeaseState(name, owner, int(epoch), at) for name, owner, epoch, at in rows]
 
     async def nodes(self) -> list[NodeRecord]:
         """Return every node that sent a heartbeat, newest heartbeat first.

@@ -89,6 +89,7 @@ from ..engine.records import (
     JobQuery,
     JobRecord,
     Lease,
+    LeaseState,
     NodeRecord,
     Outcome,
     RenewResult,
@@ -96,7 +97,7 @@ from ..engine.records import (
 from ..errors import BackendError, ConfigError
 from . import _redact
 from ._wake import WakeChannel
-from .base import Backend, BackendOptions, lost_lease_error
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error, poll_until_final
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -115,8 +116,6 @@ _SLOT_MEMORY = 1024
 _GROUP_LIMIT = 256
 # Ids per statement where a list of them becomes ``IN (?, ?, …)``.
 _CHUNK = 500
-# wait() polls the file: another process may be the one that finishes a job.
-_POLL_FIRST, _POLL_MAX = 0.005, 0.1
 # Filesystems on which WAL's shared-memory index is not shared between hosts.
 _NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs"}
@@ -1080,20 +1079,10 @@ class SQLiteBackend(Backend):
 
         :raises BackendError: for an SQLite error.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         ids = list(job_ids)
-        delay = _POLL_FIRST
-        while True:
-            finished = self._finished
-            records = await self._read(lambda conn: _get_many(conn, ids))
-            remaining = deadline - loop.time()
-            if remaining <= 0 or all(r.final for r in records) or finished is None:
-                return records
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, remaining)):
-                    await finished.wait()
-            delay = min(2 * delay, _POLL_MAX)
+        return await poll_until_final(
+            lambda: self._read(lambda conn: _get_many(conn, ids)), timeout, lambda: self._finished
+        )
 
     async def expire(self, finished_before: float) -> int:
         """Forget final records finished before ``finished_before``; return how many.
@@ -1221,15 +1210,32 @@ class SQLiteBackend(Backend):
 
         return await self._write(anchor)
 
+    async def leases(self) -> list[LeaseState]:
+        """Return the lease row of every schedule ever acquired, sorted by name
+        (owner and expiry NULL once released; a lease that ran out as it was).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def leases(conn: sqlite3.Connection) -> list[LeaseState]:
+            cursor = conn.execute("SELECT name, owner, epoch, expires_at FROM leases ORDER BY name")
+            return [LeaseState(*row) for row in cursor]
+
+        return await self._read(leases)
+
     # -- nodes -----------------------------------------------------------------
 
-    async def heartbeat(self, node: NodeRecord) -> None:
-        """Store ``node`` with ``last_seen`` set to now.
+    async def heartbeat(self, node: NodeRecord, *, forget_after: float = NODE_FORGET_AFTER) -> None:
+        """Store ``node`` with ``last_seen`` set to now; forget (delete) the
+        other nodes not heard from for more than ``forget_after`` seconds.
 
         :raises BackendError: for an SQLite error.
         """
 
         def beat(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(
+                "DELETE FROM nodes WHERE last_seen < ? AND id != ?", (now - forget_after, node.id)
+            )
             conn.execute(
                 """INSERT OR REPLACE INTO nodes
                 (id, host, pid, started_at, last_seen, running, lag, beat)
@@ -1248,8 +1254,19 @@ class SQLiteBackend(Backend):
 
         await self._write(beat, relaxed=True)
 
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the row of node ``node_id`` (nothing when unknown).
+
+        :raises BackendError: for an SQLite error.
+        """
+
+        def forget(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+        await self._write(forget, relaxed=True)
+
     async def nodes(self) -> list[NodeRecord]:
-        """Return every node that sent a heartbeat, newest heartbeat first.
+        """Return every node not forgotten, newest heartbeat first.
 
         :raises BackendError: for an SQLite error.
         """

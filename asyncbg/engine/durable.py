@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -34,15 +35,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import BackendError, JobCancelled, JobTimedOut, NotRunning, QueueFull
+from .cluster import forget_after
 from .jobs import DEFAULT_OPTIONS, Job, JobHistory, JobStatus, TaskOptions, _current_job
 from .logthrottle import describe_exception
-from .node import current_node
+from .node import new_node
 from .records import (
     CancelResult,
     Claim,
     JobPage,
     JobQuery,
     JobRecord,
+    LeaseState,
     NodeRecord,
     Outcome,
     RenewResult,
@@ -118,7 +121,13 @@ class Store(Protocol):
 
     async def expire(self, finished_before: float) -> int: ...
 
-    async def heartbeat(self, node: NodeRecord) -> None: ...
+    async def heartbeat(self, node: NodeRecord, *, forget_after: float = ...) -> None: ...
+
+    async def nodes(self) -> list[NodeRecord]: ...
+
+    async def forget_node(self, node_id: str) -> None: ...
+
+    async def leases(self) -> list[LeaseState]: ...
 
     def on_new_work(self, callback: Callable[[], object]) -> None: ...
 
@@ -164,6 +173,9 @@ class _Held:
     why: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     progress_written: object = None
+    #: The run is over and its outcome is being written: the fenced write,
+    #: not a cancel, decides what becomes of it (a stale one is refused, counted).
+    settling: bool = False
 
 
 class DurableRunner:
@@ -203,7 +215,12 @@ class DurableRunner:
         self.poll_interval = poll_interval
         self.history_age = history_age
         self.ack_timeout = ack_timeout
-        self.owner = current_node().id
+        #: This app's node (host, pid, an incarnation of its own): its claims'
+        #: owner, its leases' and its heartbeat's.
+        self.node = new_node()
+        self.owner = self.node.id
+        #: The loop's lag now, sent with each heartbeat (set by the app's lifecycle).
+        self.loop_lag: Callable[[], float | None] = _no_lag
         #: Outcomes of this process refused because another claim had the job.
         self.stale_rejected = 0
         #: Claims handed back to the store at stop (the report's ``released``).
@@ -646,7 +663,9 @@ class DurableRunner:
         job.token = claim.token
         finished = False
         try:
-            finished = await self._settle(held, await self._attempt(held))
+            attempt = await self._attempt(held)
+            held.settling = True
+            finished = await self._settle(held, attempt)
         except Exception as exc:
             # The store failed the outcome's write: the claim stays the store's,
             # and the job runs again once its lease has run out.
@@ -928,7 +947,7 @@ class DurableRunner:
 
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease / 3)
+            # The first heartbeat at start: the node is listed at once.
             try:
                 await self._renew_once()
             except Exception as exc:
@@ -941,6 +960,7 @@ class DurableRunner:
                     self.lease / 3,
                     level=logging.WARNING,
                 )
+            await asyncio.sleep(self.lease / 3)
 
     async def _renew_once(self) -> None:
         claims = [h.claim for h in self._held.values()]
@@ -950,18 +970,8 @@ class DurableRunner:
                 self._cancel_held(job_id, "lost")
             for job_id in result.cancel_requested:
                 self._cancel_held(job_id, "cancel")
-        node = current_node()
-        await self._written(
-            self.store.heartbeat(
-                NodeRecord(
-                    node.id,
-                    node.host,
-                    node.pid,
-                    node.started_at,
-                    running=len(self._held),
-                )
-            )
-        )
+        node = dataclasses.replace(self.node, running=len(self._held), lag=self.loop_lag())
+        await self._written(self.store.heartbeat(node, forget_after=forget_after(self.lease)))
         now = time.time()
         if now - self._last_expire >= min(_EXPIRE_EVERY, self.history_age or _EXPIRE_EVERY):
             self._last_expire = now
@@ -985,7 +995,7 @@ class DurableRunner:
 
     def _cancel_held(self, job_id: str, why: str) -> None:
         held = self._held.get(job_id)
-        if held is None or held.task is None or held.task.done():
+        if held is None or held.task is None or held.task.done() or held.settling:
             return
         if why == "lost":
             log.warning(
@@ -996,6 +1006,10 @@ class DurableRunner:
             )
         held.why = why
         held.task.cancel()
+
+
+def _no_lag() -> float | None:
+    return None
 
 
 def task_record(

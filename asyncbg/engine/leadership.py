@@ -57,7 +57,7 @@ def _ignore(exc: Exception) -> None:
 class StoreLeader:
     """This process's view of the lease of schedule ``name`` in ``store``.
 
-    :param owner: this process's node id (:func:`asyncbg.engine.node.node_id`).
+    :param owner: the node id of the app leading (its durable runner's ``owner``).
     :param clock: a monotonic clock in seconds, for the local deadline of the lease.
 
     ``on_error`` is called with what the store raised while renewing between

@@ -43,6 +43,10 @@ _IDLE, _RUNNING, _STOPPING = "idle", "running", "stopping"
 # Python 3.12+ can run a new task's first step at once, inside the callback
 # that creates it, instead of one loop iteration later.
 _eager_task_factory: Any = _eager.eager_task_factory
+# The LoopThread whose protected_scope() the current context is in, if any.
+_PROTECTED_SCOPE: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "asyncbg_protected_scope", default=None
+)
 
 _DRAIN_BATCH = 2048
 
@@ -262,6 +266,8 @@ class LoopThread:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Store writes in flight: not cancelled at stop (an async shutdown hook awaits them).
         self._protected: set[asyncio.Task[Any]] = set()
+        self._chained_factory: Any = None
+        self._scoped_tasks = 0
         self._report: ShutdownReport | None = None
         self._stopped = threading.Event()
         self._counting = False  # from the shutdown's start: count what spawn() starts
@@ -854,6 +860,46 @@ class LoopThread:
             task.add_done_callback(self._tasks.discard)
         if self._counting:
             self._spawned_while_stopping += 1
+        return task
+
+    @contextlib.contextmanager
+    def protected_scope(self) -> Iterator[None]:
+        """Keep every task created inside this block, and every task those create
+        later, from being cancelled at stop (as :meth:`protect` does): the tasks
+        a backend's driver starts at open (pool workers, a scheduler, a
+        listener), which its ``close`` ends after the drain. Loop thread only.
+
+        Tasks copy the context they are created in, so a task made later by
+        one of them is in the scope too (a pool's scheduler making a task per
+        wake-up). A task factory marks them; it stays on the loop only when
+        the block made a task at all, and calls on to a factory set before.
+        """
+        loop = asyncio.get_running_loop()
+        installed = loop.get_task_factory() is self._protecting_factory
+        if not installed:
+            self._chained_factory = loop.get_task_factory()
+            loop.set_task_factory(self._protecting_factory)
+        made = self._scoped_tasks
+        token = _PROTECTED_SCOPE.set(self)
+        try:
+            yield
+        finally:
+            _PROTECTED_SCOPE.reset(token)
+            if not installed and self._scoped_tasks == made:
+                loop.set_task_factory(self._chained_factory)
+
+    def _protecting_factory(
+        self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        chained = self._chained_factory
+        task = (
+            chained(loop, coro, **kwargs)
+            if chained is not None
+            else asyncio.Task(coro, loop=loop, **kwargs)
+        )
+        if _PROTECTED_SCOPE.get() is self and isinstance(task, asyncio.Task):
+            self._scoped_tasks += 1
+            self.protect(task)
         return task
 
     def protect(self, task: asyncio.Task[Any]) -> None:

@@ -1,7 +1,10 @@
-"""This process's node id: host + pid + a random incarnation.
+"""Node ids: host + pid + a random incarnation.
 
 A restarted process (or a forked child) gets a new id, so it never inherits
-the claims or leases of the process it replaced. No Flask import.
+the claims or leases of the process it replaced. Each app's durable runner
+makes its own node (:func:`new_node`): two apps of one process sharing a store
+are two nodes, each with its own claims, leases and heartbeat (as two workers
+would be). No Flask import.
 """
 
 from __future__ import annotations
@@ -13,9 +16,19 @@ import time
 
 from .records import NodeRecord
 
-__all__ = ["current_node", "node_id"]
+__all__ = ["current_node", "new_node", "node_id"]
 
 _node: NodeRecord | None = None
+
+
+def new_node() -> NodeRecord:
+    """Return a new :class:`~asyncbg.engine.records.NodeRecord` of this process:
+    this host and pid, a fresh random incarnation, started now."""
+    host = socket.gethostname()
+    pid = os.getpid()
+    return NodeRecord(
+        id=f"{host}:{pid}:{secrets.token_hex(4)}", host=host, pid=pid, started_at=time.time()
+    )
 
 
 def current_node() -> NodeRecord:
@@ -25,10 +38,7 @@ def current_node() -> NodeRecord:
     node = _node
     pid = os.getpid()
     if node is None or node.pid != pid:
-        host = socket.gethostname()
-        node = _node = NodeRecord(
-            id=f"{host}:{pid}:{secrets.token_hex(4)}", host=host, pid=pid, started_at=time.time()
-        )
+        node = _node = new_node()
     return node
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "JobQuery",
     "JobRecord",
     "Lease",
+    "LeaseState",
     "NodeRecord",
     "Outcome",
     "RenewResult",
@@ -247,6 +248,27 @@ class Lease:
     owner: str
     epoch: int
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """The stored lease row of one periodic schedule, as :meth:`Backend.leases`
+    reads it, whoever holds it.
+
+    ``owner`` and ``expires_at`` are None once the lease was released; a lease
+    that ran out keeps its last owner and an ``expires_at`` in the past (compare
+    it with the time: :attr:`live`). ``epoch`` is the last one granted: it
+    survives a release, so the next holder's is higher.
+    """
+
+    name: str
+    owner: str | None
+    epoch: int
+    expires_at: float | None
+
+    def live(self, now: float) -> bool:
+        """True while someone holds the lease at ``now`` (seconds since the epoch)."""
+        return self.owner is not None and self.expires_at is not None and self.expires_at > now
 
 
 @dataclass(frozen=True, slots=True)

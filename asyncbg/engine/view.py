@@ -110,6 +110,25 @@ class StateView(Protocol):
         ``timeout``, ``retries``, ``kind``: ``"async"`` or ``"sync"``)."""
         ...
 
+    def cluster(self) -> dict[str, Any]:
+        """Return the whole cluster sharing this app's store (asking the store,
+        through the loop, when it is durable).
+
+        ``shared`` (False with the memory backend: then nothing else is
+        filled), ``node`` (this app's node id), ``lease`` and ``dead_after``
+        (seconds: a node silent for longer is dead), ``time`` (now, on this
+        host), ``alive`` and ``dead`` (how many nodes), ``nodes`` (each:
+        ``id``, ``host``, ``pid``, ``started_at``, ``last_seen``, ``age``,
+        ``running``, ``lag``, ``alive``, ``here``; newest heartbeat first) and
+        ``leaders``: for each store-leased periodic job (scope host or
+        cluster) of this app by name, ``owner``, ``epoch``, ``expires_at``,
+        ``held`` and ``here`` (see :mod:`asyncbg.engine.cluster`).
+
+        :raises NotRunning: with a durable backend while the loop is not running.
+        :raises BackendError: if the store failed.
+        """
+        ...
+
     # -- acting (these may wait, as they say) --------------------------------------
 
     def cancel_job(self, job_id: str, *, wait: float = 0.0) -> tuple[str, JobRecord | None]:

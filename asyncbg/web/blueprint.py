@@ -1,4 +1,4 @@
-"""The HTTP surface: health, jobs, cancel, run-now, metrics and the live dashboard page.
+"""The HTTP surface: health, jobs, nodes, cancel, run-now, metrics and the live dashboard page.
 
 :func:`create_blueprint` builds a Flask blueprint for one app's
 :class:`~asyncbg.engine.view.StateView`; the extension mounts it at
@@ -7,7 +7,8 @@
 
 - ``health`` answers anyone (load balancers, probes) with its status and a short
   body; the details go to trusted clients only.
-- ``jobs``, ``jobs/<id>`` and ``metrics`` are read-only and answer trusted clients.
+- ``jobs``, ``jobs/<id>``, ``nodes`` and ``metrics`` are read-only and answer
+  trusted clients.
 - the dashboard page answers trusted clients once ``ASYNCBG_DASHBOARD`` is on.
 - ``cancel`` and ``run`` need ``ASYNCBG_CONTROL`` on *and* an auth hook, and the
   header ``X-Requested-With: asyncbg`` (which a cross-site form cannot send).
@@ -232,6 +233,7 @@ class _Endpoints:
         routes.add("/health", "health", ["GET"], PUBLIC, self.health)
         routes.add("/jobs", "jobs", ["GET"], READ, self.jobs)
         routes.add("/jobs/<job_id>", "job", ["GET"], READ, self.job)
+        routes.add("/nodes", "nodes", ["GET"], READ, self.nodes)
         routes.add("/metrics", "metrics", ["GET"], READ, self.metrics)
         routes.add("/jobs/<job_id>/cancel", "cancel", ["POST"], CONTROL, self.cancel)
         routes.add("/periodic/<name>/run", "run_periodic", ["POST"], CONTROL, self.run_periodic)
@@ -274,6 +276,13 @@ class _Endpoints:
 
     def job(self, job_id: str) -> ResponseReturnValue:
         return _json(_job_json(_find_job(self.view, job_id)))
+
+    def nodes(self) -> ResponseReturnValue:
+        try:
+            cluster = self.view.cluster()
+        except NotRunning:
+            return _error(503, "the event loop is not running")
+        return _json(cluster)
 
     def metrics(self) -> ResponseReturnValue:
         if not current_app.config["ASYNCBG_METRICS"]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..engine.records import JobQuery
 from ..engine.view import StateView
+from ..errors import NotRunning
 
 __all__ = ["health_report"]
 
@@ -31,8 +32,14 @@ def health_report(
     serve, so a load balancer must not take it out. The short report
     (``detailed=False``) says only the status and why it is unhealthy; the
     detailed one adds ``warnings`` (what degrades it), lag percentiles,
-    blocked-loop counts, running jobs, queues and periodic jobs. Results and
-    arguments of jobs are never in it. Never raises for a job's state.
+    blocked-loop counts, running jobs, queues and periodic jobs, and the
+    ``cluster`` (with a durable backend: the nodes sharing the store, dead ones
+    marked, and each store-leased periodic job's ``leader``; see
+    :meth:`StateView.cluster`; None while the loop is not running). A dead
+    node never makes this process unhealthy. Results and arguments of jobs
+    are never in it. Never raises for a job's state.
+
+    :raises BackendError: in the detailed report, if the store failed.
     """
     alive = view.loop_running()
     lag = view.loop_lag() if alive else None
@@ -60,8 +67,20 @@ def health_report(
     report["loop"].update(_loop_details(view, alive, lag, max_lag))
     report["jobs"] = _jobs(view)
     report["queues"] = view.queue_snapshots()
-    report["periodic"] = periodic
+    cluster = _cluster(view, alive)
+    leaders: dict[str, Any] = {} if cluster is None else cluster.pop("leaders")
+    report["periodic"] = [{**pj, "leader": leaders.get(pj["name"])} for pj in periodic]
+    report["cluster"] = cluster
     return healthy, report
+
+
+def _cluster(view: StateView, alive: bool) -> dict[str, Any] | None:
+    if not alive:
+        return None
+    try:
+        return view.cluster()
+    except NotRunning:  # stopped meanwhile
+        return None
 
 
 def _loop_details(

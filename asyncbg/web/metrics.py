@@ -1,4 +1,8 @@
-"""Prometheus metrics: job outcomes and durations, queues, loop lag, periodic jobs.
+"""Prometheus metrics: job outcomes and durations, queues, loop lag, periodic jobs,
+and with a durable backend the cluster (nodes alive and dead, each node's
+heartbeat, running count and lag, each store-leased periodic job's leader).
+Every process reports the whole cluster from the store: aggregate the
+``asyncbg_node_*`` series with ``max by (node)``.
 
 Counting happens on the loop without ``prometheus_client`` (:class:`JobStats`, a
 few dict updates per finished job); the text format is produced at scrape time
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..engine.stats import DURATION_BUCKETS, JobStats
+from ..errors import NotRunning
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -177,6 +182,62 @@ _FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
         "When each periodic job is next due (Unix time).",
         ("job",),
     ),
+    (
+        "c_nodes",
+        _GAUGE,
+        "asyncbg_cluster_nodes",
+        "Nodes sharing the durable store, alive (heartbeat within lease + lease/3) or dead.",
+        ("state",),
+    ),
+    (
+        "n_up",
+        _GAUGE,
+        "asyncbg_node_up",
+        "1 while a node of the cluster heartbeats, 0 once it counts as dead.",
+        ("node",),
+    ),
+    (
+        "n_seen",
+        _GAUGE,
+        "asyncbg_node_last_seen_timestamp_seconds",
+        "When each node of the cluster last sent a heartbeat (Unix time).",
+        ("node",),
+    ),
+    (
+        "n_running",
+        _GAUGE,
+        "asyncbg_node_running",
+        "Durable jobs each node held at its last heartbeat.",
+        ("node",),
+    ),
+    (
+        "n_lag",
+        _GAUGE,
+        "asyncbg_node_lag_seconds",
+        "Each node's event loop lag at its last heartbeat.",
+        ("node",),
+    ),
+    (
+        "p_leader",
+        _GAUGE,
+        "asyncbg_periodic_leader",
+        "1 while this node holds the lease of a store-leased periodic job.",
+        ("job",),
+    ),
+    (
+        "p_epoch",
+        _GAUGE,
+        "asyncbg_periodic_lease_epoch",
+        "The epoch of each store-leased periodic job's lease.",
+        ("job",),
+    ),
+    (
+        "p_expires",
+        _GAUGE,
+        "asyncbg_periodic_lease_expires_timestamp_seconds",
+        "When each store-leased periodic job's lease runs out unless renewed (Unix time).",
+        ("job",),
+    ),
 )
 
 
@@ -200,6 +261,7 @@ class _Collector:
         self._add_queues(families)
         self._add_loop(families)
         self._add_periodic(families)
+        self._add_cluster(families)
         return iter(families.values())
 
     def _add_jobs(self, f: dict[str, Any]) -> None:
@@ -238,6 +300,29 @@ class _Collector:
 
     def _add_periodic(self, f: dict[str, Any]) -> None:
         _add_per_name(f, self.view.periodic_snapshots(), _PERIODIC_SAMPLES)
+
+    def _add_cluster(self, f: dict[str, Any]) -> None:
+        # Nothing with the memory backend, nor while the loop (the way to the store) is down.
+        if not self.view.loop_running():
+            return
+        try:
+            cluster = self.view.cluster()
+        except NotRunning:
+            return
+        if not cluster["shared"]:
+            return
+        f["c_nodes"].add_metric(["alive"], cluster["alive"])
+        f["c_nodes"].add_metric(["dead"], cluster["dead"])
+        for node in cluster["nodes"]:
+            label = [node["id"]]
+            f["n_up"].add_metric(label, 1.0 if node["alive"] else 0.0)
+            f["n_seen"].add_metric(label, node["last_seen"])
+            f["n_running"].add_metric(label, node["running"])
+            f["n_lag"].add_metric(label, _nan_if_none(node["lag"]))
+        for job, leader in sorted(cluster["leaders"].items()):
+            f["p_leader"].add_metric([job], 1.0 if leader["here"] else 0.0)
+            f["p_epoch"].add_metric([job], _nan_if_none(leader["epoch"]))
+            f["p_expires"].add_metric([job], _nan_if_none(leader["expires_at"]))
 
 
 #: (family key, snapshot field) of the one-sample-per-name families.

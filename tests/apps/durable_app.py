@@ -20,6 +20,21 @@ an ``end`` line to ``AUDIT_FILE``: JSON ``{"id", "attempt", "pid", "start"[,
 process cannot lose a line already written: it is in the page cache). Tasks
 return ``{"pid", "attempt"}`` of the run that ended them, so the store's result
 says which run's outcome was recorded.
+
+Two more records, each only when its variable is set (the SQLite tests set
+neither, and their audit reader knows only the two lines above):
+
+- ``AUDIT_CANCELLED=1``: a run cancelled (by a cancel request, a lost claim,
+  a stop) appends ``{"id", "attempt", "pid", "start", "cancelled": time}``
+  in its ``except CancelledError``;
+- ``CLUSTER_EVERY=s``: a ``scope="cluster"`` periodic job ``cluster-tick``
+  runs every ``s`` seconds and appends ``{"tick": due, "pid", "start"}`` per
+  run, ``due`` the wall-clock time of the tick it ran (its slot on the
+  schedule's grid: start minus lateness).
+
+``POST /cancel/<id>`` asks ``bg.get_job(id)`` to cancel (from whichever worker
+answers) and says when it asked (``asked``, ``time.time()``); ``GET /leader``
+says whether this worker holds the lease of ``cluster-tick``.
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ asgi_app = bg.asgi_app()
 _AUDIT = os.open(os.environ["AUDIT_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 _ITEM_CONCURRENCY = int(os.environ.get("ITEM_CONCURRENCY", "4"))
 _RETRIES = int(os.environ.get("JOB_RETRIES", "3"))
+_AUDIT_CANCELLED = os.environ.get("AUDIT_CANCELLED") == "1"
+_CLUSTER_EVERY = float(os.environ.get("CLUSTER_EVERY", "0"))
 
 
 def _audit(line: dict[str, Any]) -> None:
@@ -63,7 +80,12 @@ async def _run(uid: str, seconds: float) -> dict[str, Any]:
     run = {"id": uid, "attempt": current_job().attempts, "pid": os.getpid(), "start": time.time()}
     _audit(run)
     if seconds > 0:
-        await asyncio.sleep(seconds)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            if _AUDIT_CANCELLED:
+                _audit({**run, "cancelled": time.time()})
+            raise
     _audit({**run, "end": time.time()})
     return {"pid": run["pid"], "attempt": run["attempt"]}
 
@@ -81,6 +103,17 @@ async def sleep(uid: str, seconds: float) -> dict[str, Any]:
 @bg.consumer("items", concurrency=_ITEM_CONCURRENCY, maxsize=1_000_000, durable=True)
 async def items(item: dict[str, Any]) -> None:
     await _run(str(item["id"]), float(item.get("seconds", 0.0)))
+
+
+if _CLUSTER_EVERY > 0:
+
+    @bg.periodic(name="cluster-tick", every=_CLUSTER_EVERY, scope="cluster")
+    async def cluster_tick() -> None:
+        started = cluster_tick.last_start
+        lateness = cluster_tick.last_start_lateness
+        assert started is not None
+        assert lateness is not None
+        _audit({"tick": started - lateness, "pid": os.getpid(), "start": started})
 
 
 @app.after_request
@@ -137,3 +170,19 @@ def job(job_id: str) -> Any:
     if found is None:
         return jsonify(pid=os.getpid(), error="not found"), 404
     return jsonify(pid=os.getpid(), status=found.status.value, attempts=found.attempts)
+
+
+@app.post("/cancel/<job_id>")
+def cancel(job_id: str) -> Any:
+    asked = time.time()
+    found = bg.get_job(job_id)
+    if found is None:
+        return jsonify(pid=os.getpid(), error="not found"), 404
+    return jsonify(pid=os.getpid(), asked=asked, requested=found.cancel())
+
+
+@app.get("/leader")
+def leader() -> Any:
+    if _CLUSTER_EVERY <= 0:
+        return jsonify(pid=os.getpid(), error="no cluster-tick"), 404
+    return jsonify(pid=os.getpid(), holds_lock=cluster_tick.snapshot()["holds_lock"])

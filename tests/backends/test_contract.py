@@ -24,6 +24,7 @@ from asyncbg.engine.records import (
     JobQuery,
     JobRecord,
     Lease,
+    LeaseState,
     NodeRecord,
     Outcome,
 )
@@ -604,6 +605,63 @@ async def test_anchor_is_stored_once(backend: Backend) -> None:
     assert await backend.anchor("other", 300.0) == 300.0
 
 
+async def test_leases_list_every_schedule_with_its_holder_sorted_by_name(
+    backend: Backend,
+) -> None:
+    assert await backend.leases() == []
+    await backend.anchor("only-anchored", 1.0)  # an anchor is not a lease
+    before = time.time()
+    b = await backend.acquire("b", "n2", LONG)
+    a = await backend.acquire("a", "n1", LONG)
+    assert a is not None
+    assert b is not None
+    leases = await backend.leases()
+    assert [(s.name, s.owner, s.epoch) for s in leases] == [("a", "n1", 1), ("b", "n2", 1)]
+    assert all(isinstance(s, LeaseState) for s in leases)
+    assert leases[0].expires_at == pytest.approx(a.expires_at)
+    assert leases[0].expires_at is not None
+    assert leases[0].expires_at > before
+    assert all(s.live(time.time()) for s in leases)
+
+    renewed = await backend.renew_lease(a, 2 * LONG)
+    assert renewed is not None
+    [shown] = [s for s in await backend.leases() if s.name == "a"]
+    assert shown.expires_at == pytest.approx(renewed.expires_at)
+
+
+async def test_a_released_lease_is_listed_without_owner_and_keeps_its_epoch(
+    backend: Backend,
+) -> None:
+    first = await backend.acquire("s", "n1", LONG)
+    assert first is not None
+    assert await backend.release_lease(first)
+    [released] = await backend.leases()
+    assert released == LeaseState("s", None, first.epoch, None)
+    assert not released.live(time.time())
+
+    second = await backend.acquire("s", "n2", LONG)
+    assert second is not None
+    [taken] = await backend.leases()
+    assert (taken.owner, taken.epoch) == ("n2", first.epoch + 1)
+
+
+async def test_a_lease_that_ran_out_is_listed_as_it_was_until_taken(backend: Backend) -> None:
+    old = await backend.acquire("s", "n1", LEASE)
+    assert old is not None
+
+    async def ran_out() -> bool:
+        [state] = await backend.leases()
+        return not state.live(time.time())
+
+    await until(ran_out, "the lease runs out")
+    [state] = await backend.leases()
+    assert (state.owner, state.epoch, state.expires_at) == ("n1", old.epoch, old.expires_at)
+    new = await acquire_eventually(backend, "s", "n2")
+    [state] = await backend.leases()
+    assert (state.owner, state.epoch) == ("n2", new.epoch)
+    assert state.live(time.time())
+
+
 # -- nodes -------------------------------------------------------------------
 
 
@@ -623,6 +681,53 @@ async def test_heartbeats_list_the_nodes_newest_first(backend: Backend) -> None:
     nodes = await backend.nodes()
     assert [(n.id, n.running) for n in nodes] == [("a", 5), ("b", 2)]
     assert nodes[0].last_seen > nodes[1].last_seen > 0
+
+
+async def test_a_heartbeat_keeps_what_it_sends_and_the_nodes_heard_from_recently(
+    backend: Backend,
+) -> None:
+    await backend.heartbeat(
+        NodeRecord("a", host="h1", pid=7, started_at=1000.0, running=3, lag=0.125)
+    )
+    await backend.heartbeat(NodeRecord("b", host="h2", pid=8, started_at=1001.0))
+    got = {n.id: n for n in await backend.nodes()}
+    assert set(got) == {"a", "b"}  # the default window keeps both
+    a = got["a"]
+    assert (a.host, a.pid, a.started_at, a.running, a.lag) == ("h1", 7, 1000.0, 3, 0.125)
+    assert got["b"].lag is None
+
+
+async def test_a_heartbeat_forgets_the_nodes_silent_for_longer_than_forget_after(
+    backend: Backend,
+) -> None:
+    def node(node_id: str) -> NodeRecord:
+        return NodeRecord(node_id, host="h", pid=1, started_at=1000.0)
+
+    await backend.heartbeat(node("old"))
+
+    async def forgotten() -> bool:
+        # "new" forgets whoever was silent for more than 50 ms.
+        await backend.heartbeat(node("new"), forget_after=0.05)
+        return "old" not in {n.id for n in await backend.nodes()}
+
+    await until(forgotten, "the silent node is forgotten")
+    assert [n.id for n in await backend.nodes()] == ["new"]
+    # The node that beats is never forgotten by its own heartbeat.
+    await backend.heartbeat(node("new"), forget_after=0.0)
+    assert "new" in {n.id for n in await backend.nodes()}
+
+
+async def test_forget_node_deletes_only_that_node(backend: Backend) -> None:
+    for node_id in ("a", "b"):
+        await backend.heartbeat(NodeRecord(node_id, host="h", pid=1, started_at=1000.0))
+    await backend.forget_node("a")
+    assert [n.id for n in await backend.nodes()] == ["b"]
+    await backend.forget_node("a")  # already gone: nothing
+    await backend.forget_node("never-seen")
+    assert [n.id for n in await backend.nodes()] == ["b"]
+    # A heartbeat after it brings the node back.
+    await backend.heartbeat(NodeRecord("a", host="h", pid=1, started_at=1000.0))
+    assert {n.id for n in await backend.nodes()} == {"a", "b"}
 
 
 async def test_finish_many_records_each_outcome_and_refuses_only_the_stale(

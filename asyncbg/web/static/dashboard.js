@@ -141,12 +141,60 @@
     setText(sec, "last_blocked", last ? `${last.description} for ${seconds(last.duration)}, ${ago(last.at)}` : "–");
   }
 
+  // The whole cluster (a durable backend): every node sharing the store.
+  function renderNodes(cluster) {
+    const section = $("nodes-section");
+    section.hidden = !(cluster && cluster.shared);
+    if (section.hidden) return;
+    const dead = cluster.dead ? `, ${cluster.dead} dead (silent > ${seconds(cluster.dead_after)})` : "";
+    $("nodes-summary").textContent = `${cluster.alive} alive${dead}`;
+    syncRows($("nodes"), cluster.nodes, (n) => n.id, (n) => el("tr", { "data-node": n.id },
+      el("td", {}, el("span", { "data-field": "id", class: "mono" }), " ",
+        el("span", { "data-field": "here", class: "badge here" })),
+      el("td", {}, el("span", { class: "badge", "data-field": "state" })),
+      el("td", { "data-field": "last_seen" }),
+      el("td", { "data-field": "lag" }),
+      el("td", { "data-field": "running" }),
+      el("td", { "data-field": "host", class: "mono" }),
+      el("td", { "data-field": "pid", class: "mono" }),
+      el("td", { "data-field": "started" }),
+    ), (tr, n) => {
+      tr.dataset.alive = String(n.alive);
+      setText(tr, "id", n.id);
+      const here = setText(tr, "here", n.here ? "this node" : "");
+      here.hidden = !n.here;
+      setStatus(tr.querySelector('[data-field="state"]'), n.alive ? "alive" : "dead");
+      const seen = setText(tr, "last_seen", ago(n.last_seen));
+      seen.dataset.value = String(n.last_seen);
+      setText(tr, "lag", seconds(n.lag));
+      setText(tr, "running", n.running);
+      setText(tr, "host", n.host);
+      setText(tr, "pid", n.pid);
+      setText(tr, "started", ago(n.started_at));
+    });
+  }
+
+  // Who runs a periodic job: its store lease's holder, or where it runs without one.
+  function leaderText(p) {
+    const l = p.leader;
+    if (!l) {
+      if (p.scope === "process") return "every process";
+      return p.holds_lock ? "this process (host lock)" : "host lock, not held here";
+    }
+    if (l.held) return l.here ? "this node" : l.owner;
+    if (l.owner) return `nobody (${l.owner}'s lease ran out)`;
+    return l.epoch === null ? "nobody yet" : "nobody (released)";
+  }
+
   function renderPeriodic(list) {
     syncRows($("periodic"), list, (p) => p.name, (p) => {
       const tr = el("tr", { "data-periodic": p.name },
         el("td", { "data-field": "name", class: "mono" }),
         el("td", { "data-field": "schedule" }),
         el("td", {}, el("span", { class: "badge", "data-field": "state" })),
+        el("td", {}, el("span", { "data-field": "leader", class: "mono" }), " ",
+          el("span", { "data-field": "leader_epoch", class: "muted" }), " ",
+          el("span", { "data-field": "leader_expires", class: "muted" })),
         el("td", {}, el("span", { "data-field": "last_start", class: "mono" }), " ",
           el("span", { "data-field": "last_ago", class: "muted" })),
         el("td", { "data-field": "last_duration" }),
@@ -166,6 +214,15 @@
       setText(tr, "name", p.name);
       setText(tr, "schedule", p.scope === "host" ? `${p.schedule} (one per host)` : p.schedule);
       setStatus(tr.querySelector('[data-field="state"]'), p.running ? "running" : "idle");
+      const l = p.leader;
+      const leader = setText(tr, "leader", leaderText(p));
+      leader.dataset.owner = l && l.owner ? l.owner : "";
+      leader.dataset.here = String(!!(l && l.here));
+      leader.classList.toggle("here", !!(l && l.here));
+      setText(tr, "leader_epoch", l && l.epoch !== null ? `epoch ${l.epoch}` : "");
+      const expires = setText(tr, "leader_expires",
+        l && l.held ? `until ${clock(l.expires_at)} (in ${seconds(Math.max(0, l.expires_at - now()))})` : "");
+      expires.dataset.value = l && l.expires_at !== null ? String(l.expires_at) : "";
       const last = setText(tr, "last_start", clock(p.last_start));
       last.dataset.value = p.last_start === null ? "" : String(p.last_start);
       setText(tr, "last_ago", p.last_start ? `(${ago(p.last_start)})` : "");
@@ -283,6 +340,7 @@
       setStatus(status, health.status);
       $("problems").textContent = (health.problems || []).join("; ");
       renderLoop(health);
+      renderNodes(health.cluster);
       renderPeriodic(health.periodic || []);
       renderQueues(health.queues || []);
       renderRunning(live.jobs);
