@@ -1,5 +1,5 @@
-"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR] [--chart-copy PATH]
-[--against REV]"""
+"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--postgres] [--out DIR]
+[--chart-copy PATH] [--against REV]"""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from . import against, durable, http, latency, memory, periodic, report, shutdown, throughput
+from . import (
+    against,
+    durable,
+    http,
+    latency,
+    memory,
+    periodic,
+    postgres,
+    report,
+    shutdown,
+    throughput,
+)
 from .harness import MODES, Section
 
 BENCHMARKS = {
@@ -21,7 +32,11 @@ BENCHMARKS = {
     "shutdown": shutdown.run,
     "memory": memory.run,
     "durable": durable.run,
+    "postgres": postgres.run,
 }
+#: Not in a default run: it starts a PostgreSQL server and host processes
+#: (``--postgres`` adds it, ``--only postgres`` runs it alone).
+OPTIONAL = {"postgres"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="fewer trials and items (~3 min)")
     g.add_argument("--smoke", action="store_true", help="every benchmark, briefly (seconds)")
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="add the PostgreSQL benchmark (a throw-away server, or env ASYNCBG_BENCH_PG_URL)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -54,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
     t0 = time.monotonic()
-    for name in args.only or list(BENCHMARKS):
+    names = args.only or [n for n in BENCHMARKS if n not in OPTIONAL or args.postgres]
+    for name in names:
         t = time.monotonic()
         print(f"== {name} ({mode.name})", file=sys.stderr, flush=True)
         sections.append(BENCHMARKS[name](mode))

@@ -36,6 +36,8 @@ class Mode:
     durable_jobs: int  # per jobs/s measurement of the durable benchmark
     durable_samples: int  # latency samples per trial and subject (half across processes)
     time_budget: float = 600.0  # per benchmark, seconds; loops stop early past it
+    postgres_jobs: int = 30  # per host and jobs/s measurement of the PostgreSQL benchmark
+    postgres_samples: int = 10  # latency samples per trial and subject (half across hosts)
 
 
 MODES: Mapping[str, Mode] = {
@@ -60,6 +62,8 @@ MODES: Mapping[str, Mode] = {
         durable_jobs=30,
         durable_samples=10,
         time_budget=20.0,
+        postgres_jobs=30,
+        postgres_samples=10,
     ),
     "quick": Mode(
         "quick",
@@ -82,6 +86,8 @@ MODES: Mapping[str, Mode] = {
         durable_jobs=300,
         durable_samples=60,
         time_budget=60.0,
+        postgres_jobs=500,
+        postgres_samples=40,
     ),
     "full": Mode(
         "full",
@@ -104,6 +110,8 @@ MODES: Mapping[str, Mode] = {
         durable_jobs=2000,
         durable_samples=200,
         time_budget=600.0,
+        postgres_jobs=1000,
+        postgres_samples=150,
     ),
 }
 
