@@ -196,7 +196,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def enqueue(
-        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[rec.JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: rec.Take | None = None,
     ) -> list[rec.JobRecord | None]:
         """Store ``records`` in one commit; return the stored record for each
         (the existing one where the id, or an active job's key, was already there).
@@ -209,6 +213,13 @@ class Backend(abc.ABC):
         is already there gets the existing record and is never refused. The
         records after a refused one are still considered. Without ``limits``
         no slot is None.
+
+        ``take`` claims the records whose ids it names as they are stored, in
+        the same commit, as :meth:`claim` would right after: each comes back
+        running for ``take.owner`` with token 1, one attempt and a lease of
+        ``take.lease`` seconds on the backend's clock (other processes are not
+        woken for them). A named record answered by idempotency is not taken
+        (the existing record comes back as it is).
         """
 
     def enqueue_from_thread(

@@ -52,6 +52,7 @@ from ..engine.records import (
     NodeRecord,
     Outcome,
     RenewResult,
+    Take,
 )
 from ..errors import ConfigError
 from . import _redact
@@ -130,7 +131,11 @@ class MemoryBackend(Backend):
     # -- jobs and queue items --------------------------------------------------
 
     async def enqueue(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> list[JobRecord | None]:
         """Store ``records``; return the stored record for each.
 
@@ -146,7 +151,12 @@ class MemoryBackend(Backend):
                 raise ValueError(f"enqueue takes pending records, not {record.status!r}")
         now = self._clock()
         bounds = limits or {}
-        return [self._enqueue_one(record, now, bounds) for record in records]
+        stored = [self._enqueue_one(record, now, bounds) for record in records]
+        if take is not None:
+            for i, (record, got) in enumerate(zip(records, stored, strict=True)):
+                if got is record and record.id in take.ids:
+                    stored[i] = self._take(record, take.owner, take.lease, now).record
+        return stored
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float

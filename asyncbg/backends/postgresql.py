@@ -65,6 +65,7 @@ from ..engine.records import (
     NodeRecord,
     Outcome,
     RenewResult,
+    Take,
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
@@ -191,10 +192,17 @@ class _Statements:
         self.schema = s
         self.channel = f"asyncbg_{schema}"
         held = "j.id = c.id AND j.owner = c.owner AND j.token = c.token AND j.status = 'running'"
+        # A record that comes running is taken as it is stored (see enqueue's
+        # ``take``): its start and lease are the server's; only pending ones wake.
+        taken_as = {
+            "started_at": f"CASE WHEN u.status = 'running' THEN {_NOW} END",
+            "lease_until": f"CASE WHEN u.status = 'running' THEN {_NOW} + %s END",
+        }
         self.insert = f"""INSERT INTO {s}.jobs ({_COLUMNS})
-            SELECT * FROM unnest({", ".join(f"%s::{_TYPES[n]}[]" for n in _FIELDS)})
+            SELECT {", ".join(taken_as.get(n, f"u.{n}") for n in _FIELDS)}
+            FROM unnest({", ".join(f"%s::{_TYPES[n]}[]" for n in _FIELDS)}) AS u({_COLUMNS})
             ON CONFLICT DO NOTHING
-            RETURNING id, pg_notify(%s, 'work') IS NULL"""
+            RETURNING id, CASE WHEN status = 'pending' THEN pg_notify(%s, 'work') END IS NULL"""
         self.existing = f"""SELECT {_COLUMNS} FROM {s}.jobs WHERE id = ANY(%s::text[])
             UNION ALL SELECT {_COLUMNS} FROM {s}.jobs
             WHERE key = ANY(%s::text[]) AND status IN ('pending', 'running')"""
@@ -247,7 +255,7 @@ class _Statements:
             AND (j.status = 'running' OR (j.status = c.status
                 AND j.result_json IS NOT DISTINCT FROM c.result
                 AND j.error IS NOT DISTINCT FROM c.error))
-            RETURNING j.id, j.owner, j.token, pg_notify(%s, 'done') IS NULL"""
+            RETURNING j.id, j.owner, j.token"""
         hand_back = f"""UPDATE {s}.jobs j SET
             status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END,
             owner = CASE WHEN j.cancel_requested THEN j.owner END,
@@ -762,7 +770,11 @@ class PostgresBackend(Backend):
     # -- jobs and queue items ---------------------------------------------------------
 
     async def enqueue(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> list[JobRecord | None]:
         """Store ``records`` in one statement (one transaction with ``limits``);
         return the stored record for each.
@@ -783,21 +795,32 @@ class PostgresBackend(Backend):
                 raise ValueError(f"enqueue takes pending records, not {record.status!r}")
         if not records:
             return []
+        lease = 0.0
+        if take is not None:
+            lease = take.lease
+            records = [
+                r.replace(status="running", owner=take.owner, token=1, attempts=1)
+                if r.id in take.ids
+                else r
+                for r in records
+            ]
         bounded = {q: n for q, n in (limits or {}).items() if any(r.queue == q for r in records)}
         if bounded:
             return await self._run(
-                "an enqueue", lambda conn: self._enqueue_bounded(conn, records, bounded)
+                "an enqueue", lambda conn: self._enqueue_bounded(conn, records, bounded, lease)
             )
-        return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records))
+        return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records, lease))
 
-    def _insert_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
-        return (*_columns(records), self._sql.channel)
+    def _insert_params(self, records: Sequence[JobRecord], lease: float = 0.0) -> tuple[Any, ...]:
+        return (lease, *_columns(records), self._sql.channel)
 
     def _existing_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
         return ([r.id for r in records], [r.key for r in records if r.key is not None])
 
-    async def _insert(self, conn: Any, records: Sequence[JobRecord]) -> set[str]:
-        cursor = await conn.execute(self._sql.insert, self._insert_params(records))
+    async def _insert(
+        self, conn: Any, records: Sequence[JobRecord], lease: float = 0.0
+    ) -> set[str]:
+        cursor = await conn.execute(self._sql.insert, self._insert_params(records, lease))
         return {row[0] for row in await cursor.fetchall()}
 
     async def _existing(self, conn: Any, records: Sequence[JobRecord]) -> list[JobRecord]:
@@ -805,9 +828,9 @@ class PostgresBackend(Backend):
         return [_record(row) for row in await cursor.fetchall()]
 
     async def _enqueue_free(
-        self, conn: Any, records: Sequence[JobRecord]
+        self, conn: Any, records: Sequence[JobRecord], lease: float = 0.0
     ) -> list[JobRecord | None]:
-        stored = await self._insert(conn, records)
+        stored = await self._insert(conn, records, lease)
         missing = _missing(records, stored)
         known = await self._existing(conn, missing) if missing else []
         return list(_answer(records, stored, known))
@@ -881,7 +904,11 @@ class PostgresBackend(Backend):
         return [r for r in _answer(records, stored, known) if r is not None]
 
     async def _enqueue_bounded(
-        self, conn: Any, records: Sequence[JobRecord], limits: Mapping[str, int]
+        self,
+        conn: Any,
+        records: Sequence[JobRecord],
+        limits: Mapping[str, int],
+        lease: float = 0.0,
     ) -> list[JobRecord | None]:
         async with conn.transaction():
             for queue_name in sorted(limits):  # one order: no deadlock between hosts
@@ -921,7 +948,7 @@ class PostgresBackend(Backend):
                         taken_keys.add(record.key)
                     if bound is not None:
                         pending[record.queue] += 1
-            stored = await self._insert(conn, chosen) if chosen else set()
+            stored = await self._insert(conn, chosen, lease) if chosen else set()
             kept = [r for i, r in enumerate(records) if i not in refused]
             missing = _missing(kept, stored)
             known += await self._existing(conn, missing) if missing else []
@@ -1049,10 +1076,9 @@ class PostgresBackend(Backend):
                 [o.status for _, o in outcomes],
                 [o.result_json for _, o in outcomes],
                 [o.error for _, o in outcomes],
-                self._sql.channel,
             ),
         )
-        done = {(job_id, owner, token) for job_id, owner, token, _ in rows}
+        done = {(job_id, owner, token) for job_id, owner, token in rows}
         if done:
             self._done()
         self._ended(c for c, _ in outcomes)
@@ -1193,8 +1219,10 @@ class PostgresBackend(Backend):
         """Return once every known job of ``job_ids`` is final or ``timeout``
         seconds passed: the records known then (unknown ids left out).
 
-        Polls (5 ms, doubling to 100 ms); a ``done`` notification (a finish
-        by any process) or a finish by this object wakes it at once.
+        Polls (5 ms, doubling to 100 ms); a finish by this object, or a
+        ``done`` notification (a job cancelled by any process), wakes it at
+        once. Finishes send no notification: one per finished batch, to
+        every host, cost more than the polls of the few who wait.
 
         :raises BackendError: for a database error.
         """

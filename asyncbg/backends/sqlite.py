@@ -93,6 +93,7 @@ from ..engine.records import (
     NodeRecord,
     Outcome,
     RenewResult,
+    Take,
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
@@ -753,7 +754,11 @@ class SQLiteBackend(Backend):
     # -- jobs and queue items --------------------------------------------------
 
     async def enqueue(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> list[JobRecord | None]:
         """Store ``records`` in one transaction; return the stored record for each.
 
@@ -769,10 +774,13 @@ class SQLiteBackend(Backend):
         """
         if not records:
             return []
-        return await self._write(*self._enqueue_call(records, limits))
+        return await self._write(*self._enqueue_call(records, limits, take))
 
     def _enqueue_call(
-        self, records: Sequence[JobRecord], limits: Mapping[str, int] | None
+        self,
+        records: Sequence[JobRecord],
+        limits: Mapping[str, int] | None,
+        take: Take | None = None,
     ) -> tuple[
         Callable[[sqlite3.Connection, float], list[JobRecord | None]],
         Callable[[list[JobRecord | None]], bool],
@@ -788,10 +796,21 @@ class SQLiteBackend(Backend):
         def enqueue(conn: sqlite3.Connection, now: float) -> list[JobRecord | None]:
             first = _next(conn, "seq", len(rows))
             pending: dict[str, int] = {}  # per bounded queue, as counted and then stored
-            return [
-                _enqueue_one(conn, record, row, first + i, bounds, pending)
-                for i, (record, row) in enumerate(zip(records, rows, strict=True))
-            ]
+            out: list[JobRecord | None] = []
+            for i, (record, row) in enumerate(zip(records, rows, strict=True)):
+                if take is not None and record.id in take.ids:
+                    # Stored claimed: the enqueue is its claim (token 1, one attempt).
+                    record = record.replace(
+                        status="running",
+                        owner=take.owner,
+                        token=1,
+                        attempts=1,
+                        started_at=now,
+                        lease_until=now + take.lease,
+                    )
+                    row = tuple(getattr(record, name) for name in _FIELDS)
+                out.append(_enqueue_one(conn, record, row, first + i, bounds, pending))
+            return out
 
         def stored_new(stored: list[JobRecord | None]) -> bool:
             # _enqueue_one returns the very record it stored (a known one is read back).

@@ -49,6 +49,7 @@ from .records import (
     NodeRecord,
     Outcome,
     RenewResult,
+    Take,
     decode_json,
     encode_arguments,
     encode_json,
@@ -84,7 +85,11 @@ class Store(Protocol):
     """The part of :class:`asyncbg.backends.base.Backend` the runner uses."""
 
     async def enqueue(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> list[JobRecord | None]: ...
 
     def enqueue_from_thread(
@@ -226,6 +231,9 @@ class DurableRunner:
         #: Claims handed back to the store at stop (the report's ``released``).
         self.released = 0
         self._staged: list[_Staged] = []
+        # Task slots an enqueue in flight takes (Take), and a claim in flight asks.
+        self._reserved = 0
+        self._claiming_tasks = 0
         self._flush_scheduled = False
         self._held: dict[str, _Held] = {}
         self._to_release: list[Claim] = []
@@ -534,8 +542,13 @@ class DurableRunner:
 
     async def _enqueue(self, batch: list[_Staged]) -> None:
         limits = {e.record.queue: e.limit for e in batch if e.limit is not None}
+        take = self._take_at_enqueue(batch)
+        if take is not None:
+            self._reserved += len(take.ids)
         try:
-            stored = await self.store.enqueue([e.record for e in batch], limits=limits or None)
+            stored = await self.store.enqueue(
+                [e.record for e in batch], limits=limits or None, take=take
+            )
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else BackendError("the store write stopped")
             for e in batch:
@@ -543,10 +556,44 @@ class DurableRunner:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            if take is not None:
+                self._reserved -= len(take.ids)
         for e, record in zip(batch, stored, strict=True):
+            if (
+                take is not None
+                and record is not None
+                and record.id in take.ids
+                and record.status == "running"
+                and record.owner == self.owner
+                and record.token == 1
+                and record.id not in self._held
+            ):
+                # Stored claimed by this process: its claim, run here at once.
+                self._start(Claim(record.id, self.owner, record.token, record))
             if e.waiter is not None:
                 e.waiter.set_result(record)
         self.wake()
+
+    def _take_at_enqueue(self, batch: list[_Staged]) -> Take | None:
+        # The task jobs of the batch this process has room for are claimed by
+        # the enqueue itself: one statement fewer each, and no other process
+        # woken for them. Only jobs due now, of the queues served here.
+        if not self.claiming or self._stopping:
+            return None
+        running = sum(1 for h in self._held.values() if h.queue is None)
+        room = self.concurrency - running - self._reserved - self._claiming_tasks
+        if room <= 0:
+            return None
+        lanes = set(self._task_lanes())
+        ids: list[str] = []
+        for e in batch:
+            r = e.record
+            if len(ids) >= room:
+                break
+            if e.limit is None and r.run_at is None and r.task in self.tasks and r.queue in lanes:
+                ids.append(r.id)
+        return Take(self.owner, self.lease, frozenset(ids)) if ids else None
 
     def _refuse(self, entry: _Staged, error: Exception) -> None:
         if entry.job is not None:
@@ -562,6 +609,7 @@ class DurableRunner:
         if not self.claiming:
             return wanted
         running_tasks = sum(1 for h in self._held.values() if h.queue is None)
+        running_tasks += self._reserved  # taken by an enqueue in flight
         lanes = self._task_lanes()
         if lanes and self.concurrency > running_tasks:
             wanted.append((lanes, self.concurrency - running_tasks))
@@ -607,9 +655,14 @@ class DurableRunner:
         # Issued together: a backend that group-commits makes them one transaction.
         # Started in the write's own task, so a claim made as stop begins is
         # released, never left to its lease.
-        results = await asyncio.gather(
-            *(self.store.claim(lanes, self.owner, n, self.lease) for lanes, n in wanted)
-        )
+        task_lanes = self._task_lanes()
+        self._claiming_tasks = sum(n for lanes, n in wanted if lanes == task_lanes)
+        try:
+            results = await asyncio.gather(
+                *(self.store.claim(lanes, self.owner, n, self.lease) for lanes, n in wanted)
+            )
+        finally:
+            self._claiming_tasks = 0
         got, full = 0, False
         for (_, n), claims in zip(wanted, results, strict=True):
             got += len(claims)

@@ -29,6 +29,7 @@ __all__ = [
     "NodeRecord",
     "Outcome",
     "RenewResult",
+    "Take",
     "decode_json",
     "encode_arguments",
     "encode_json",
@@ -177,6 +178,17 @@ class JobRecord:
             "message": self.progress_message,
             "fraction": fraction,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Records of an enqueue that its caller claims as they are stored (the
+    enqueue is their claim, one statement fewer): ``ids`` taken for ``owner``
+    with a lease of ``lease`` seconds on the backend's clock."""
+
+    owner: str
+    lease: float
+    ids: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from asyncbg.engine.records import (
     LeaseState,
     NodeRecord,
     Outcome,
+    Take,
 )
 
 # Short enough to expire within a test, long enough to outlive a round trip.
@@ -751,3 +752,50 @@ async def test_finish_many_records_each_outcome_and_refuses_only_the_stale(
     assert records["b"].status == "running"
     assert (records["c"].status, records["c"].error) == ("failed", "boom")
     assert await backend.finish_many([]) == []
+
+
+# -- claimed as it is stored (enqueue's take) ---------------------------------------
+
+
+async def test_a_taken_record_is_stored_claimed_and_is_not_claimed_again(
+    backend: Backend,
+) -> None:
+    stored = await backend.enqueue(
+        [job("mine"), job("free")], take=Take("n1", LONG, frozenset({"mine"}))
+    )
+    mine, free = stored
+    assert mine is not None
+    assert free is not None
+    assert (mine.status, mine.owner, mine.token, mine.attempts) == ("running", "n1", 1, 1)
+    assert free.status == "pending"
+    record = await backend.get("mine")
+    assert record is not None
+    assert record.status == "running"
+    assert record.lease_until is not None
+    assert record.started_at is not None
+    # Only the free one is claimable; the taken one is held: renewed, finished.
+    (other,) = await backend.claim(["q"], "n2", 5, LONG)
+    assert other.id == "free"
+    held = Claim("mine", "n1", 1, mine)
+    assert (await backend.renew([held], LONG)).kept == ("mine",)
+    assert await backend.finish(held, Outcome("succeeded", "1"))
+
+
+async def test_a_taken_record_whose_lease_runs_out_is_claimed_again(backend: Backend) -> None:
+    await backend.enqueue([job("j", max_attempts=2)], take=Take("n1", LEASE, frozenset({"j"})))
+
+    async def reclaimed() -> bool:
+        return bool(await backend.claim(["q"], "n2", 1, LONG))
+
+    await until(reclaimed, "the taken job claimed again after its lease")
+    record = await backend.get("j")
+    assert record is not None
+    assert (record.owner, record.token, record.attempts) == ("n2", 2, 2)
+
+
+async def test_a_taken_id_answered_by_idempotency_is_not_taken(backend: Backend) -> None:
+    await backend.enqueue([job("j")])
+    (again,) = await backend.enqueue([job("j")], take=Take("n1", LONG, frozenset({"j"})))
+    assert again is not None
+    assert again.status == "pending"
+    assert again.owner is None
