@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -475,15 +474,19 @@ def test_a_stalled_owner_loses_its_claim_and_its_late_result_is_refused(
     app_a, bg_a = _worker(make_app, db, ASYNCBG_LEASE=1.0, ASYNCBG_MONITOR=False)
     app_b, bg_b = _worker(make_app, db, ASYNCBG_LEASE=1.0)
     started = Gate()
+    b_ran = threading.Event()
 
     @bg_a.task(name="stall", retries=1, retry_backoff=0)
     async def stall_a() -> str:
         started.set()
-        time.sleep(2.5)  # noqa: ASYNC251 - the stall under test: the loop cannot renew
+        # The stall under test: A's loop cannot renew until B, past A's lease,
+        # has taken the job over and run it (bounded, as a SIGSTOP would be).
+        b_ran.wait(WAIT)
         return "a"
 
     @bg_b.task(name="stall", retries=1, retry_backoff=0)
     async def stall_b() -> str:
+        b_ran.set()
         return "b"
 
     bg_a.start()
