@@ -472,7 +472,9 @@ def test_a_stalled_owner_loses_its_claim_and_its_late_result_is_refused(
     # process); worker B takes the job over and finishes it; A's late result
     # is refused by the token, and A's handle reports B's outcome.
     app_a, bg_a = _worker(make_app, db, ASYNCBG_LEASE=1.0, ASYNCBG_MONITOR=False)
-    app_b, bg_b = _worker(make_app, db, ASYNCBG_LEASE=1.0)
+    # B's own lease is long: on a loaded machine its finish must not be late
+    # enough for its claim to run out too (the job would end failed, out of attempts).
+    app_b, bg_b = _worker(make_app, db, ASYNCBG_LEASE=10.0)
     started = Gate()
     b_ran = threading.Event()
 
