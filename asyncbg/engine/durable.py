@@ -559,21 +559,29 @@ class DurableRunner:
         finally:
             if take is not None:
                 self._reserved -= len(take.ids)
+        taken = [
+            r for r in stored if r is not None and take is not None and self._taken_here(r, take)
+        ]
         for e, record in zip(batch, stored, strict=True):
-            if (
-                take is not None
-                and record is not None
-                and record.id in take.ids
-                and record.status == "running"
-                and record.owner == self.owner
-                and record.token == 1
-                and record.id not in self._held
-            ):
-                # Stored claimed by this process: its claim, run here at once.
-                self._start(Claim(record.id, self.owner, record.token, record))
             if e.waiter is not None:
                 e.waiter.set_result(record)
+        # Every submitter is answered first: with eager task start (3.12+) a
+        # job begins inside _start, and one that blocks the loop must not
+        # hold back the acknowledgement of its own submit.
+        for record in taken:
+            if record.id not in self._held:  # stored claimed by this process: run it here
+                self._start(Claim(record.id, self.owner, record.token, record))
         self.wake()
+
+    def _taken_here(self, record: JobRecord, take: Take) -> bool:
+        # Stored claimed for this process by the enqueue (not an existing record
+        # that idempotency answered).
+        return (
+            record.id in take.ids
+            and record.status == "running"
+            and record.owner == self.owner
+            and record.token == 1
+        )
 
     def _take_at_enqueue(self, batch: list[_Staged]) -> Take | None:
         # The task jobs of the batch this process has room for are claimed by
