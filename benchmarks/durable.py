@@ -30,12 +30,10 @@ import itertools
 import json
 import logging
 import os
-import queue
 import random
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .harness import Deadline, Mode, Section, interleaved, median, percentile
+from .harness import Deadline, LineChild, Mode, Section, interleaved, median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "bench_durable_stamp"  # the same name in every process and for every subject
@@ -430,68 +428,27 @@ def _jobs(
     return (total / (t1 - t0) if finished else float("nan")), calls
 
 
-class _Peer:
+class _Peer(LineChild):
     """Process A: ``python -m benchmarks.durable peer KIND PATH SYNC``, one line per
     command on its stdin ("go GEN I" -> it submits, answers "ok SECONDS")."""
 
     def __init__(self, argv: list[str]) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.durable", "peer", *argv],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-            text=True, bufsize=1, cwd=ROOT, env=env,
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__("benchmarks.durable", ["peer", *argv])
         try:
             self.expect("ready", timeout=60)
         except BaseException:
             self.close()
             raise
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
     def expect(self, word: str, timeout: float = START_TIMEOUT) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            line = f"(nothing within {timeout:.0f} s)"
+        line = self.next_line(timeout)
         parts = (line or "").split()
         if not parts or parts[0] != word:
-            self.err.seek(0)
             raise RuntimeError(
                 f"peer {self.proc.args!r}: expected {word!r}, got {line!r}; "
-                f"its stderr ends: {self.err.read()[-2000:]}"
+                f"its stderr ends: {self.stderr_tail(2000)}"
             )
         return " ".join(parts[1:])
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.send("quit")
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()  # by its PID
-                    self.proc.wait(10)
-        finally:
-            for f in (self.proc.stdin, self.proc.stdout):
-                if f is not None:
-                    with contextlib.suppress(OSError, ValueError):
-                        f.close()
-            self.err.close()
 
 
 def _remote(

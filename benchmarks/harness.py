@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import queue
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -239,3 +245,66 @@ class Section:
             return
         row.target = text
         row.met = bool(ok(row)) if row.value == row.value else False
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LineChild:
+    """A child Python process (``python -m MODULE ARGV...``, with this tree first
+    on its path) driven one line at a time over its stdin and stdout; its stderr
+    is kept to quote when it answers something unexpected."""
+
+    def __init__(self, module: str, argv: list[str]) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
+            text=True, bufsize=1, cwd=ROOT, env=env,
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def next_line(self, timeout: float) -> str | None:
+        """The child's next line (None at its end), or a line saying nothing came."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return f"(nothing within {timeout:.0f} s)"
+
+    def stderr_tail(self, chars: int) -> str:
+        """The last ``chars`` characters the child wrote to its stderr."""
+        self.err.seek(0)
+        return self.err.read()[-chars:]
+
+    def close(self, wait: float = 10.0) -> None:
+        """Ask the child to quit, wait ``wait`` seconds, then kill it by its PID."""
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.send("quit")
+                try:
+                    self.proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()  # by its PID
+                    self.proc.wait(10)
+        finally:
+            for f in (self.proc.stdin, self.proc.stdout):
+                if f is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        f.close()
+            self.err.close()

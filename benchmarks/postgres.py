@@ -48,11 +48,8 @@ import importlib.util
 import json
 import logging
 import os
-import queue
 import random
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -61,7 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .harness import Deadline, Mode, Section, interleaved, median, percentile
+from .harness import Deadline, LineChild, Mode, Section, interleaved, median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "bench_pg_stamp"  # the same name in every process and for every subject
@@ -610,20 +607,11 @@ def host_main(argv: list[str]) -> int:
 # ------------------------------------------------------- driving the hosts
 
 
-class _Host:
+class _Host(LineChild):
     """One host process, driven over its stdin and stdout."""
 
     def __init__(self, kind: str, url: str, role: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.postgres", "host", kind, url, role],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-            text=True, bufsize=1, cwd=ROOT, env=env,
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__("benchmarks.postgres", ["host", kind, url, role])
         try:
             first = self.expect("ready", "unavailable", timeout=120)
         except BaseException:
@@ -634,28 +622,16 @@ class _Host:
             raise _Unavailable(json.loads(first[1]))
         self.settings: dict[str, Any] = json.loads(first[1])
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def send(self, *words: object) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
-        self.proc.stdin.flush()
+    def send(self, *words: object) -> None:  # type: ignore[override]
+        super().send(" ".join(str(w) for w in words))
 
     def expect(self, *words: str, timeout: float = START_TIMEOUT + 5) -> list[str]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            line = f"(nothing within {timeout:.0f} s)"
+        line = self.next_line(timeout)
         parts = (line or "").rstrip("\n").split(" ", 1)
         if parts[0] not in words:
-            self.err.seek(0)
             raise RuntimeError(
                 f"host {self.proc.args[3:6]!r}: expected {'/'.join(words)}, got "
-                f"{(line or '(its end)')[:200]!r}; its stderr ends: {self.err.read()[-3000:]}"
+                f"{(line or '(its end)')[:200]!r}; its stderr ends: {self.stderr_tail(3000)}"
             )
         return parts + [""] * (2 - len(parts))
 
@@ -663,22 +639,8 @@ class _Host:
         self.send(*words)
         return self.expect(answer, timeout=timeout)[1]
 
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.send("quit")
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()  # by its PID
-                    self.proc.wait(10)
-        finally:
-            for f in (self.proc.stdin, self.proc.stdout):
-                if f is not None:
-                    with contextlib.suppress(OSError, ValueError):
-                        f.close()
-            self.err.close()
+    def close(self, wait: float = 30.0) -> None:
+        super().close(wait)
 
 
 @contextlib.contextmanager
