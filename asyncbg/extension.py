@@ -567,9 +567,8 @@ class AsyncBG:
     ) -> Job[T]:
         st, durable = self._route(task)
         if how.connection is not None:
-            return self._in_transaction(task, durable).submit_in(
-                how.connection, *self._stored_job(st, task, args, kwargs, how)
-            )
+            _job, record = self._stored_job(st, task, args, kwargs, how)
+            return self._in_transaction(task, durable).submit_in(how.connection, record)
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
         return durable.submit(*self._stored_job(st, task, args, kwargs, how))
@@ -600,9 +599,8 @@ class AsyncBG:
     ) -> Job[T]:
         st, durable = self._route(task)
         if how.connection is not None:
-            return await self._in_transaction(task, durable).submit_in_async(
-                how.connection, *self._stored_job(st, task, args, kwargs, how)
-            )
+            _job, record = self._stored_job(st, task, args, kwargs, how)
+            return await self._in_transaction(task, durable).submit_in_async(how.connection, record)
         if durable is None:
             return st.dispatch(st.runner.create_for(task, args, kwargs))
         return await durable.submit_async(*self._stored_job(st, task, args, kwargs, how))

@@ -420,6 +420,47 @@ def test_a_remote_failure_raises_jobfailed(make_app: MakeApp, db: str) -> None:
             job.result(WAIT)
 
 
+def test_submits_claimed_by_their_own_enqueue_keep_to_the_worker_concurrency(
+    make_app: MakeApp, db: str
+) -> None:
+    # Submits staged while this process has room are stored already claimed by
+    # it (Take); the room counts what runs, what an enqueue in flight takes and
+    # what a claim in flight asks, so no more than ASYNCBG_WORKER_CONCURRENCY
+    # jobs ever run at once, and the rest wait in the store, then all run.
+    _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=3, ASYNCBG_POLL_INTERVAL=0.05)
+    gate = Gate()
+    lock = threading.Lock()
+    running: list[int] = []
+    most = [0]
+
+    @bg.task
+    async def hold(i: int) -> int:
+        with lock:
+            running.append(i)
+            most[0] = max(most[0], len(running))
+        await gate.wait_async()
+        with lock:
+            running.remove(i)
+        return i
+
+    bg.start()
+
+    async def burst() -> list[Any]:
+        # From the loop: every submit is staged there, the path that takes.
+        return [await hold.submit_async(i) for i in range(5)] + list(
+            await asyncio.gather(*(hold.submit_async(i) for i in range(5, 10)))
+        )
+
+    jobs = bg.state_for(_app).loop_thread.submit(burst()).result(WAIT)
+    wait_for(lambda: len(running) == 3, what="three jobs running")
+    assert len(_rows(db)) == 10
+    stored = _rows(db).values()
+    assert sum(1 for r in stored if r[0] == "running") == 3  # the rest wait in the store
+    gate.set()
+    assert sorted(job.result(WAIT) for job in jobs) == list(range(10))
+    assert most[0] == 3
+
+
 def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) -> None:
     _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
 

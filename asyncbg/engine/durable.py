@@ -355,7 +355,7 @@ class DurableRunner:
             raise
         return [self._handle(job, s) for (job, _), s in zip(pairs, stored, strict=True)]
 
-    def submit_in(self, connection: object, job: Job[Any], record: JobRecord) -> Job[Any]:
+    def submit_in(self, connection: object, record: JobRecord) -> Job[Any]:
         """Write ``record`` in the caller's open transaction on ``connection``
         and return a handle at once: the job exists if and only if that
         transaction commits (any process may then claim it; this one is woken
@@ -367,25 +367,23 @@ class DurableRunner:
             caller's to roll back).
         :raises TypeError: for a connection the backend does not know.
         """
-        return self._handle_in(job, self.store.enqueue_in(connection, [record])[0])
+        return self._handle_in(self.store.enqueue_in(connection, [record])[0])
 
-    async def submit_in_async(
-        self, connection: object, job: Job[Any], record: JobRecord
-    ) -> Job[Any]:
+    async def submit_in_async(self, connection: object, record: JobRecord) -> Job[Any]:
         """As :meth:`submit_in`, on an async connection (psycopg's ``AsyncConnection``).
 
         :raises BackendError: as :meth:`submit_in`.
         :raises TypeError: as :meth:`submit_in`.
         """
         stored = await self.store.enqueue_in_async(connection, [record])
-        return self._handle_in(job, stored[0])
+        return self._handle_in(stored[0])
 
-    def _handle_in(self, job: Job[Any], stored: JobRecord) -> Job[Any]:
-        # Not in this process's history: the transaction may still roll back.
+    def _handle_in(self, stored: JobRecord) -> Job[Any]:
+        # A handle made from the record, not put in this process's history:
+        # the caller's transaction may still roll back.
         existing = self.history.get(stored.id)
         if existing is not None:
             return existing
-        del job
         return Job.from_record(self, stored, self._options_of(stored))
 
     def _store_from_thread(
@@ -573,6 +571,10 @@ class DurableRunner:
                 self._start(Claim(record.id, self.owner, record.token, record))
         self.wake()
 
+    def _task_slots_used(self) -> int:
+        # Task jobs held here, and those an enqueue in flight is taking.
+        return sum(1 for h in self._held.values() if h.queue is None) + self._reserved
+
     def _taken_here(self, record: JobRecord, take: Take) -> bool:
         # Stored claimed for this process by the enqueue (not an existing record
         # that idempotency answered).
@@ -589,8 +591,7 @@ class DurableRunner:
         # woken for them. Only jobs due now, of the queues served here.
         if not self.claiming or self._stopping:
             return None
-        running = sum(1 for h in self._held.values() if h.queue is None)
-        room = self.concurrency - running - self._reserved - self._claiming_tasks
+        room = self.concurrency - self._task_slots_used() - self._claiming_tasks
         if room <= 0:
             return None
         lanes = set(self._task_lanes())
@@ -616,8 +617,7 @@ class DurableRunner:
         wanted: list[tuple[list[str], int]] = []
         if not self.claiming:
             return wanted
-        running_tasks = sum(1 for h in self._held.values() if h.queue is None)
-        running_tasks += self._reserved  # taken by an enqueue in flight
+        running_tasks = self._task_slots_used()
         lanes = self._task_lanes()
         if lanes and self.concurrency > running_tasks:
             wanted.append((lanes, self.concurrency - running_tasks))
