@@ -522,3 +522,23 @@ async def test_a_claim_whose_answer_was_lost_is_taken_up_at_the_next_claim(
     assert await backend.finish(held, Outcome("succeeded", "2"))
     assert await backend.claim(["q"], "me", 5, 30.0) == []
     assert not backend._in_doubt
+
+
+async def test_claimed_slots_fold_into_the_floor_and_the_table_stays_bounded(
+    backend: PostgresBackend, postgres_server: PostgresServer, pg_schema: str
+) -> None:
+    # Slot numbers are grid times in milliseconds, as the periodic runner makes
+    # them: 3,200 ticks of a 0.5 s schedule. Every 1024 claims, past 2 x 1024
+    # rows the oldest fold into the lease's floor: still refused (claimed), no
+    # longer stored; so the table never holds more than 3 x 1024.
+    lease = await backend.acquire("s", "n1", 60.0)
+    assert lease is not None
+    first = 1_764_000_000_123  # an anchor at no round number of ms
+    slots = [first + k * 500 for k in range(3200)]
+    for slot in slots:
+        assert await backend.claim_slot(lease, slot)
+    rows = int(postgres_server.psql(f"SELECT count(*) FROM {pg_schema}.slots").strip())
+    assert 1024 <= rows <= 3 * 1024
+    assert not await backend.claim_slot(lease, slots[0])  # folded: below the floor
+    assert not await backend.claim_slot(lease, slots[-1])
+    assert await backend.claim_slot(lease, slots[-1] + 500)
