@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["PostgresServer", "free_port", "postgres_bin"]
@@ -193,12 +193,6 @@ class PostgresServer:
             process.kill()
             process.wait(timeout=_STOP_WITHIN)
 
-    def kill(self) -> None:
-        """kill -9 the postmaster (its children notice and exit)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=_STOP_WITHIN)
-
     def restart(self, mode: str = "fast") -> None:
         """Stop with ``mode`` and start again on the same port and data."""
         self.stop(mode)
@@ -225,11 +219,6 @@ class PostgresServer:
         return ""
 
     # -- helpers ---------------------------------------------------------------
-
-    def create_database(self, name: str) -> str:
-        """Create database ``name`` (via psql on the server's socket); return its URL."""
-        self.psql(f'CREATE DATABASE "{name}"')
-        return self.url(name)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run ``sql`` with psql over the Unix socket; return what it printed."""
@@ -258,13 +247,3 @@ class PostgresServer:
         if done.returncode:
             raise RuntimeError(f"psql failed: {done.stderr.decode(errors='replace')}")
         return done.stdout.decode()
-
-
-@contextlib.contextmanager
-def postgres(**kwargs: object) -> Iterator[PostgresServer]:
-    """A started :class:`PostgresServer`, cleaned up on exit."""
-    server = PostgresServer(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
