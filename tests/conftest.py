@@ -14,7 +14,7 @@ from flask import Flask
 
 from asyncbg import AsyncBG, LoopThread
 from asyncbg.backends._wake import wake_root
-from tests.servers import PostgresServer
+from tests.servers import PostgresServer, RedisServer
 
 MakeApp = Callable[..., tuple[Flask, AsyncBG]]
 
@@ -100,6 +100,25 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server.start()
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One throw-away ``redis-server`` for the session (``tests/servers.py``),
+    with AOF on: started on a free loopback port as the first test asks for
+    it, killed by PID at the end. Tests keep apart by key prefix
+    (:func:`redis_prefix`)."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture

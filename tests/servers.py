@@ -6,6 +6,11 @@ PostgreSQL's versioned folder under ``/usr/lib/postgresql``; they refuse to run
 as root, so as root the server runs as the ``postgres`` user (which the Debian
 package creates) with a folder that user owns. ``ASYNCBG_TEST_PG_BIN`` names
 another folder of binaries. Authentication is ``trust`` on loopback only.
+
+Redis: ``redis-server`` from the PATH (Debian's ``redis-server`` package;
+``ASYNCBG_TEST_REDIS_SERVER`` names another binary), with ``appendonly yes``
+and ``maxmemory-policy noeviction`` unless a test asks for the settings that
+lose data (the preflight tests), no RDB snapshots, and its AOF in the folder.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PostgresServer", "free_port", "postgres_bin"]
+__all__ = ["PostgresServer", "RedisServer", "free_port", "postgres_bin", "redis_server_bin"]
 
 _START_WITHIN = 30.0
 _STOP_WITHIN = 30.0
@@ -247,3 +252,149 @@ class PostgresServer:
         if done.returncode:
             raise RuntimeError(f"psql failed: {done.stderr.decode(errors='replace')}")
         return done.stdout.decode()
+
+
+def redis_server_bin() -> str | None:
+    """Return the ``redis-server`` binary to run, or None."""
+    return os.environ.get("ASYNCBG_TEST_REDIS_SERVER") or shutil.which("redis-server")
+
+
+class RedisServer:
+    """One ``redis-server`` in a temporary folder, run as a child process.
+
+    ``settings`` are ``redis-server`` options over the defaults here
+    (``{"appendonly": "no"}`` for a server that loses acknowledged writes);
+    ``stop()`` sends SIGTERM to its PID (a clean shutdown, the AOF flushed),
+    ``kill()`` SIGKILL; ``restart()`` starts it again on the same port and
+    folder, so a server started with AOF reloads what it acknowledged.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        found = redis_server_bin()
+        if found is None:
+            raise RuntimeError(
+                "redis-server was not found (looked in ASYNCBG_TEST_REDIS_SERVER and the "
+                "PATH): install Debian's redis-server package (.ci/run does)"
+            )
+        self.bin = found
+        self.port = port or free_port(host)
+        self.host = host
+        self.settings = {
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory-policy": "noeviction",
+            **(settings or {}),
+        }
+        self.root = Path(tempfile.mkdtemp(prefix="asyncbg-redis-"))
+        self.log_path = self.root / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0, host: str | None = None) -> str:
+        """A ``redis://`` URL of database ``db``."""
+        return f"redis://{host or self.host}:{self.port}/{db}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def start(self) -> RedisServer:
+        """Start the server and wait (bounded) until it answers PING.
+
+        :raises RuntimeError: when it exits or is not ready in time (with its log).
+        """
+        if self.pid is not None:
+            return self
+        options = {
+            "port": str(self.port),
+            "bind": self.host,
+            "dir": str(self.root),
+            "save": "",
+            "daemonize": "no",
+            "protected-mode": "no",
+            "logfile": "",
+            **self.settings,
+        }
+        args = [self.bin]
+        for name, value in options.items():
+            args += [f"--{name}", value]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + _START_WITHIN
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({self.process.returncode}):\n{self.log()}")
+            with contextlib.suppress(OSError, RuntimeError):
+                if self.command("PING") == "+PONG":
+                    return self
+            time.sleep(0.01)
+        raise RuntimeError(f"redis-server not ready within {_START_WITHIN} s:\n{self.log()}")
+
+    def command(self, *words: str) -> str:
+        """Send one command (inline, words without spaces) and return the
+        first line of the reply, as ``+PONG`` or ``:3`` or ``-ERR ...``.
+
+        :raises OSError: when the server cannot be reached.
+        :raises RuntimeError: when it answers nothing.
+        """
+        with socket.create_connection((self.host, self.port), timeout=5) as sock:
+            sock.sendall((" ".join(words) + "\r\n").encode())
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("redis-server closed the connection")
+                reply += chunk
+        return reply.decode(errors="replace").split("\r\n", 1)[0]
+
+    def stop(self) -> None:
+        """SIGTERM to its PID (a clean shutdown); wait (bounded) until it is gone."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to its PID: no shutdown, whatever the AOF holds is what survives."""
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=_STOP_WITHIN)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=_STOP_WITHIN)
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop it (SIGKILL with ``kill``) and start it again on the same port and folder."""
+        self.kill() if kill else self.stop()
+        self.process = None
+        deadline = time.monotonic() + _START_WITHIN
+        while True:  # the port can stay taken for a moment after a kill
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                self.process = None
+                time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Kill the server and remove its folder."""
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
