@@ -269,6 +269,7 @@ class AsyncBG:
                 statement_timeout=settings.statement_timeout,
                 connect_timeout=settings.connect_timeout,
                 lease=settings.lease,
+                history_age=settings.job_history_age,
             ),
         )
         st = self._spare if self._spare is not None else self._new_state()

@@ -331,7 +331,9 @@ class RedisServer:
         deadline = time.monotonic() + _START_WITHIN
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.process.returncode}):\n{self.log()}")
+                raise RuntimeError(
+                    f"redis-server exited ({self.process.returncode}):\n{self.log()}"
+                )
             with contextlib.suppress(OSError, RuntimeError):
                 if self.command("PING") == "+PONG":
                     return self

@@ -1,8 +1,8 @@
-"""Durable jobs and items through the SQLite and PostgreSQL backends, within
-this process.
+"""Durable jobs and items through the SQLite, PostgreSQL and Redis backends,
+within this process.
 
 Two apps on one store stand for two workers (of one host on SQLite, of any
-hosts on PostgreSQL): each has its own loop, its own backend object (its own
+hosts on PostgreSQL and Redis): each has its own loop, its own backend object (its own
 connections, and writer thread or listener) and its own node id, as two
 Hypercorn workers would. Real processes are in tests/test_durable_processes.py
 and tests/test_postgres_processes.py. The tests of what only a file has (its
@@ -31,18 +31,53 @@ def sqlite_db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty store: an SQLite file, or a schema of its own on the
-    session's PostgreSQL."""
+    session's PostgreSQL, or a key prefix of its own on the session's Redis."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        return f"{server.url()}?prefix={request.getfixturevalue('redis_prefix')}"
     server = request.getfixturevalue("postgres_server")
     return f"{server.url()}?schema={request.getfixturevalue('pg_schema')}"
 
 
+def _fields(url: str, names: str, job_id: str | None = None) -> list[tuple[Any, ...]]:
+    """``id`` and the named fields (comma-separated) of every job (or of one),
+    straight from the store, not through asyncbg: a table's columns, or a
+    Redis hash's fields (numbers as the store holds them)."""
+    columns = [n.strip() for n in names.split(",")]
+    if url.startswith("redis"):
+        import redis
+
+        base, _, prefix = url.partition("?prefix=")
+        client = redis.Redis.from_url(base, decode_responses=True)
+        try:
+            keys = [f"{{{prefix}}}:j:{job_id}"] if job_id else client.keys(f"{{{prefix}}}:j:*")
+            rows = [client.hmget(key, ["id", *columns]) for key in keys]
+        finally:
+            client.close()
+        return [(row[0], *(_number(v) for v in row[1:])) for row in rows if row[0] is not None]
+    where = " WHERE id = ?" if job_id else ""
+    return _select(url, f"SELECT id, {names} FROM jobs{where}", (job_id,) if job_id else ())
+
+
+def _number(text: str | None) -> Any:
+    # A Redis hash holds text: numbers back as the SQL stores return them.
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _select(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    # Straight from the store, not through asyncbg: ``?`` marks parameters.
+    # Straight from an SQL store, not through asyncbg: ``?`` marks parameters.
     if url.startswith("sqlite:"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"))
         try:
@@ -58,10 +93,7 @@ def _select(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
 
 
 def _rows(url: str) -> dict[str, tuple[Any, ...]]:
-    return {
-        row[0]: row[1:]
-        for row in _select(url, "SELECT id, status, attempts, owner, result_json FROM jobs")
-    }
+    return {row[0]: row[1:] for row in _fields(url, "status, attempts, owner, result_json")}
 
 
 def _worker(make_app: MakeApp, db: str, **config: Any) -> tuple[Any, AsyncBG]:
@@ -374,11 +406,8 @@ def test_progress_reaches_the_store(make_app: MakeApp, db: str) -> None:
     job = step.submit()
 
     def stored() -> Any:
-        return _select(
-            db,
-            "SELECT progress_done, progress_total, progress_message FROM jobs WHERE id = ?",
-            (job.id,),
-        ) == [(3.0, 10.0, "three")]
+        fields = _fields(db, "progress_done, progress_total, progress_message", job.id)
+        return [row[1:] for row in fields] == [(3.0, 10.0, "three")]
 
     wait_for(stored, what="the progress in the store")
     gate.set()
@@ -475,7 +504,7 @@ def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) ->
     assert all(job.id in rows for job in jobs)
     # One commit: every record of the burst has the same creation batch (seq
     # numbers drawn in one transaction are consecutive).
-    seqs = sorted(s for (s,) in _select(db, "SELECT seq FROM jobs"))
+    seqs = sorted(s for _, s in _fields(db, "seq"))
     assert seqs == list(range(seqs[0], seqs[0] + 50))
     with pytest.raises(TypeError):
         square.submit_many([(1,), (1, 2)])

@@ -61,8 +61,8 @@ __all__ = [
 class BackendOptions:
     """What a networked backend takes from the app's config besides its URL
     (``ASYNCBG_POOL_SIZE``, ``ASYNCBG_STATEMENT_TIMEOUT``,
-    ``ASYNCBG_CONNECT_TIMEOUT``, ``ASYNCBG_LEASE``); a backend uses what
-    applies to it."""
+    ``ASYNCBG_CONNECT_TIMEOUT``, ``ASYNCBG_LEASE``,
+    ``ASYNCBG_JOB_HISTORY_AGE``); a backend uses what applies to it."""
 
     #: Connections per process to the engine (the pool's largest size).
     pool_size: int = 4
@@ -72,6 +72,9 @@ class BackendOptions:
     connect_timeout: float = 5.0
     #: The job lease, for checks sized by it (the nodes heard from lately).
     lease: float = 30.0
+    #: Seconds a final record is kept (``ASYNCBG_JOB_HISTORY_AGE``): the engine
+    #: expires older ones; a backend with its own expiry (Redis) keeps them longer.
+    history_age: float = 3600.0
 
 
 # wait()'s polls of a store that another process may finish a job in.

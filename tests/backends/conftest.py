@@ -20,7 +20,7 @@ import pytest
 from asyncbg.backends.base import Backend
 from asyncbg.backends.memory import MemoryBackend
 from asyncbg.backends.sqlite import SQLiteBackend
-from tests.servers import PostgresServer
+from tests.servers import PostgresServer, RedisServer
 
 BackendFactory = Callable[[Path], AbstractAsyncContextManager[Backend]]
 
@@ -48,20 +48,48 @@ def postgres_backend(server: PostgresServer) -> BackendFactory:
     return make
 
 
+def redis_backend(server: RedisServer) -> BackendFactory:
+    @asynccontextmanager
+    async def make(tmp_path: Path) -> AsyncIterator[Backend]:
+        # The session's server; a key prefix of its own per test.
+        from asyncbg.backends.redis import RedisBackend
+
+        backend = RedisBackend(server.url(), prefix=f"t{uuid.uuid4().hex[:12]}")
+        yield backend
+        await drop_keys(server.url(), backend.prefix)
+
+    return make
+
+
+async def drop_keys(url: str, prefix: str) -> None:
+    """Delete every key of a Redis backend's prefix."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        async for key in client.scan_iter(match="{" + prefix + "}:*", count=1000):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
 BACKENDS = [
     pytest.param(memory_backend, id="memory"),
     pytest.param(sqlite_backend, id="sqlite"),
     pytest.param("postgresql", id="postgresql"),
+    pytest.param("redis", id="redis"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """An opened, migrated, empty backend of each kind in :data:`BACKENDS`
-    (PostgreSQL: the session's server, ``postgres_server``)."""
+    (PostgreSQL: the session's server, ``postgres_server``; Redis: ``redis_server``)."""
     factory: BackendFactory = request.param
     if request.param == "postgresql":
         factory = postgres_backend(request.getfixturevalue("postgres_server"))
+    elif request.param == "redis":
+        factory = redis_backend(request.getfixturevalue("redis_server"))
     async with factory(tmp_path) as made:
         await made.open()
         try:
