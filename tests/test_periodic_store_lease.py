@@ -182,7 +182,8 @@ def procs() -> Iterator[Callable[..., Proc]]:
 
 class SharedStore:
     """One store that several "processes" open, each with its own backend
-    object: an SQLite file, or a schema of the session's PostgreSQL."""
+    object: an SQLite file, a schema of the session's PostgreSQL, or a key
+    prefix of the session's Redis."""
 
     def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
         self.kind = kind
@@ -190,10 +191,17 @@ class SharedStore:
         if kind == "postgresql":
             self.server = request.getfixturevalue("postgres_server")
             self.schema = request.getfixturevalue("pg_schema")
+        if kind == "redis":
+            self.server = request.getfixturevalue("redis_server")
+            self.prefix = request.getfixturevalue("redis_prefix")
 
     def backend(self) -> Backend:
         if self.kind == "sqlite":
             return SQLiteBackend(str(self.path))
+        if self.kind == "redis":
+            from asyncbg.backends.redis import RedisBackend
+
+            return RedisBackend(self.server.url(), prefix=self.prefix)
         from asyncbg.backends.postgresql import PostgresBackend
 
         return PostgresBackend(self.server.url(), schema=self.schema)
@@ -208,11 +216,19 @@ class SharedStore:
     def slots(self, name: str = NAME) -> list[int]:
         if self.kind == "sqlite":
             return slot_rows(self.path, name)
+        if self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.server.url(), decode_responses=True)
+            try:
+                return [int(s) for s in client.zrange(f"{{{self.prefix}}}:sl:{name}", 0, -1)]
+            finally:
+                client.close()
         text = self.server.psql(f"SELECT slot FROM {self.schema}.slots WHERE name = '{name}'")
         return [int(line) for line in text.split()]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStore:
     return SharedStore(request.param, tmp_path, request)
 
