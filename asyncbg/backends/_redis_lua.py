@@ -15,8 +15,10 @@ backend lands in one Redis Cluster slot); the other keys are made from it:
   id: ties go to the one queued first);
 - ``q:<queue>``: the queue's stream and its consumer group ``g``; a claim
   moves due jobs from ``r:<queue>`` into it and reads them through the group,
-  so the group's pending entries list is the set of jobs held, each by the
-  consumer (node) that holds it; a renewal is ``XCLAIM … JUSTID`` to itself;
+  so the group's pending entries list is the set of jobs claimed, each under
+  the consumer (node) that holds it; a renewal is ``XCLAIM … JUSTID`` to
+  itself (a job taken by its own enqueue never enters the stream: its lease
+  in ``l:<queue>`` is all there is of its hold);
 - ``l:<queue>``: the running jobs, scored by their lease deadline (the
   server's ``TIME``);
 - ``keys``: active idempotency key -> job id; ``n``: counts per queue and

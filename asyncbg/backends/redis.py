@@ -24,7 +24,8 @@ How it runs:
 - Queues are Streams with a consumer group: a claim moves the due jobs of a
   queue from its sorted set (by due time, on the server's ``TIME``) into the
   stream and reads them through the group in the same script, so the group's
-  pending entries list is the set of jobs held, each by the node holding it;
+  pending entries list is the set of jobs claimed, each under the node
+  holding it (one taken by its own enqueue never enters the stream);
   a renewal is ``XCLAIM … JUSTID`` to the holder itself; completion is a
   script that checks the owner and the token before it acknowledges the entry
   (a plain ``XACK`` names no consumer). Leases are deadlines on the server's
@@ -175,6 +176,11 @@ def _decode(flat: Sequence[Any]) -> JobRecord:
     return JobRecord(**values)
 
 
+async def _aclose(closable: Any) -> None:
+    # redis-py 5.0.1 named it aclose(); close() before that.
+    await (closable.aclose() if hasattr(closable, "aclose") else closable.close())
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0] if "\n" in text else text
@@ -280,7 +286,7 @@ class RedisBackend(Backend):
             async with asyncio.timeout(self.options.connect_timeout + 1.0):
                 await client.ping()
         except Exception as exc:
-            await client.aclose() if hasattr(client, "aclose") else await client.close()
+            await _aclose(client)
             await pool.disconnect()
             reason = "no answer" if isinstance(exc, TimeoutError) else _describe(exc)
             raise BackendError(
@@ -309,7 +315,7 @@ class RedisBackend(Backend):
         if self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
-                await client.aclose() if hasattr(client, "aclose") else await client.close()
+                await _aclose(client)
             with contextlib.suppress(Exception):
                 await client.connection_pool.disconnect()
 
@@ -475,7 +481,8 @@ class RedisBackend(Backend):
         first = True
         channels = [self._tag + name for name in ("work", "cancel", "done")]
         while True:
-            pubsub = redis_asyncio.Redis.from_url(self.url, **self._client_kwargs()).pubsub()
+            client = redis_asyncio.Redis.from_url(self.url, **self._client_kwargs())
+            pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(*channels)
                 if not ready.done():
@@ -498,7 +505,9 @@ class RedisBackend(Backend):
                 delay = min(2 * delay, _LISTEN_RETRY_MAX)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose() if hasattr(pubsub, "aclose") else await pubsub.close()
+                    await _aclose(pubsub)
+                with contextlib.suppress(Exception):
+                    await _aclose(client)
 
     async def _hear(self, pubsub: Any) -> None:
         # Messages until the connection breaks; a PING after a quiet while
