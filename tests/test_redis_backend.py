@@ -287,6 +287,41 @@ async def test_an_enqueue_that_takes_its_records_stores_them_held_outside_the_st
     assert raw.zcard("{" + redis_prefix + "}:l:q") == 2  # both have a lease deadline
 
 
+async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_returns(
+    backend: RedisBackend,
+) -> None:
+    # A view's thread writes with a blocking client of its own: no hop through
+    # the loop, and the future is resolved when the call returns.
+    def submit(records: list[JobRecord]) -> Any:
+        future = backend.enqueue_from_thread(records, limits={"q": 2})
+        assert future is not None
+        assert future.done()
+        return future
+
+    first = await asyncio.to_thread(submit, [_job("a"), _job("b"), _job("c")])
+    assert [r.id if r else None for r in first.result()] == ["a", "b", None]  # bounded
+    again = await asyncio.to_thread(submit, [_job("a")])
+    assert [r.id for r in again.result() if r] == ["a"]  # idempotent on the id
+    assert {c.id for c in await backend.claim(["q"], "n1", 5, 30.0)} == {"a", "b"}
+
+
+async def test_a_submit_from_a_thread_to_a_server_that_is_down_fails_with_a_backend_error() -> None:
+    server = _own_server()
+    made = RedisBackend(server.url(), options=BackendOptions(connect_timeout=1.0))
+    await made.open()
+    try:
+        server.kill()
+        future = await asyncio.to_thread(made.enqueue_from_thread, [_job("x")])
+        assert future is not None
+        with pytest.raises(BackendError, match=r"Redis at .*: an enqueue failed"):
+            future.result()
+    finally:
+        await made.close()
+        server.cleanup()
+    with pytest.raises(BackendError, match="not open"):
+        made.enqueue_from_thread([_job("y")])
+
+
 # -- the preflight ---------------------------------------------------------------------
 
 

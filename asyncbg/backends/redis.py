@@ -57,6 +57,7 @@ is asynchronous: a failover can lose acknowledged writes unless
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -93,6 +94,7 @@ from .base import (
     require_driver,
 )
 
+redis_sync: Any = require_driver("redis", "redis")
 redis_asyncio: Any = require_driver("redis.asyncio", "redis")
 redis_exceptions: Any = require_driver("redis.exceptions", "redis")
 redis_retry: Any = require_driver("redis.retry", "redis")
@@ -181,9 +183,32 @@ async def _aclose(closable: Any) -> None:
     await (closable.aclose() if hasattr(closable, "aclose") else closable.close())
 
 
+def _broken(exc: BaseException) -> bool:
+    # The connection broke before a reply (sent again: every script may be),
+    # as against a reply that is late (a timeout) or an error the server sent.
+    return isinstance(exc, redis_exceptions.ConnectionError) and not isinstance(
+        exc, redis_exceptions.TimeoutError
+    )
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0] if "\n" in text else text
+
+
+def _enqueued(records: Sequence[JobRecord], answers: Sequence[Any]) -> list[JobRecord | None]:
+    # The ENQUEUE script's answer per record: stored as given, refused, or the
+    # stored one (taken by this enqueue, or another job's under the id or key).
+    out: list[JobRecord | None] = []
+    for record, answer in zip(records, answers, strict=True):
+        code = answer[0]
+        if code == "S":
+            out.append(record)
+        elif code == "R":
+            out.append(None)
+        else:
+            out.append(_decode(answer[1]))
+    return out
 
 
 class RedisBackend(Backend):
@@ -236,6 +261,9 @@ class RedisBackend(Backend):
         self._sender = uuid.uuid4().hex
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
+        # The same scripts on a blocking client, for submits from other threads.
+        self._sync_client: Any = None
+        self._sync_enqueue: Any = None
         self._work_callbacks: list[Callable[[], object]] = []
         self._cancel_callbacks: list[Callable[[str], object]] = []
         self._listener: asyncio.Task[None] | None = None
@@ -294,6 +322,15 @@ class RedisBackend(Backend):
                 f"{self.options.connect_timeout:g} s (ASYNCBG_CONNECT_TIMEOUT): {reason}"
             ) from None
         self._client = client
+        self._sync_client = redis_sync.Redis(
+            connection_pool=redis_sync.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=max(1, self.options.pool_size),
+                timeout=self.options.connect_timeout,
+                **self._client_kwargs(),
+            )
+        )
+        self._sync_enqueue = self._sync_client.register_script(lua.ENQUEUE)
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in lua.__all__}
         ready = asyncio.get_running_loop().create_future()
         self._listener = asyncio.get_running_loop().create_task(
@@ -312,6 +349,10 @@ class RedisBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
             self._listener = None
+        if self._sync_client is not None:
+            sync, self._sync_client = self._sync_client, None
+            with contextlib.suppress(Exception):
+                sync.connection_pool.disconnect()
         if self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
@@ -336,17 +377,14 @@ class RedisBackend(Backend):
                     f"Redis at {self._shown}: {what} got no answer within "
                     f"{self._answer_within / 2:g} s (the server or the network is away)"
                 ) from None
-            except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
-                if attempt == 1 and not isinstance(exc, redis_exceptions.TimeoutError):
-                    continue
-                raise BackendError(
-                    f"Redis at {self._shown}: {what} failed: {_describe(exc)}"
-                ) from exc
             except redis_exceptions.RedisError as exc:
-                raise BackendError(
-                    f"Redis at {self._shown}: {what} failed: {_describe(exc)}"
-                ) from exc
+                if attempt == 1 and _broken(exc):
+                    continue
+                raise self._failed(what, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(self, what: str, exc: BaseException) -> BackendError:
+        return BackendError(f"Redis at {self._shown}: {what} failed: {_describe(exc)}")
 
     async def _script(self, what: str, name: str, *args: Any) -> Any:
         script = self._scripts[name]
@@ -563,32 +601,58 @@ class RedisBackend(Backend):
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: for a Redis error (nothing is stored).
         """
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
         if not records:
             return []
         answers = await self._script(
-            "an enqueue",
-            "ENQUEUE",
+            "an enqueue", "ENQUEUE", *self._enqueue_args(records, limits, take)
+        )
+        return _enqueued(records, answers)
+
+    def _enqueue_args(
+        self, records: Sequence[JobRecord], limits: Mapping[str, int] | None, take: Take | None
+    ) -> list[Any]:
+        for record in records:
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        return [
             json.dumps([_encode(r) for r in records]),
-            json.dumps({q: n for q, n in (limits or {}).items()}),
+            json.dumps(dict(limits or {})),
             take.owner if take is not None else "",
             repr(float(take.lease)) if take is not None else "0",
             json.dumps(sorted(take.ids)) if take is not None else "[]",
             uuid.uuid4().hex,
             self._sender,
-        )
-        out: list[JobRecord | None] = []
-        for record, answer in zip(records, answers, strict=True):
-            code = answer[0]
-            if code == "S":
-                out.append(record)
-            elif code == "R":
-                out.append(None)
-            else:
-                out.append(_decode(answer[1]))
-        return out
+        ]
+
+    def enqueue_from_thread(
+        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+    ) -> concurrent.futures.Future[list[JobRecord | None]] | None:
+        """As :meth:`enqueue`, run in the calling thread (a view's) on a
+        blocking client of its own pool: the returned future is already
+        resolved once the script answered. It skips the two hops through the
+        loop; the engine claims the stored jobs afterwards.
+
+        :raises ValueError: when a record is not ``pending`` (nothing is stored).
+        :raises BackendError: if the backend is not open.
+        """
+        client, script = self._sync_client, self._sync_enqueue
+        if client is None or script is None:
+            raise BackendError(f"the Redis backend on {self._shown} is not open")
+        done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
+        if not records:
+            done.set_result([])
+            return done
+        args = self._enqueue_args(records, limits, None)
+        for attempt in (1, 2):
+            try:
+                done.set_result(_enqueued(records, script(keys=[self._tag], args=args)))
+                return done
+            except redis_exceptions.RedisError as exc:
+                if attempt == 1 and _broken(exc):
+                    continue
+                done.set_exception(self._failed("an enqueue", exc))
+                return done
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float
