@@ -14,7 +14,9 @@ How it runs:
 - One connection pool per backend object, opened on asyncbg's loop at start
   (a clear :class:`~asyncbg.errors.BackendError` within the connect timeout
   when the server cannot be reached) and closed in the lifecycle's async
-  phase; one more connection listens for wake-ups (pub/sub).
+  phase; one more connection listens for wake-ups (pub/sub); and a blocking
+  pool of the same size, made at open and closed with it, on which a submit
+  from another thread (a view's) runs its enqueue script in that thread.
 - Every state change is one Lua script (:mod:`asyncbg.backends._redis_lua`
   lists the keys), atomic on the server and checked against the owner and the
   token of the claim. Each is safe to send twice: enqueue is keyed by the
