@@ -518,7 +518,7 @@ class RedisBackend(Backend):
 
     async def _listen(self, ready: asyncio.Future[None]) -> None:
         delay = _LISTEN_RETRY_FIRST
-        first = True
+        first, away = True, False
         channels = [self._tag + name for name in ("work", "cancel", "done")]
         while True:
             client = redis_asyncio.Redis.from_url(self.url, **self._client_kwargs())
@@ -530,17 +530,20 @@ class RedisBackend(Backend):
                 if not first:  # what was sent while away is lost: look now
                     log.info("listening on Redis at %s again", self._shown)
                     self._call(self._work_callbacks)
-                first = False
+                first, away = False, False
                 delay = _LISTEN_RETRY_FIRST
                 await self._hear(pubsub)
             except (redis_exceptions.RedisError, OSError, TimeoutError) as exc:
-                log.warning(
+                # Said once per outage; the attempts after it at debug level.
+                log.log(
+                    logging.DEBUG if away else logging.WARNING,
                     "the Redis wake-up connection to %s broke (%s); polling meanwhile, "
                     "reconnecting in %.2g s",
                     self._shown,
                     _describe(exc),
                     delay,
                 )
+                away = True
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, _LISTEN_RETRY_MAX)
             finally:
