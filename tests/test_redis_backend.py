@@ -647,3 +647,36 @@ async def test_wait_replicas_confirms_lease_writes_and_refuses_what_a_paused_rep
     finally:
         replica.cleanup()
         primary.cleanup()
+
+
+def test_an_app_stopped_while_the_server_is_down_ends_its_shutdown_and_says_so(
+    make_app: MakeApp, caplog: Any
+) -> None:
+    server = _own_server()
+    try:
+        _app, bg = _worker(
+            make_app,
+            server.url(),
+            ASYNCBG_CONNECT_TIMEOUT=1.0,
+            ASYNCBG_STATEMENT_TIMEOUT=1.0,
+            ASYNCBG_SHUTDOWN_TIMEOUT=1.0,
+        )
+        started = Gate()
+
+        @bg.task
+        async def hang() -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+        bg.start()
+        hang.submit()
+        assert started.wait(WAIT)
+        server.kill()
+        began = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="asyncbg"):
+            bg.stop()
+        assert time.monotonic() - began < 10.0  # bounded by the timeouts, never a hang
+        assert "could not release 1 job(s) at stop" in caplog.text  # its lease brings it back
+        assert "1 cancelled" in caplog.text
+    finally:
+        server.cleanup()
