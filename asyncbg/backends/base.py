@@ -226,12 +226,17 @@ class Backend(abc.ABC):
         """
 
     def enqueue_from_thread(
-        self, records: Sequence[rec.JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[rec.JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: rec.Take | None = None,
     ) -> concurrent.futures.Future[list[rec.JobRecord | None]] | None:
         """Start :meth:`enqueue` from a thread other than the loop's, when the
-        backend has its own way in (SQLite: its writer thread); return a future
-        resolved after the commit, or None (the default) to have the engine go
-        through the loop. Same results and errors as :meth:`enqueue`."""
+        backend has its own way in (SQLite: its writer thread; Redis: a
+        blocking client in the calling thread); return a future resolved after
+        the commit, or None (the default) to have the engine go through the
+        loop. Same arguments, results and errors as :meth:`enqueue`."""
         return None
 
     def enqueue_in(

@@ -630,12 +630,16 @@ class RedisBackend(Backend):
         ]
 
     def enqueue_from_thread(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> concurrent.futures.Future[list[JobRecord | None]] | None:
         """As :meth:`enqueue`, run in the calling thread (a view's) on a
         blocking client of its own pool: the returned future is already
         resolved once the script answered. It skips the two hops through the
-        loop; the engine claims the stored jobs afterwards.
+        loop; ``take`` as for :meth:`enqueue`.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: if the backend is not open.
@@ -647,7 +651,7 @@ class RedisBackend(Backend):
         if not records:
             done.set_result([])
             return done
-        args = self._enqueue_args(records, limits, None)
+        args = self._enqueue_args(records, limits, take)
         for attempt in (1, 2):
             try:
                 done.set_result(_enqueued(records, script(keys=[self._tag], args=args)))

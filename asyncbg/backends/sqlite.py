@@ -819,7 +819,11 @@ class SQLiteBackend(Backend):
         return enqueue, stored_new
 
     def enqueue_from_thread(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> concurrent.futures.Future[list[JobRecord | None]] | None:
         """As :meth:`enqueue`, handed straight to the writer thread from any
         other thread (a view's): the future resolves once the commit is done.
@@ -836,7 +840,7 @@ class SQLiteBackend(Backend):
             done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
             done.set_result([])
             return done
-        return self._worker.submit_write(*self._enqueue_call(records, limits))
+        return self._worker.submit_write(*self._enqueue_call(records, limits, take))
 
     async def claim(
         self, queues: Sequence[str], owner: str, limit: int, lease: float

@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,11 @@ class Store(Protocol):
     ) -> list[JobRecord | None]: ...
 
     def enqueue_from_thread(
-        self, records: Sequence[JobRecord], *, limits: Mapping[str, int] | None = None
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
     ) -> concurrent.futures.Future[list[JobRecord | None]] | None: ...
 
     async def claim(
@@ -183,6 +188,11 @@ class _Held:
     settling: bool = False
 
 
+def _left_unclaimed(stored: Sequence[JobRecord | None], taken: Sequence[JobRecord]) -> bool:
+    # An enqueue stored records it did not take here: a claim should look.
+    return len(taken) < sum(1 for r in stored if r is not None and r.status == "pending")
+
+
 class DurableRunner:
     """Runs the durable jobs and items of one app through a backend (loop thread).
 
@@ -231,9 +241,14 @@ class DurableRunner:
         #: Claims handed back to the store at stop (the report's ``released``).
         self.released = 0
         self._staged: list[_Staged] = []
-        # Task slots an enqueue in flight takes (Take), and a claim in flight asks.
+        # Task slots an enqueue in flight takes (Take: on the loop or from a
+        # submitting thread, changed under the lock), and a claim in flight asks.
         self._reserved = 0
+        self._reserve_lock = threading.Lock()
         self._claiming_tasks = 0
+        # True when the store may hold work this process had no room to claim
+        # (the last claim came back full, or found no room): a freed slot looks.
+        self._behind = True
         self._flush_scheduled = False
         self._held: dict[str, _Held] = {}
         self._to_release: list[Claim] = []
@@ -395,18 +410,46 @@ class DurableRunner:
         if not lt.running or lt.stopping:
             raise NotRunning(f"{lt.name} is not running or is shutting down")
         limits = None if limit is None else {records[0].queue: limit}
-        direct = self.store.enqueue_from_thread(records, limits=limits)
+        # Claimed by the enqueue itself where there is room, as on the loop.
+        take = self._take_for(records) if limit is None else None
+        try:
+            direct = self.store.enqueue_from_thread(records, limits=limits, take=take)
+        except BaseException:
+            self._unreserve(take)
+            raise
         if direct is None:
+            self._unreserve(take)
             entries = [_Staged(r, None, concurrent.futures.Future(), limit) for r in records]
             lt.post(self._stage_all, entries)
             return [self._acknowledged(e.waiter, e.record) for e in entries if e.waiter]
         try:
             stored = direct.result(self.ack_timeout)
-        except concurrent.futures.TimeoutError:
-            raise self._no_ack(records[0]) from None
-        with contextlib.suppress(NotRunning):
-            lt.post(self.wake)  # a claim, here too
+        except BaseException as exc:
+            self._unreserve(take)
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                raise self._no_ack(records[0]) from None
+            raise
+        taken = [
+            r for r in stored if r is not None and take is not None and self._taken_here(r, take)
+        ]
+        try:
+            # The loop starts what was taken, then gives the slots back.
+            lt.post(self._start_taken, taken, take, _left_unclaimed(stored, taken))
+        except NotRunning:
+            self._unreserve(take)  # stopping: the leases run out, and they run again
         return stored
+
+    def _start_taken(self, taken: list[JobRecord], take: Take | None, left: bool) -> None:
+        # Loop thread: the records a submitting thread's enqueue stored claimed
+        # here are started; a claim looks for the others, if any.
+        try:
+            for record in taken:
+                if record.id not in self._held:
+                    self._start(Claim(record.id, self.owner, record.token, record))
+        finally:
+            self._unreserve(take)
+        if left:
+            self.wake()
 
     async def submit_async(self, job: Job[Any], record: JobRecord) -> Job[Any]:
         """As :meth:`submit`, awaited from any event loop (the loop's own included)."""
@@ -540,9 +583,7 @@ class DurableRunner:
 
     async def _enqueue(self, batch: list[_Staged]) -> None:
         limits = {e.record.queue: e.limit for e in batch if e.limit is not None}
-        take = self._take_at_enqueue(batch)
-        if take is not None:
-            self._reserved += len(take.ids)
+        take = self._take_for([e.record for e in batch if e.limit is None])
         try:
             stored = await self.store.enqueue(
                 [e.record for e in batch], limits=limits or None, take=take
@@ -555,8 +596,7 @@ class DurableRunner:
                 raise
             return
         finally:
-            if take is not None:
-                self._reserved -= len(take.ids)
+            self._unreserve(take)
         taken = [
             r for r in stored if r is not None and take is not None and self._taken_here(r, take)
         ]
@@ -569,11 +609,13 @@ class DurableRunner:
         for record in taken:
             if record.id not in self._held:  # stored claimed by this process: run it here
                 self._start(Claim(record.id, self.owner, record.token, record))
-        self.wake()
+        if _left_unclaimed(stored, taken):
+            self.wake()
 
     def _task_slots_used(self) -> int:
-        # Task jobs held here, and those an enqueue in flight is taking.
-        return sum(1 for h in self._held.values() if h.queue is None) + self._reserved
+        # Task jobs held here, and those an enqueue in flight is taking. Also
+        # read from submitting threads: a copy of the held claims, in one step.
+        return sum(1 for h in tuple(self._held.values()) if h.queue is None) + self._reserved
 
     def _taken_here(self, record: JobRecord, take: Take) -> bool:
         # Stored claimed for this process by the enqueue (not an existing record
@@ -585,24 +627,32 @@ class DurableRunner:
             and record.token == 1
         )
 
-    def _take_at_enqueue(self, batch: list[_Staged]) -> Take | None:
-        # The task jobs of the batch this process has room for are claimed by
-        # the enqueue itself: one statement fewer each, and no other process
-        # woken for them. Only jobs due now, of the queues served here.
+    def _take_for(self, records: Sequence[JobRecord]) -> Take | None:
+        """The task jobs among ``records`` this process has room for, claimed
+        by their enqueue itself (one statement fewer each, and no other process
+        woken for them), their slots reserved until :meth:`_unreserve`. Only
+        jobs due now, of the queues served here. Loop thread or a submitting
+        thread."""
         if not self.claiming or self._stopping:
             return None
-        room = self.concurrency - self._task_slots_used() - self._claiming_tasks
-        if room <= 0:
-            return None
         lanes = set(self._task_lanes())
-        ids: list[str] = []
-        for e in batch:
-            r = e.record
-            if len(ids) >= room:
-                break
-            if e.limit is None and r.run_at is None and r.task in self.tasks and r.queue in lanes:
-                ids.append(r.id)
-        return Take(self.owner, self.lease, frozenset(ids)) if ids else None
+        with self._reserve_lock:
+            room = self.concurrency - self._task_slots_used() - self._claiming_tasks
+            ids: list[str] = []
+            for r in records:
+                if len(ids) >= room:
+                    break
+                if r.run_at is None and r.task in self.tasks and r.queue in lanes:
+                    ids.append(r.id)
+            if not ids:
+                return None
+            self._reserved += len(ids)
+        return Take(self.owner, self.lease, frozenset(ids))
+
+    def _unreserve(self, take: Take | None) -> None:
+        if take is not None:
+            with self._reserve_lock:
+                self._reserved -= len(take.ids)
 
     def _refuse(self, entry: _Staged, error: Exception) -> None:
         if entry.job is not None:
@@ -656,8 +706,11 @@ class DurableRunner:
     async def _claim_once(self) -> tuple[int, bool]:
         wanted = self._room()
         if not wanted or self._stopping:
+            self._behind = True  # no room to look: the next free slot looks
             return 0, False
-        return await self._written(self._claim(wanted))
+        got, full = await self._written(self._claim(wanted))
+        self._behind = full
+        return got, full
 
     async def _claim(self, wanted: list[tuple[list[str], int]]) -> tuple[int, bool]:
         # Issued together: a backend that group-commits makes them one transaction.
@@ -753,7 +806,8 @@ class DurableRunner:
                 if not job.done():
                     job.status = JobStatus.PENDING  # the store has it: another run follows
                 self.runner.left_without_outcome()
-            self.wake()
+            if self._behind:  # work may be waiting for this slot
+                self.wake()
 
     async def _attempt(self, held: _Held) -> _Attempt:
         """Run the job's code once and return how it went.
