@@ -41,6 +41,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _start_again(server: PostgresServer | RedisServer) -> None:
+    # Start a stopped server on its port and data, trying again (bounded)
+    # while what the old process held is not free yet.
+    server.process = None
+    deadline = time.monotonic() + _START_WITHIN
+    while True:
+        try:
+            server.start()
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            server.process = None
+            time.sleep(0.05)
+
+
 def postgres_bin() -> Path | None:
     """Return the folder holding ``initdb`` and ``postgres``, or None."""
     named = os.environ.get("ASYNCBG_TEST_PG_BIN")
@@ -201,17 +217,7 @@ class PostgresServer:
     def restart(self, mode: str = "fast") -> None:
         """Stop with ``mode`` and start again on the same port and data."""
         self.stop(mode)
-        self.process = None
-        deadline = time.monotonic() + _START_WITHIN
-        while True:  # an immediate stop can leave the old children for a moment
-            try:
-                self.start()
-                return
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                self.process = None
-                time.sleep(0.05)
+        _start_again(self)  # an immediate stop can leave the old children for a moment
 
     def cleanup(self) -> None:
         """Stop the server and remove its folder."""
@@ -379,17 +385,7 @@ class RedisServer:
     def restart(self, *, kill: bool = False) -> None:
         """Stop it (SIGKILL with ``kill``) and start it again on the same port and folder."""
         self.kill() if kill else self.stop()
-        self.process = None
-        deadline = time.monotonic() + _START_WITHIN
-        while True:  # the port can stay taken for a moment after a kill
-            try:
-                self.start()
-                return
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                self.process = None
-                time.sleep(0.05)
+        _start_again(self)  # the port can stay taken for a moment after a kill
 
     def cleanup(self) -> None:
         """Kill the server and remove its folder."""

@@ -40,21 +40,28 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
+from urllib.parse import parse_qsl
 
 from ..engine import records as rec
 from ..engine.cluster import NODE_FORGET_AFTER
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, ConfigError
 
 __all__ = [
     "NODE_FORGET_AFTER",
     "Backend",
     "BackendOptions",
+    "Wakeups",
+    "cancel_result",
     "lost_lease_error",
     "poll_until_final",
     "require_driver",
+    "url_options",
 ]
+
+log = logging.getLogger("asyncbg")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,6 +128,81 @@ async def poll_until_final(
             async with asyncio.timeout(min(delay, remaining)):
                 await finished.wait()
         delay = min(2 * delay, _POLL_MAX)
+
+
+def url_options(query: str, shown: str) -> list[tuple[str, str]]:
+    """Return the options of a backend URL's query string, in order.
+
+    :raises ConfigError: naming the URL (``shown``, its password hidden) when
+        the options cannot be read or one is given twice.
+    """
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: cannot read the options") from None
+    names = [name for name, _ in pairs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: the option {repeated[0]!r} is given twice")
+    return pairs
+
+
+def cancel_result(status: str | None) -> str:
+    """Return the :class:`~asyncbg.engine.records.CancelResult` of a cancel
+    that found a job in ``status`` (None: no such job)."""
+    if status is None:
+        return rec.CancelResult.UNKNOWN
+    if status in rec.FINAL_STATUSES:
+        return rec.CancelResult.FINAL
+    if status == "running":
+        return rec.CancelResult.REQUESTED
+    return rec.CancelResult.CANCELLED
+
+
+class Wakeups:
+    """The wake-up side of a backend on a server other processes share: the
+    callbacks registered by :meth:`Backend.on_new_work` and
+    :meth:`Backend.on_cancel_request`, called by the backend's listener, and
+    the event :meth:`Backend.wait` waits on between polls. Mixed in before
+    :class:`Backend`; :meth:`_open_wakeups` is called at open, on the loop."""
+
+    def __init__(self) -> None:
+        self._work_callbacks: list[Callable[[], object]] = []
+        self._cancel_callbacks: list[Callable[[str], object]] = []
+        self._finished: asyncio.Event | None = None
+
+    def _open_wakeups(self) -> None:
+        self._finished = asyncio.Event()
+
+    def on_new_work(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` on the loop when another process made work claimable
+        (its wake-up message); once after every reconnect of the listener."""
+        self._work_callbacks.append(callback)
+
+    def on_cancel_request(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(job_id)`` on the loop when another process asked to
+        cancel a running job (a hint: the owner's renewal carries the truth)."""
+        self._cancel_callbacks.append(callback)
+
+    def _new_work(self) -> None:
+        self._call(self._work_callbacks)
+
+    def _cancel_asked(self, job_id: str) -> None:
+        self._call(self._cancel_callbacks, job_id)
+
+    @staticmethod
+    def _call(callbacks: Sequence[Callable[..., object]], *args: object) -> None:
+        for callback in callbacks:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("an asyncbg wake-up callback raised")
+
+    def _done(self) -> None:
+        # A job ended in a way waiters should hear of at once: wake them.
+        if self._finished is not None:
+            finished, self._finished = self._finished, asyncio.Event()
+            finished.set()
 
 
 def lost_lease_error(owner: str | None, attempts: int, max_attempts: int) -> str:

@@ -51,7 +51,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ..engine.records import (
     FINAL_STATUSES,
@@ -69,7 +69,16 @@ from ..engine.records import (
 )
 from ..errors import BackendError, ConfigError
 from . import _redact
-from .base import NODE_FORGET_AFTER, Backend, BackendOptions, poll_until_final, require_driver
+from .base import (
+    NODE_FORGET_AFTER,
+    Backend,
+    BackendOptions,
+    Wakeups,
+    cancel_result,
+    poll_until_final,
+    require_driver,
+    url_options,
+)
 
 psycopg: Any = require_driver("psycopg", "postgres")
 psycopg_pool: Any = require_driver("psycopg_pool", "postgres")
@@ -444,7 +453,7 @@ def _broken(exc: BaseException) -> bool:
     )
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(Wakeups, Backend):
     """Job state in schema ``schema`` of a PostgreSQL database (see the module).
 
     :param conninfo: what psycopg connects with (a URL or a libpq string).
@@ -476,8 +485,7 @@ class PostgresBackend(Backend):
         self._sql = _Statements(schema)
         self._pool: Any = None
         self._own_pids: set[int] = set()
-        self._work_callbacks: list[Callable[[], object]] = []
-        self._cancel_callbacks: list[Callable[[str], object]] = []
+        Wakeups.__init__(self)
         self._listener: asyncio.Task[None] | None = None
         # Claims handed out and not ended (id -> token); the lanes where a claim
         # may have committed unseen; how many claims are in flight.
@@ -486,7 +494,6 @@ class PostgresBackend(Backend):
         self._claiming = 0
         # Slots claimed per schedule since the last look at their number.
         self._slots_claimed: dict[str, int] = {}
-        self._finished: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresBackend {self._shown} schema={self.schema}>"
@@ -527,7 +534,7 @@ class PostgresBackend(Backend):
         :raises BackendError: when the server cannot be reached in time (the
             message says where and why).
         """
-        self._finished = asyncio.Event()
+        self._open_wakeups()
         pool = psycopg_pool.AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -697,23 +704,6 @@ class PostgresBackend(Backend):
 
     # -- wake-ups -------------------------------------------------------------------
 
-    def on_new_work(self, callback: Callable[[], object]) -> None:
-        """Call ``callback`` on the loop when another process made work claimable
-        (its ``work`` notification); once after every reconnect of the listener."""
-        self._work_callbacks.append(callback)
-
-    def on_cancel_request(self, callback: Callable[[str], object]) -> None:
-        """Call ``callback(job_id)`` on the loop when another process asked to
-        cancel a running job (a hint: the owner's renewal carries the truth)."""
-        self._cancel_callbacks.append(callback)
-
-    def _call(self, callbacks: Sequence[Callable[..., object]], *args: object) -> None:
-        for callback in callbacks:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("an asyncbg wake-up callback raised")
-
     async def _listen(self, ready: asyncio.Future[None]) -> None:
         delay = _LISTEN_RETRY_FIRST
         first = True
@@ -740,7 +730,7 @@ class PostgresBackend(Backend):
                         ready.set_result(None)
                     if not first:  # what was sent while away is lost: look now
                         log.info("listening on PostgreSQL at %s again", self._shown)
-                        self._call(self._work_callbacks)
+                        self._new_work()
                     first = False
                     delay = _LISTEN_RETRY_FIRST
                     async for notify in conn.notifies():
@@ -759,15 +749,10 @@ class PostgresBackend(Backend):
             self._done()
             return
         if payload.startswith("cancel:"):
-            self._call(self._cancel_callbacks, payload.removeprefix("cancel:"))
+            self._cancel_asked(payload.removeprefix("cancel:"))
             return
         if pid not in self._own_pids:
-            self._call(self._work_callbacks)
-
-    def _done(self) -> None:
-        if self._finished is not None:
-            finished, self._finished = self._finished, asyncio.Event()
-            finished.set()
+            self._new_work()
 
     # -- jobs and queue items ---------------------------------------------------------
 
@@ -1203,15 +1188,10 @@ class PostgresBackend(Backend):
         rows = await self._rows(
             "a cancel", self._sql.cancel, {"id": job_id, "channel": self._sql.channel}
         )
-        if not rows:
-            return CancelResult.UNKNOWN
-        status = rows[0][0]
-        if status in FINAL_STATUSES:
-            return CancelResult.FINAL
-        if status == "running":
-            return CancelResult.REQUESTED
-        self._done()
-        return CancelResult.CANCELLED
+        result = cancel_result(rows[0][0] if rows else None)
+        if result == CancelResult.CANCELLED:
+            self._done()
+        return result
 
     async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]:
         """Return once every known job of ``job_ids`` is final or ``timeout``
@@ -1385,14 +1365,7 @@ def from_url(
     scheme = parts.scheme.lower().partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
         raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: not a postgresql:// URL")
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: cannot read the options") from None
-    names = [name for name, _ in pairs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: the option {repeated[0]!r} is given twice")
+    pairs = url_options(parts.query, shown)
     schema = "asyncbg"
     rest = []
     for name, value in pairs:

@@ -68,10 +68,9 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ..engine.records import (
-    FINAL_STATUSES,
     CancelResult,
     Claim,
     JobPage,
@@ -91,9 +90,12 @@ from .base import (
     NODE_FORGET_AFTER,
     Backend,
     BackendOptions,
+    Wakeups,
+    cancel_result,
     lost_lease_error,
     poll_until_final,
     require_driver,
+    url_options,
 )
 
 redis_sync: Any = require_driver("redis", "redis")
@@ -213,7 +215,7 @@ def _enqueued(records: Sequence[JobRecord], answers: Sequence[Any]) -> list[JobR
     return out
 
 
-class RedisBackend(Backend):
+class RedisBackend(Wakeups, Backend):
     """Job state under key prefix ``prefix`` of a Redis server (see the module).
 
     :param url: what redis-py connects with (``redis://`` or ``rediss://``).
@@ -266,10 +268,8 @@ class RedisBackend(Backend):
         # The same scripts on a blocking client, for submits from other threads.
         self._sync_client: Any = None
         self._sync_enqueue: Any = None
-        self._work_callbacks: list[Callable[[], object]] = []
-        self._cancel_callbacks: list[Callable[[str], object]] = []
+        Wakeups.__init__(self)
         self._listener: asyncio.Task[None] | None = None
-        self._finished: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<RedisBackend {self._shown} prefix={self.prefix}>"
@@ -304,7 +304,7 @@ class RedisBackend(Backend):
         :raises BackendError: when the server cannot be reached in time (the
             message says where and why).
         """
-        self._finished = asyncio.Event()
+        self._open_wakeups()
         pool = redis_asyncio.BlockingConnectionPool.from_url(
             self.url,
             max_connections=max(1, self.options.pool_size),
@@ -499,23 +499,6 @@ class RedisBackend(Backend):
 
     # -- wake-ups -------------------------------------------------------------------
 
-    def on_new_work(self, callback: Callable[[], object]) -> None:
-        """Call ``callback`` on the loop when another process made work claimable
-        (its ``work`` message); once after every reconnect of the listener."""
-        self._work_callbacks.append(callback)
-
-    def on_cancel_request(self, callback: Callable[[str], object]) -> None:
-        """Call ``callback(job_id)`` on the loop when another process asked to
-        cancel a running job (a hint: the owner's renewal carries the truth)."""
-        self._cancel_callbacks.append(callback)
-
-    def _call(self, callbacks: Sequence[Callable[..., object]], *args: object) -> None:
-        for callback in callbacks:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("an asyncbg wake-up callback raised")
-
     async def _listen(self, ready: asyncio.Future[None]) -> None:
         delay = _LISTEN_RETRY_FIRST
         first, away = True, False
@@ -529,7 +512,7 @@ class RedisBackend(Backend):
                     ready.set_result(None)
                 if not first:  # what was sent while away is lost: look now
                     log.info("listening on Redis at %s again", self._shown)
-                    self._call(self._work_callbacks)
+                    self._new_work()
                 first, away = False, False
                 delay = _LISTEN_RETRY_FIRST
                 await self._hear(pubsub)
@@ -574,16 +557,11 @@ class RedisBackend(Backend):
             data = message["data"]
             if channel == "work":
                 if data != self._sender:
-                    self._call(self._work_callbacks)
+                    self._new_work()
             elif channel == "cancel":
-                self._call(self._cancel_callbacks, data)
+                self._cancel_asked(data)
             elif channel == "done":
                 self._done()
-
-    def _done(self) -> None:
-        if self._finished is not None:
-            finished, self._finished = self._finished, asyncio.Event()
-            finished.set()
 
     # -- jobs and queue items ---------------------------------------------------------
 
@@ -853,14 +831,10 @@ class RedisBackend(Backend):
         :raises BackendError: for a Redis error.
         """
         status = await self._script("a cancel", "CANCEL", job_id, repr(self._final_ttl))
-        if not status:
-            return CancelResult.UNKNOWN
-        if status in FINAL_STATUSES:
-            return CancelResult.FINAL
-        if status == "running":
-            return CancelResult.REQUESTED
-        self._done()
-        return CancelResult.CANCELLED
+        result = cancel_result(status or None)
+        if result == CancelResult.CANCELLED:
+            self._done()
+        return result
 
     async def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobRecord]:
         """Return once every known job of ``job_ids`` is final or ``timeout``
@@ -1055,14 +1029,7 @@ def from_url(url: str, instance_path: str, options: BackendOptions | None = None
         raise ConfigError(
             f"ASYNCBG_BACKEND {shown!r}: name the server, as in 'redis://localhost:6379/0'"
         )
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: cannot read the options") from None
-    names = [name for name, _ in pairs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: the option {repeated[0]!r} is given twice")
+    pairs = url_options(parts.query, shown)
     ours = {"prefix": "asyncbg", "preflight": "refuse", "wait_replicas": "0", "wait_timeout": "1"}
     rest = []
     for name, value in pairs:
