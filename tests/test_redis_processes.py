@@ -31,7 +31,7 @@ import pytest
 import redis
 from hypercorn_harness import WAIT
 from test_durable_processes import Row, new_ids
-from test_postgres_processes import Hosts, held_by, terminate, wait_audit
+from test_postgres_processes import Hosts, check_cancel_across_hosts, terminate, wait_audit
 
 from tests.servers import RedisServer
 
@@ -166,32 +166,11 @@ def test_a_host_killed_holding_jobs_has_them_run_elsewhere_and_a_killed_server_l
 def test_a_cancel_from_another_host_reaches_the_run_long_before_a_renewal(
     hosts: Hosts, redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    lease = 30.0  # renewals every 10 s: only the pub/sub wake-up explains a quick cancel
-    url = f"{redis_server.url()}?prefix={redis_prefix}"
-    store = RedisStore(redis_server.url(), redis_prefix)
-    b = hosts.spawn("b", url, lease=lease)
-    c = hosts.spawn("c", url, lease=lease, config={"ASYNCBG_WORKER_CONCURRENCY": 0})
-    hosts.ready(b, c)
-    bpids = b.worker_pids()
-    ids = new_ids(4)
-    reply = c.post("/submit", {"kind": "sleep", "seconds": 120.0, "ids": ids})
-    assert reply.status == 200, reply
-    assert reply.body["acknowledged"] == ids, reply
-    store.wait(lambda rows: len(held_by(rows, bpids).keys() & set(ids)) == len(ids), "B runs them")
-    delays = []
-    for uid in ids:
-        reply = c.post(f"/cancel/{uid}")
-        assert reply.status == 200, reply
-        assert reply.body["requested"] is True, reply
-        audit = wait_audit(
-            hosts.audit, lambda a, u=uid: u in a.cancelled_by(bpids), "the run cancelled on B"
-        )
-        delays.append(audit.cancelled_by(bpids)[uid] - reply.body["asked"])
-    store.wait(lambda rows: all(rows[u].status == "cancelled" for u in ids), "every one cancelled")
-    assert max(delays) < lease / 3 / 10, delays  # far below the renew interval
-    terminate(b, c)
-    ms = sorted(round(d * 1000, 1) for d in delays)
-    print(f"\ncancel asked on C, run cancelled on B after {ms} ms")
+    check_cancel_across_hosts(
+        hosts,
+        f"{redis_server.url()}?prefix={redis_prefix}",
+        RedisStore(redis_server.url(), redis_prefix),
+    )
 
 
 @pytest.mark.parametrize(
