@@ -305,6 +305,33 @@ async def test_a_store_error_keeps_the_lease_until_its_local_deadline() -> None:
         await leader.release()
 
 
+async def test_a_slot_claim_answered_after_the_lease_ran_out_is_not_run() -> None:
+    # The store took the claim, but its answer came back only after the local
+    # deadline (a host cut off from its store mid-claim, healed later): another
+    # process may lead by then, so the tick is not run late.
+    now = [0.0]
+    store = Faulty(MemoryBackend())
+    leader = StoreLeader(store, NAME, "a", clock=lambda: now[0])
+    inner_claim = store.claim_slot
+
+    async def held_up(lease: Lease, slot: int) -> bool:
+        taken = await inner_claim(lease, slot)
+        now[0] = 3.0  # the reply arrives once the 3 s lease may have run out
+        return taken
+
+    try:
+        assert await leader.ensure(3.0)
+        store.claim_slot = held_up  # type: ignore[method-assign]
+        assert await leader.slot_ok(1) is False
+        store.claim_slot = inner_claim  # type: ignore[method-assign]
+        now[0] = 3.5
+        assert await leader.ensure(3.0)  # taken again (the store's clock never moved)
+        assert await leader.slot_ok(2)
+        assert not await leader.slot_ok(1)  # claimed above: it runs nowhere
+    finally:
+        await leader.release()
+
+
 async def test_the_leader_renews_every_third_of_its_ttl_and_drops_a_lost_lease_at_once() -> None:
     store = Faulty(MemoryBackend())
     leader = StoreLeader(store, NAME, "a")

@@ -131,11 +131,17 @@ class StoreLeader:
 
     async def slot_ok(self, slot: int) -> bool:
         """Claim tick ``slot``: True at most once per slot across every process,
-        and only while this process holds the lease's current epoch."""
+        and only while this process holds the lease's current epoch.
+
+        An answer that comes back after the lease can have run out (the store
+        took the claim, but the reply was held up, by a network cut say, until
+        another process may lead) is False too: the slot is then claimed and
+        never run, rather than run late next to the new leader's ticks.
+        """
         lease = self.lease
         if lease is None:
             return False
-        return await self.store.claim_slot(lease, slot)
+        return await self.store.claim_slot(lease, slot) and self.held
 
     async def anchor(self, proposed: float) -> float:
         """The schedule's stored anchor (wall-clock time of slot 0), storing
