@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--postgres] [--out DIR]
+"""python -m benchmarks [--quick | --smoke] [--only NAME ...] [--postgres] [--redis]
+[--out DIR]
 [--chart-copy PATH] [--against REV]"""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import (
     memory,
     periodic,
     postgres,
+    redis,
     report,
     shutdown,
     throughput,
@@ -33,10 +35,11 @@ BENCHMARKS = {
     "memory": memory.run,
     "durable": durable.run,
     "postgres": postgres.run,
+    "redis": redis.run,
 }
-#: Not in a default run: it starts a PostgreSQL server and host processes
-#: (``--postgres`` adds it, ``--only postgres`` runs it alone).
-OPTIONAL = {"postgres"}
+#: Not in a default run: they start a server (PostgreSQL, redis-server) and host
+#: processes (``--postgres`` / ``--redis`` add them, ``--only NAME`` runs one alone).
+OPTIONAL = {"postgres", "redis"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres",
         action="store_true",
         help="add the PostgreSQL benchmark (a throw-away server, or env ASYNCBG_BENCH_PG_URL)",
+    )
+    p.add_argument(
+        "--redis",
+        action="store_true",
+        help="add the Redis benchmark (a throw-away server, or env ASYNCBG_BENCH_REDIS_URL)",
     )
     p.add_argument(
         "--out",
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
     t0 = time.monotonic()
-    names = args.only or [n for n in BENCHMARKS if n not in OPTIONAL or args.postgres]
+    added = {n for n in OPTIONAL if getattr(args, n)}
+    names = args.only or [n for n in BENCHMARKS if n not in OPTIONAL or n in added]
     for name in names:
         t = time.monotonic()
         print(f"== {name} ({mode.name})", file=sys.stderr, flush=True)

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import fleet
 from .harness import Deadline, LineChild, Mode, Section, interleaved, median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,18 +229,7 @@ class _Huey:
         self.remote = ["huey", path, sync]
         self.consumer: Any = None
         if consume:
-            consumer = self.huey.create_consumer(**HUEY_CONSUMER)
-            # start() installs SIGINT/SIGTERM/SIGHUP handlers for its run() loop,
-            # which is not used here: keep the benchmark's own.
-            saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-            if hasattr(signal, "SIGHUP"):
-                saved[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
-            try:
-                consumer.start()
-                self.consumer = consumer
-            finally:
-                for s, handler in saved.items():
-                    signal.signal(s, handler)
+            self.consumer = fleet.start_huey_consumer(self.huey, **HUEY_CONSUMER)
 
     def make_submit(self) -> Submit:
         return self.submit

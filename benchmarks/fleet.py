@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -245,6 +246,23 @@ class LoopWorkerHost:
             self.lt.call(self._stop(), 30)
         finally:
             self.lt.close()
+
+
+def start_huey_consumer(huey: Any, **options: Any) -> Any:
+    """Huey's consumer of ``huey`` started in this process, as Huey's docs show
+    for embedding it (``create_consumer(**options)`` then ``start()``), this
+    process's signal handlers kept: ``start()`` installs SIGINT/SIGTERM/SIGHUP
+    handlers for its ``run()`` loop, which is not used here."""
+    consumer = huey.create_consumer(**options)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGHUP"):
+        saved[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+    try:
+        consumer.start()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    return consumer
 
 
 # ------------------------------------------------------------ a host process
@@ -471,6 +489,9 @@ def hosts(module: str, kind: str, url: str, roles: list[str]) -> Iterator[list[H
             made.append(Host(module, kind, url, role))
         yield made
     finally:
+        for h in made:  # every one asked first: they stop at the same time
+            with contextlib.suppress(Exception):
+                h.send("quit")
         for h in made:
             with contextlib.suppress(Exception):
                 h.close()
