@@ -273,6 +273,8 @@ class RedisServer:
     ``stop()`` sends SIGTERM to its PID (a clean shutdown, the AOF flushed),
     ``kill()`` SIGKILL; ``restart()`` starts it again on the same port and
     folder, so a server started with AOF reloads what it acknowledged.
+    ``listen`` binds several addresses (loopback and one inside a network
+    namespace, say); the first is the one :meth:`url` and :meth:`command` use.
     """
 
     def __init__(
@@ -281,6 +283,7 @@ class RedisServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         settings: dict[str, str] | None = None,
+        listen: Sequence[str] | None = None,
     ) -> None:
         found = redis_server_bin()
         if found is None:
@@ -289,8 +292,9 @@ class RedisServer:
                 "PATH): install Debian's redis-server package (.ci/run does)"
             )
         self.bin = found
-        self.port = port or free_port(host)
-        self.host = host
+        self.listen = list(listen or [host])
+        self.host = self.listen[0]
+        self.port = port or free_port(self.host)
         self.settings = {
             "appendonly": "yes",
             "appendfsync": "everysec",
@@ -318,7 +322,7 @@ class RedisServer:
             return self
         options = {
             "port": str(self.port),
-            "bind": self.host,
+            "bind": " ".join(self.listen),
             "dir": str(self.root),
             "save": "",
             "daemonize": "no",

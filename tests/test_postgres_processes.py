@@ -27,8 +27,14 @@ second job) until every id is acknowledged.
   one host to the cancellation of the run on another, with a 30 s lease (a
   renewal every 10 s): only the NOTIFY wake-up explains a short one.
 
+The bodies of ``a``, ``b`` and ``c`` are the checks ``check_three_hosts_under_load``,
+``check_cut_off_host`` and ``check_cancel_across_hosts``, over any store of the
+:class:`Shared` (or :class:`Rows`) protocol: ``tests/test_redis_processes.py``
+runs the same ones on Redis (where the server restart is a SIGTERM and a
+restart on the AOF, and one SIGSTOP always lands outside a transaction).
+
 The namespace test needs root and ``ip`` (CI has both): without them it fails,
-saying so, instead of skipping.
+saying so, instead of skipping (``network_namespace()`` makes the namespace).
 
 Everything waits on conditions with deadlines (the store, the audit file, the
 servers' output); the checks read what the hosts cannot lie about: the store
@@ -86,9 +92,31 @@ TICK = "cluster-tick"
 class Store:
     """The test's own view of one schema: read with psycopg, from outside the hosts."""
 
-    def __init__(self, url: str, schema: str) -> None:
+    #: A worker's line on listening again after the server came back.
+    relisten = RELISTEN
+    restarted = "PostgreSQL restarted (immediate)"
+
+    def __init__(self, url: str, schema: str, server: PostgresServer | None = None) -> None:
         self.url = url
         self.schema = schema
+        self.server = server
+
+    @classmethod
+    def of(cls, server: PostgresServer, schema: str) -> Store:
+        return cls(server.url(), schema, server)
+
+    def backend(self, host: str | None = None) -> str:
+        """The hosts' ``ASYNCBG_BACKEND``, reaching the server at ``host``."""
+        assert self.server is not None
+        return f"{self.server.url(host=host)}?schema={self.schema}"
+
+    def restart(self) -> None:
+        """Stop PostgreSQL immediately (no checkpoint, every connection cut) and start it."""
+        assert self.server is not None
+        self.server.restart("immediate")
+
+    def stop_outside_transaction(self, server: Server) -> int:
+        return stop_outside_transaction(self, server)
 
     def _query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
@@ -148,6 +176,39 @@ class Store:
             (sorted(ports),),
         )
         return int(got[0][0])
+
+
+class Rows(Protocol):
+    """A store as the checks read it (PostgreSQL's :class:`Store`, Redis's)."""
+
+    def rows(self) -> dict[str, Row]: ...
+
+    def wait(
+        self, done: Callable[[dict[str, Row]], bool], what: str, timeout: float = WAIT
+    ) -> dict[str, Row]: ...
+
+
+class Shared(Rows, Protocol):
+    """What the three-host checks need of a store beyond its rows: the periodic
+    job's anchor, granted slots and leadership epoch; the backend URL; a restart
+    of its server; a SIGSTOP of a host that leaves nothing locked."""
+
+    #: A worker's line on listening again after the server came back.
+    relisten: re.Pattern[str]
+    #: How :meth:`restart` restarts, for the report.
+    restarted: str
+
+    def anchor(self, name: str) -> float | None: ...
+
+    def slots(self, name: str) -> list[tuple[int, int]]: ...
+
+    def epoch(self, name: str) -> int | None: ...
+
+    def backend(self, host: str | None = None) -> str: ...
+
+    def restart(self) -> None: ...
+
+    def stop_outside_transaction(self, server: Server) -> int: ...
 
 
 def held_by(rows: dict[str, Row], pids: set[int]) -> dict[str, Row]:
@@ -232,7 +293,7 @@ def slot_numbers(ticks: list[tuple[float, int, float]], anchor: float, period: f
     return [round((due - anchor) / period) for due, _, _ in ticks]
 
 
-def check_ticks(store: Store, audit: Audit, period: float) -> tuple[int, int]:
+def check_ticks(store: Shared, audit: Audit, period: float) -> tuple[int, int]:
     """No slot ran twice, and every run had its slot granted by the store;
     returns (runs, leadership epochs)."""
     anchor = store.anchor(TICK)
@@ -429,7 +490,7 @@ def submit(clients: Clients, kind: str, ids: list[str], seconds: float) -> None:
 
 def submit_until_held(
     server: Server,
-    store: Store,
+    store: Rows,
     lengths: Sequence[float],
     kinds: dict[str, str],
     *,
@@ -501,10 +562,6 @@ def terminate(*servers: Server) -> None:
         assert server.wait_exit(timeout=WAIT) == 0, server.output.text()
 
 
-def pg_url(server: PostgresServer, schema: str, host: str | None = None) -> str:
-    return f"{server.url(host=host)}?schema={schema}"
-
-
 @pytest.fixture
 def own_postgres() -> Iterator[Callable[..., PostgresServer]]:
     """Factory for PostgreSQL servers of the test's own (restarted, partitioned)."""
@@ -549,7 +606,7 @@ LONG = 4.0
 
 
 def roll(
-    label: str, old: Server, new: Server, balancer: Balancer, store: Store, kinds: dict[str, str]
+    label: str, old: Server, new: Server, balancer: Balancer, store: Rows, kinds: dict[str, str]
 ) -> tuple[Rolled, Server]:
     """Replace ``old`` by ``new`` (started first) with SIGTERM, while ``old``
     runs jobs longer than its grace period (submitted to it: it is woken first);
@@ -629,16 +686,13 @@ def check_stale(
 # -- a. three hosts under load: kill -9, SIGSTOP, a rolling restart, the database restarted -----
 
 
-@pytest.mark.timeout(150)
-def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
-    tmp_path: Path, hosts: Hosts, own_postgres: Callable[..., PostgresServer]
-) -> None:
+def check_three_hosts_under_load(hosts: Hosts, store: Shared) -> None:
+    """Under steady load: kill -9 of the periodic leader, SIGSTOP of the next
+    past its lease, a restart of the store's server, a rolling restart; then
+    nothing acknowledged is lost and nothing stale landed (the module's ``a``)."""
     lease, every = 2.0, 0.5
     seconds = {"sleep": 1.0, "item": 0.3}
-    pg = own_postgres().start()
-    schema = f"t_{secrets.token_hex(6)}"
-    store = Store(pg.url(), schema)
-    backend = pg_url(pg, schema)
+    backend = store.backend()
     started = time.monotonic()
 
     def host(label: str, workers: int = 1) -> Server:
@@ -693,7 +747,7 @@ def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
         balancer.remove(stalled)
         balancer.drain(stalled)
         hosts.stopped = stalled
-        stops = stop_outside_transaction(store, stalled)
+        stops = store.stop_outside_transaction(stalled)
         t_stop = time.time()
         stalled_held = held_by(store.rows(), spids)
         rest = set().union(*(s.worker_pids() for s in current if s is not stalled))
@@ -724,24 +778,25 @@ def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
         balancer.add(stalled)
         stale_lines = len(stalled.output.lines)
 
-        # -- PostgreSQL stopped immediately (no checkpoint, every connection cut) and back.
-        # (Before the rolling restart: the hosts stopped by it then stop after a
-        # database restart, as test_a_host_stopped_after_... checks alone.)
+        # -- the store's server stopped and back (PostgreSQL: immediately, no
+        # checkpoint, every connection cut; Redis: SIGTERM, started again on its
+        # AOF). Before the rolling restart: the hosts stopped by it then stop
+        # after a server restart, as test_a_host_stopped_after_... checks alone.
         marks = {s.pid: len(s.output.lines) for s in current}
         acked_before = len(clients.acknowledged)
-        t_pg = time.time()
-        pg.restart("immediate")
-        t_pg_up = time.time()
+        t_restart = time.time()
+        store.restart()
+        t_back = time.time()
         for server in current:
             wait_output(
                 server,
-                lambda s=server: relistened(s, marks[s.pid]),
+                lambda s=server: relistened(s, marks[s.pid], store.relisten),
                 "every worker listening again after the restart",
             )
         clients.wait_until(
             lambda acked: len(acked) >= acked_before + 30, "submits acknowledged again"
         )
-        flowing = time.time() - t_pg_up
+        flowing = time.time() - t_back
 
         # -- a rolling SIGTERM restart of every host, each replaced first
         rolled = [
@@ -810,7 +865,7 @@ def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
         f"elsewhere {led_after_stop:.2f}s after it; on SIGCONT {len(rejected)} late write(s) "
         f"rejected, {len(lost)} lost claim(s) found on renewal, {len(cancelled)} run(s) "
         f"cancelled; no stale outcome landed\n"
-        f"[a] PostgreSQL restarted (immediate) in {t_pg_up - t_pg:.2f}s; every worker listening "
+        f"[a] {store.restarted} in {t_back - t_restart:.2f}s; every worker listening "
         f"again and submits acknowledged {flowing:.2f}s after it was up\n"
         f"[a] rolling restart: released {[(r[0], r[5]) for r, _ in rolled]}; the cut-off runs "
         f"started again elsewhere {span([a for a, _ in restarts])} after their host's SIGTERM "
@@ -821,10 +876,19 @@ def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
     )
 
 
-def relistened(server: Server, since: int) -> bool:
+@pytest.mark.timeout(150)
+def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
+    hosts: Hosts, own_postgres: Callable[..., PostgresServer]
+) -> None:
+    check_three_hosts_under_load(
+        hosts, Store.of(own_postgres().start(), f"t_{secrets.token_hex(6)}")
+    )
+
+
+def relistened(server: Server, since: int, pattern: re.Pattern[str] = RELISTEN) -> bool:
     """Every worker of ``server`` logged, after line ``since``, that it listens again."""
     lines = server.output.lines[since:]
-    return {int(m["pid"]) for line in lines if (m := RELISTEN.search(line))} >= server.worker_pids()
+    return {int(m["pid"]) for line in lines if (m := pattern.search(line))} >= server.worker_pids()
 
 
 # -- b. a host cut off by a network namespace past its lease ----------------------------------
@@ -867,9 +931,9 @@ def ip(*args: str, check: bool = True) -> None:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
-@pytest.fixture
-def netns() -> Iterator[Netns]:
-    """A namespace of the test's own, removed (with its veth pair and routes) at teardown."""
+@contextlib.contextmanager
+def network_namespace() -> Iterator[Netns]:
+    """A namespace of the test's own, removed (with its veth pair and routes) on leaving."""
     if os.geteuid() != 0:
         pytest.fail(
             "this test cuts a host off with a network namespace (ip netns, a veth pair): "
@@ -906,26 +970,23 @@ def netns() -> Iterator[Netns]:
         ip("link", "del", made.host_if, check=False)
 
 
-@pytest.mark.timeout(120)
-def test_a_host_cut_off_past_its_lease_is_taken_over_and_steps_down_on_heal(
-    tmp_path: Path,
-    hosts: Hosts,
-    own_postgres: Callable[..., PostgresServer],
-    netns: Netns,
-) -> None:
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    with network_namespace() as made:
+        yield made
+
+
+def check_cut_off_host(hosts: Hosts, store: Shared, netns: Netns) -> None:
+    """Host C, in ``netns``, leads and holds jobs; its routes are blackholed past
+    the lease, then healed (the module's ``b``). The store's server must listen
+    on ``netns.host_addr`` too."""
     lease, every, short, long = 2.0, 0.5, 1.5, 8.0
-    pg = own_postgres(listen=("127.0.0.1", netns.host_addr))
-    with open(pg.data / "pg_hba.conf", "a") as hba:  # the namespace's address may connect too
-        hba.write(f"host all all {netns.subnet} trust\n")
-    pg.start()
-    schema = f"t_{secrets.token_hex(6)}"
-    store = Store(pg.url(), schema)
     env = {"CLUSTER_EVERY": str(every)}
     started = time.monotonic()
-    # C first, inside the namespace, reaching PostgreSQL over the veth: it leads.
+    # C first, inside the namespace, reaching the server over the veth: it leads.
     c = hosts.spawn(
         "c",
-        pg_url(pg, schema, host=netns.host_addr),
+        store.backend(host=netns.host_addr),
         lease=lease,
         env=env,
         host=netns.ns_addr,
@@ -934,8 +995,8 @@ def test_a_host_cut_off_past_its_lease_is_taken_over_and_steps_down_on_heal(
     c.wait_ready()
     cpids = c.worker_pids()
     wait_audit(hosts.audit, lambda a: bool(ticks_by(a, cpids)), "the cut-off host leading")
-    a = hosts.spawn("a", pg_url(pg, schema), lease=lease, env=env)
-    b = hosts.spawn("b", pg_url(pg, schema), lease=lease, env=env)
+    a = hosts.spawn("a", store.backend(), lease=lease, env=env)
+    b = hosts.spawn("b", store.backend(), lease=lease, env=env)
     hosts.ready(a, b)
     others = a.worker_pids() | b.worker_pids()
     balancer = Balancer()
@@ -1032,15 +1093,17 @@ def test_a_host_cut_off_past_its_lease_is_taken_over_and_steps_down_on_heal(
     )
 
 
+@pytest.mark.timeout(120)
+def test_a_host_cut_off_past_its_lease_is_taken_over_and_steps_down_on_heal(
+    hosts: Hosts, own_postgres: Callable[..., PostgresServer], netns: Netns
+) -> None:
+    pg = own_postgres(listen=("127.0.0.1", netns.host_addr))
+    with open(pg.data / "pg_hba.conf", "a") as hba:  # the namespace's address may connect too
+        hba.write(f"host all all {netns.subnet} trust\n")
+    check_cut_off_host(hosts, Store.of(pg.start(), f"t_{secrets.token_hex(6)}"), netns)
+
+
 # -- c. a cancel from another host -------------------------------------------------------------
-
-
-class Rows(Protocol):
-    """A store as the checks read it (PostgreSQL's :class:`Store`, Redis's)."""
-
-    def wait(
-        self, done: Callable[[dict[str, Row]], bool], what: str, timeout: float = WAIT
-    ) -> dict[str, Row]: ...
 
 
 def check_cancel_across_hosts(hosts: Hosts, backend: str, store: Rows) -> None:
@@ -1085,7 +1148,7 @@ def test_a_cancel_from_another_host_reaches_the_run_long_before_a_renewal(
     hosts: Hosts, postgres_server: PostgresServer, pg_schema: str
 ) -> None:
     check_cancel_across_hosts(
-        hosts, pg_url(postgres_server, pg_schema), Store(postgres_server.url(), pg_schema)
+        hosts, (store := Store.of(postgres_server, pg_schema)).backend(), store
     )
 
 
@@ -1102,9 +1165,8 @@ def test_a_host_stopped_after_a_database_restart_reports_its_release(
     shutdown ends, with the release in its report (it once hung there: the
     stop cancelled the pool's later tasks before the backend's close)."""
     pg = own_postgres().start()
-    schema = f"t_{secrets.token_hex(6)}"
-    store = Store(pg.url(), schema)
-    server = hosts.spawn("h", pg_url(pg, schema), lease=2.0)
+    store = Store.of(pg, f"t_{secrets.token_hex(6)}")
+    server = hosts.spawn("h", store.backend(), lease=2.0)
     server.wait_ready()
     pids = server.worker_pids()
     mark = len(server.output.lines)

@@ -12,8 +12,17 @@ redis-server, read by the test straight from the job hashes.
   server without AOF, or with ``allkeys-lru``, refuses to start and says which
   setting loses what; with ``?preflight=warn`` it starts and logs it.
 
-The three-host runs of the PostgreSQL tests (SIGSTOP past the lease, the
-rolling restart under load, the network partition) are not here yet.
+- ``test_three_hosts_...``: the PostgreSQL test's run, through the same check
+  (``check_three_hosts_under_load``): under steady load kill -9 of the
+  periodic leader, SIGSTOP of the next one past its lease, SIGTERM of
+  redis-server and a restart on its AOF, a rolling restart of every host; every
+  acknowledged id final, nothing stale landed, no slot of the periodic job ran
+  twice.
+- ``test_a_host_cut_off_...``: the PostgreSQL test's network cut-off, through
+  the same check (``check_cut_off_host``): a host in a network namespace,
+  reaching redis-server over a veth pair, blackholed past its lease: the others
+  take its jobs and the leadership; on heal its late writes are rejected, its
+  runs cancelled, and it leads nothing. It needs root and ``ip``, as there.
 """
 
 from __future__ import annotations
@@ -21,17 +30,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from hypercorn_harness import WAIT
-from test_durable_processes import Row, new_ids
-from test_postgres_processes import Hosts, check_cancel_across_hosts, terminate, wait_audit
+from hypercorn_harness import WAIT, Server
+from test_durable_processes import Row, new_ids, wait_stopped
+from test_postgres_processes import (
+    Hosts,
+    check_cancel_across_hosts,
+    check_cut_off_host,
+    check_three_hosts_under_load,
+    network_namespace,
+    terminate,
+    wait_audit,
+)
 
 from tests.servers import RedisServer
 
@@ -39,14 +58,73 @@ pytestmark = pytest.mark.timeout(90)
 
 
 class RedisStore:
-    """The test's own view of one prefix: the job hashes, read with redis-py."""
+    """The test's own view of one prefix: the job hashes, the periodic job's
+    anchor (``an:``), granted slots (``sl:``) and lease epoch (``le:``), read
+    with redis-py (the :class:`~test_postgres_processes.Shared` of the checks)."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    relisten = re.compile(r"\[(?P<pid>\d+)\].*listening on Redis at \S+ again")
+    restarted = "redis-server restarted (SIGTERM, its AOF reloaded)"
+
+    def __init__(self, url: str, prefix: str, server: RedisServer | None = None) -> None:
         self.url = url
         self.prefix = prefix
+        self.server = server
+
+    @classmethod
+    def of(cls, server: RedisServer) -> RedisStore:
+        """A fresh prefix on ``server``."""
+        return cls(server.url(), f"p{secrets.token_hex(6)}", server)
+
+    def backend(self, host: str | None = None) -> str:
+        """The hosts' ``ASYNCBG_BACKEND``, reaching the server at ``host``."""
+        assert self.server is not None
+        return f"{self.server.url(host=host)}?prefix={self.prefix}"
+
+    def restart(self) -> None:
+        """SIGTERM of redis-server (the AOF flushed), started again on its folder."""
+        assert self.server is not None
+        self.server.restart()
+
+    def stop_outside_transaction(self, server: Server) -> int:
+        """SIGSTOP of every process of ``server``: one does, since every state
+        change is one Lua script, atomic on the server, and a stopped client
+        holds nothing there that others wait on (PostgreSQL's row locks)."""
+        os.killpg(server.pid, signal.SIGSTOP)
+        for pid in server.worker_pids():
+            wait_stopped(pid)
+        return 1
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
+
+    def _read(self, kind: str, name: str, read: Callable[[redis.Redis, str], Any]) -> Any:
+        """``read(client, key)`` of the key ``{prefix}:<kind>:<...>-<name>`` of
+        the periodic job ``name``; None when there is none."""
+        client = self._client()
+        try:
+            keys = list(client.scan_iter(match=f"{{{self.prefix}}}:{kind}:*-{name}", count=1000))
+            assert len(keys) <= 1, keys
+            return read(client, keys[0]) if keys else None
+        finally:
+            client.close()
+
+    def anchor(self, name: str) -> float | None:
+        got = self._read("an", name, redis.Redis.get)
+        return float(got) if got else None
+
+    def slots(self, name: str) -> list[tuple[int, int]]:
+        """``(slot, 0)`` of every slot of ``name`` the store let run (Redis
+        keeps no epoch per slot, and folds all but the last 1024 to 2048 into a
+        floor: far more than a test's runs)."""
+        got = self._read("sl", name, lambda client, key: client.zrange(key, 0, -1))
+        return [(int(m), 0) for m in got or []]
+
+    def epoch(self, name: str) -> int | None:
+        got = self._read("le", name, redis.Redis.get)
+        return int(got) if got else None
 
     def rows(self) -> dict[str, Row]:
-        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
+        client = self._client()
         try:
             out: dict[str, Row] = {}
             for key in client.scan_iter(match="{" + self.prefix + "}:j:*", count=1000):
@@ -100,8 +178,8 @@ def _hosts(tmp_path: Path) -> Iterator[Hosts]:
 def own_redis() -> Callable[..., RedisServer]:
     made: list[RedisServer] = []
 
-    def make(**settings: str) -> RedisServer:
-        server = RedisServer(settings=settings).start()
+    def make(listen: list[str] | None = None, **settings: str) -> RedisServer:
+        server = RedisServer(settings=settings, listen=listen).start()
         made.append(server)
         return server
 
@@ -161,6 +239,22 @@ def test_a_host_killed_holding_jobs_has_them_run_elsewhere_and_a_killed_server_l
         assert rows[uid].attempts >= 2  # the lost run counted
         assert rows[uid].result["pid"] in bpids
     terminate(b)
+
+
+@pytest.mark.timeout(150)
+def test_three_hosts_under_load_lose_nothing_and_land_nothing_stale(
+    hosts: Hosts, own_redis: Callable[..., RedisServer]
+) -> None:
+    check_three_hosts_under_load(hosts, RedisStore.of(own_redis()))
+
+
+@pytest.mark.timeout(120)
+def test_a_host_cut_off_past_its_lease_is_taken_over_and_steps_down_on_heal(
+    hosts: Hosts, own_redis: Callable[..., RedisServer]
+) -> None:
+    with network_namespace() as netns:
+        server = own_redis(listen=["127.0.0.1", netns.host_addr])
+        check_cut_off_host(hosts, RedisStore.of(server), netns)
 
 
 def test_a_cancel_from_another_host_reaches_the_run_long_before_a_renewal(
