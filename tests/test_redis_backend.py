@@ -570,6 +570,14 @@ async def test_wait_replicas_confirms_lease_writes_and_refuses_what_a_paused_rep
                 await asyncio.sleep(0.02)
         finally:
             await plain.aclose()
+        # "up" on the replica comes before the primary counts it for WAIT (its first
+        # REPLCONF ACK): wait for the primary to see it acknowledge a write.
+        first = redis_asyncio.Redis.from_url(primary.url(), decode_responses=True)
+        try:
+            await first.set("synced", "1")
+            assert await first.execute_command("WAIT", 1, int(WAIT * 1000)) == 1
+        finally:
+            await first.aclose()
         made = RedisBackend(primary.url(), wait_replicas=1, wait_timeout=0.3)
         await made.open()
         try:
