@@ -603,7 +603,17 @@ def test_get_job_finds_a_finished_job(bg: AsyncBG) -> None:
 
 @pytest.mark.parametrize(
     "job_id",
-    [uuid.uuid4().hex, "", "not-a-uuid", "../../etc/passwd", None, 12345, b"bytes", ["list"]],
+    # A well-formed id no job has (a fixed one: the test ids stay the same per run).
+    [
+        "0b6a3bb2a3a94a4c9a7d2c1f5e8d4a10",
+        "",
+        "not-a-uuid",
+        "../../etc/passwd",
+        None,
+        12345,
+        b"bytes",
+        ["list"],
+    ],
 )
 def test_get_job_with_unknown_or_malformed_id_returns_none(bg: AsyncBG, job_id: Any) -> None:
     bg.submit(add, 1).result(WAIT)
