@@ -656,7 +656,10 @@ def test_a_killed_and_a_stalled_worker_lose_nothing_and_land_nothing_stale(
         for uid in held:
             row, until = rows[uid], before[uid].lease_until
             assert until is not None, before[uid]
-            lost_attempt = max(r.attempt for r in runs[uid] if r.pid == pid)
+            # The attempt it held (its claim may not have reached the job's first
+            # line, so the audit need not have it).
+            lost_attempt = before[uid].attempts
+            assert all(r.attempt <= lost_attempt for r in runs[uid] if r.pid == pid), runs[uid]
             rerun = first_run_after(runs[uid], pid, lost_attempt)
             assert rerun is not None, (uid, runs[uid])
             assert row.owner_pid != pid, row
