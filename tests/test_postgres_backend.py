@@ -431,6 +431,40 @@ async def test_finish_repeated_after_a_lost_acknowledgement_is_recognised(
     assert not await backend.finish(claim, Outcome("failed", error="other"))
 
 
+async def test_a_batch_carries_every_value_and_text_postgresql_cannot_hold(
+    backend: PostgresBackend,
+) -> None:
+    # A batch travels as one JSON parameter: what JSON has no number for (an
+    # infinite timeout), non-ASCII text, quotes and a NUL character, which a
+    # text column refuses (an exception's message may hold one; its finish
+    # must not fail forever) all arrive.
+    odd = JobRecord(
+        id="odd",
+        queue="q",
+        task="t",
+        args_json='{"args":["é \\"x\\" \\\\ \\u0000"],"kwargs":{}}',
+        key='k "é"',
+        timeout=float("inf"),
+        created_at=1_700_000_000.123456,
+    )
+    stored_both = await backend.enqueue([odd, _job("plain")])
+    assert [r.id if r is not None else None for r in stored_both] == ["odd", "plain"]
+    stored = await backend.get("odd")
+    assert stored is not None
+    assert (stored.args_json, stored.key, stored.timeout) == (odd.args_json, odd.key, odd.timeout)
+    assert stored.created_at == odd.created_at
+    claims = await backend.claim(["q"], "n1", 2, 30.0)
+    assert sorted(c.id for c in claims) == ["odd", "plain"]
+    assert sorted((await backend.renew(claims, 30.0)).kept) == ["odd", "plain"]
+    outcomes = [(c, Outcome("failed", error="bad \x00 byte")) for c in claims]
+    assert await backend.finish_many(outcomes) == [True, True]
+    assert await backend.finish_many(outcomes) == [True, True]  # repeated: its own
+    final = await backend.get("odd")
+    assert final is not None
+    assert final.status == "failed"
+    assert final.error == "bad \\x00 byte"
+
+
 def test_logging_names_the_listener_reconnect(
     make_app: MakeApp, url: str, postgres_server: PostgresServer, caplog: Any
 ) -> None:

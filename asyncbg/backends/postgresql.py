@@ -47,7 +47,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -97,7 +99,7 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
 _COLUMNS = ", ".join(_FIELDS)
 _FINAL = "(" + ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES)) + ")"
 _NOW = "extract(epoch from now())::float8"
-# The SQL types of the columns, for unnest() of one array per column.
+# The SQL types of the columns, for a batch's rows as one JSON parameter.
 _TYPES = {
     "id": "text",
     "queue": "text",
@@ -122,6 +124,48 @@ _TYPES = {
     "cancel_requested": "bool",
     "timeout": "float8",
 }
+# The columns that name a claim, and those of an outcome after them.
+_HELD_COLUMNS = (("id", "text"), ("owner", "text"), ("token", "int8"))
+_OUTCOME_COLUMNS = (*_HELD_COLUMNS, ("status", "text"), ("result", "text"), ("error", "text"))
+
+
+def _recordset(columns: Sequence[tuple[str, str]], alias: str) -> str:
+    """The rows of one JSON parameter (an array of objects) as a table.
+
+    A batch is one statement either way, but one text parameter costs the
+    client a ``json.dumps`` where one array per column cost psycopg a Python
+    dumper each: 1.3 ms against 0.7 ms for a one-job enqueue here."""
+    names = ", ".join(f"{name} {kind}" for name, kind in columns)
+    return f"json_to_recordset(%s::json) AS {alias}({names})"
+
+
+def _json_rows(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """``rows`` as the JSON array of objects :func:`_recordset` reads."""
+    objects = [dict(zip(names, row, strict=True)) for row in rows]
+    try:
+        return json.dumps(objects, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        # An infinite or NaN float (a timeout of inf): JSON has no such
+        # number, float8 reads the text 'inf' or 'nan'.
+        return json.dumps(
+            [{k: _finite(v) for k, v in o.items()} for o in objects],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+def _pg_text(text: str | None) -> str | None:
+    """``text`` as PostgreSQL can store it: text holds no NUL character (an
+    exception's message may), so each is written as ``\\x00``."""
+    return text if text is None or "\x00" not in text else text.replace("\x00", "\\x00")
+
+
 # The listener's reconnect backoff.
 _LISTEN_RETRY_FIRST, _LISTEN_RETRY_MAX = 0.05, 2.0
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
@@ -209,7 +253,7 @@ class _Statements:
         }
         self.insert = f"""INSERT INTO {s}.jobs ({_COLUMNS})
             SELECT {", ".join(taken_as.get(n, f"u.{n}") for n in _FIELDS)}
-            FROM unnest({", ".join(f"%s::{_TYPES[n]}[]" for n in _FIELDS)}) AS u({_COLUMNS})
+            FROM {_recordset([(n, _TYPES[n]) for n in _FIELDS], "u")}
             ON CONFLICT DO NOTHING
             RETURNING id, CASE WHEN status = 'pending' THEN pg_notify(%s, 'work') END IS NULL"""
         self.existing = f"""SELECT {_COLUMNS} FROM {s}.jobs WHERE id = ANY(%s::text[])
@@ -252,14 +296,13 @@ class _Statements:
             SELECT claimed.*, f.n FROM (SELECT count(*) AS n FROM failed) AS f
             LEFT JOIN claimed ON true"""
         self.renew = f"""UPDATE {s}.jobs j SET lease_until = {_NOW} + %s
-            FROM unnest(%s::text[], %s::text[], %s::int8[]) AS c(id, owner, token)
+            FROM {_recordset(_HELD_COLUMNS, "c")}
             WHERE {held} RETURNING j.id, j.owner, j.token, j.cancel_requested"""
         # A finish that already landed (the same owner, token and outcome) is
         # its own: a retry after a lost acknowledgement gets True again.
         self.finish = f"""UPDATE {s}.jobs j SET status = c.status, result_json = c.result,
             error = c.error, finished_at = {_NOW}, lease_until = NULL
-            FROM unnest(%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], %s::text[])
-                AS c(id, owner, token, status, result, error)
+            FROM {_recordset(_OUTCOME_COLUMNS, "c")}
             WHERE j.id = c.id AND j.owner = c.owner AND j.token = c.token
             AND (j.status = 'running' OR (j.status = c.status
                 AND j.result_json IS NOT DISTINCT FROM c.result
@@ -281,7 +324,7 @@ class _Statements:
         )
         self.release = hand_back.format(
             changes="attempts = j.attempts - 1",
-            source="unnest(%s::text[], %s::text[], %s::int8[]) AS c(id, owner, token)",
+            source=_recordset(_HELD_COLUMNS, "c"),
         )
         self.adopt = f"""UPDATE {s}.jobs j SET lease_until = {_NOW} + %(lease)s
             WHERE j.id IN (
@@ -371,9 +414,13 @@ def _record(row: Sequence[Any]) -> JobRecord:
     return JobRecord(**dict(zip(_FIELDS, row[: len(_FIELDS)], strict=True)))
 
 
-def _columns(records: Sequence[JobRecord]) -> list[list[Any]]:
-    # One list per column, for unnest(): a batch is one statement.
-    return [[getattr(r, name) for r in records] for name in _FIELDS]
+def _records_json(records: Sequence[JobRecord]) -> str:
+    # The records as one parameter of the insert: a batch is one statement.
+    return _json_rows(_FIELDS, ([getattr(r, name) for name in _FIELDS] for r in records))
+
+
+def _claims_json(claims: Iterable[Claim]) -> str:
+    return _json_rows(("id", "owner", "token"), ((c.id, c.owner, c.token) for c in claims))
 
 
 def _first_stored(records: Sequence[JobRecord], stored: set[str]) -> dict[str, JobRecord]:
@@ -799,7 +846,7 @@ class PostgresBackend(Wakeups, Backend):
         return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records, lease))
 
     def _insert_params(self, records: Sequence[JobRecord], lease: float = 0.0) -> tuple[Any, ...]:
-        return (lease, *_columns(records), self._sql.channel)
+        return (lease, _records_json(records), self._sql.channel)
 
     def _existing_params(self, records: Sequence[JobRecord]) -> tuple[Any, ...]:
         return ([r.id for r in records], [r.key for r in records if r.key is not None])
@@ -1018,12 +1065,7 @@ class PostgresBackend(Wakeups, Backend):
         rows = await self._rows(
             "a renewal",
             self._sql.renew,
-            (
-                lease,
-                [c.id for c in claims],
-                [c.owner for c in claims],
-                [c.token for c in claims],
-            ),
+            (lease, _claims_json(claims)),
         )
         # By (id, owner, token): a stale claim and the fresh one of a job differ.
         kept = {(job_id, owner, token): requested for job_id, owner, token, requested in rows}
@@ -1053,12 +1095,13 @@ class PostgresBackend(Wakeups, Backend):
             "a finish",
             self._sql.finish,
             (
-                [c.id for c, _ in outcomes],
-                [c.owner for c, _ in outcomes],
-                [c.token for c, _ in outcomes],
-                [o.status for _, o in outcomes],
-                [o.result_json for _, o in outcomes],
-                [o.error for _, o in outcomes],
+                _json_rows(
+                    [name for name, _ in _OUTCOME_COLUMNS],
+                    (
+                        (c.id, c.owner, c.token, o.status, o.result_json, _pg_text(o.error))
+                        for c, o in outcomes
+                    ),
+                ),
             ),
         )
         done = {(job_id, owner, token) for job_id, owner, token in rows}
@@ -1076,7 +1119,7 @@ class PostgresBackend(Wakeups, Backend):
         rows = await self._rows(
             "a retry",
             self._sql.retry,
-            (run_at, error, claim.id, claim.owner, claim.token, self._sql.channel),
+            (run_at, _pg_text(error), claim.id, claim.owner, claim.token, self._sql.channel),
             repeatable=False,
         )
         self._ended([claim])
@@ -1095,12 +1138,7 @@ class PostgresBackend(Wakeups, Backend):
         rows = await self._rows(
             "a release",
             self._sql.release,
-            (
-                [c.id for c in claims],
-                [c.owner for c in claims],
-                [c.token for c in claims],
-                self._sql.channel,
-            ),
+            (_claims_json(claims), self._sql.channel),
             repeatable=False,
         )
         self._ended(claims)
@@ -1118,7 +1156,8 @@ class PostgresBackend(Wakeups, Backend):
 
         async def progress(conn: Any) -> bool:
             cursor = await conn.execute(
-                self._sql.progress, (done, total, message, claim.id, claim.owner, claim.token)
+                self._sql.progress,
+                (done, total, _pg_text(message), claim.id, claim.owner, claim.token),
             )
             return bool(cursor.rowcount == 1)
 
