@@ -477,14 +477,15 @@ class SQLiteBackend(Backend):
         resolve their futures (only once the commit returned).
 
         One call runs as it is: on an exception the transaction is rolled back.
-        Several run each in a savepoint: a call that raises is rolled back to
-        its savepoint and gets its exception, the others commit. When the
-        transaction as a whole fails (``BEGIN``, ``COMMIT``, or an error after
-        which SQLite rolled everything back), every call gets a BackendError.
+        Several run one after the other; when one raises, the transaction is
+        rolled back and they run again, each in a savepoint: the one that
+        raises is rolled back to its savepoint and gets its exception, the
+        others commit. When the transaction as a whole fails (``BEGIN``,
+        ``COMMIT``, or an error after which SQLite rolled everything back),
+        every call gets a BackendError.
         """
         conn = self._connection()
         single = len(calls) == 1
-        outcomes: list[tuple[bool, Any]] = []
         # A group of claims and renewals only need not wait for the disk: lost
         # in a power cut, its jobs just run again (at least once holds). The
         # next strict commit syncs the WAL, these frames included.
@@ -495,9 +496,7 @@ class SQLiteBackend(Backend):
             conn.execute("BEGIN IMMEDIATE")
             # The clock is read once the write lock is held: commit order is
             # time order. One reading serves the whole group.
-            now = time.time()
-            for call in calls:
-                outcomes.append(self._call_in_group(conn, call, now, single))
+            outcomes = self._run_calls(conn, calls, time.time())
             conn.execute("COMMIT" if any(ok for ok, _ in outcomes) else "ROLLBACK")
         except BaseException as exc:
             if conn.in_transaction:
@@ -519,12 +518,32 @@ class SQLiteBackend(Backend):
             else:
                 call.future.set_exception(value)
 
-    def _call_in_group(
-        self, conn: sqlite3.Connection, call: _Write, now: float, single: bool
-    ) -> tuple[bool, Any]:
+    def _run_calls(
+        self, conn: sqlite3.Connection, calls: list[_Write], now: float
+    ) -> list[tuple[bool, Any]]:
+        # Each call's (True, result) or (False, exception); raises when the
+        # transaction is lost. Several run one after the other without a
+        # savepoint each at first (two statements fewer a call: each lets go
+        # of the GIL, which takes a while to get back under load). When one
+        # raises, everything is rolled back, a new transaction begun (the
+        # clock read again) and every call run again in its savepoint: they
+        # only write through ``conn``, so running one again is harmless.
+        if len(calls) == 1:
+            return [(True, calls[0].fn(conn, now))]
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for call in calls:
+                outcomes.append((True, call.fn(conn, now)))
+            return outcomes
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+        now = time.time()
+        return [self._in_savepoint(conn, call, now) for call in calls]
+
+    def _in_savepoint(self, conn: sqlite3.Connection, call: _Write, now: float) -> tuple[bool, Any]:
         # (True, result) or (False, exception); raises when the transaction is lost.
-        if single:
-            return True, call.fn(conn, now)
         conn.execute("SAVEPOINT call")
         try:
             result = call.fn(conn, now)
