@@ -409,6 +409,9 @@ class SQLiteBackend(Backend):
         self._group_limit = _GROUP_LIMIT if _coalesce else 1
         self._worker: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
+        # The connection's synchronous setting now: NORMAL after a relaxed
+        # group until a strict one puts the configured one back.
+        self._synchronous_now = synchronous
         # Replaced whenever this object writes a final state: waiters hold the one they saw.
         self._finished: asyncio.Event | None = None
         self._wake: WakeChannel | None = None
@@ -488,11 +491,12 @@ class SQLiteBackend(Backend):
         single = len(calls) == 1
         # A group of claims and renewals only need not wait for the disk: lost
         # in a power cut, its jobs just run again (at least once holds). The
-        # next strict commit syncs the WAL, these frames included.
+        # next strict commit syncs the WAL, these frames included. The setting
+        # changes only when the kind of group does (one statement, not two
+        # around every relaxed group).
         relaxed = self.synchronous != "NORMAL" and all(call.relaxed for call in calls)
         try:
-            if relaxed:
-                conn.execute("PRAGMA synchronous = NORMAL")
+            self._set_synchronous(conn, "NORMAL" if relaxed else self.synchronous)
             conn.execute("BEGIN IMMEDIATE")
             # The clock is read once the write lock is held: commit order is
             # time order. One reading serves the whole group.
@@ -502,14 +506,9 @@ class SQLiteBackend(Backend):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            if relaxed:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             for call in calls:
                 call.future.set_exception(self._error(exc, group=not single))
             return
-        if relaxed:
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         # Before the futures: the other processes may start on it a little sooner.
         self._wake_others(calls, outcomes)
         for call, (ok, value) in zip(calls, outcomes, strict=True):
@@ -517,6 +516,13 @@ class SQLiteBackend(Backend):
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
+
+    def _set_synchronous(self, conn: sqlite3.Connection, level: str) -> None:
+        # Outside a transaction, where SQLite takes the setting.
+        if self._synchronous_now != level:
+            self._synchronous_now = ""  # unknown until the statement returned
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous_now = level
 
     def _run_calls(
         self, conn: sqlite3.Connection, calls: list[_Write], now: float
@@ -663,6 +669,7 @@ class SQLiteBackend(Backend):
             conn.close()
             raise
         self._conn = conn
+        self._synchronous_now = self.synchronous
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         path = self.path
