@@ -17,18 +17,19 @@ How it runs:
   writers.
 - Writes are group-committed. When the thread takes a write from its queue, it
   takes every write queued right behind it too (up to 256; the first read or
-  other call ends the group) and runs them all in one transaction, each in its
-  own ``SAVEPOINT``: a write that raises is rolled back to its savepoint and
-  gets its exception, the others commit. Every future is resolved only after
-  the ``COMMIT`` returned, so an acknowledged write is on disk (as far as
-  ``synchronous`` syncs); when the transaction as a whole fails (the write
-  lock not had within ``busy_timeout``, the ``COMMIT`` itself), every write of
-  the group gets a :class:`~asyncbg.errors.BackendError`. So the N enqueues
-  made in one loop turn share one commit (one fsync) instead of taking N. A
-  read runs in its own snapshot transaction, in queue order: it sees every
-  write queued before it. What follows a commit on the loop (waking this
-  process's ``wait()`` callers) runs once the caller's future is resolved,
-  so after the commit.
+  other call ends the group) and runs them all in one transaction, one after
+  the other; only when one raises is the transaction rolled back and the group
+  run again, each write in its own ``SAVEPOINT``: the one that raises is
+  rolled back to its savepoint and gets its exception, the others commit.
+  Every future is resolved only after the ``COMMIT`` returned, so an
+  acknowledged write is on disk (as far as ``synchronous`` syncs); when the
+  transaction as a whole fails (the write lock not had within
+  ``busy_timeout``, the ``COMMIT`` itself), every write of the group gets a
+  :class:`~asyncbg.errors.BackendError`. So the N enqueues made in one loop
+  turn share one commit (one fsync) instead of taking N. A read runs in its
+  own snapshot transaction, in queue order: it sees every write queued before
+  it. What follows a commit on the loop (waking this process's ``wait()``
+  callers) runs once the caller's future is resolved, so after the commit.
 - Time is ``time.time()`` read on that thread once the write lock is held, one
   reading per group: every write of a group sees the same ``now``, and the
   clock of one transaction never goes back behind an earlier commit's by more
@@ -113,7 +114,7 @@ _SYNCHRONOUS = ("FULL", "EXTRA", "NORMAL")
 _DEFAULT_BUSY_TIMEOUT = 5000
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
 _SLOT_MEMORY = 1024
-# Write calls at most in one group commit (one transaction, each in a savepoint).
+# Write calls at most in one group commit (one transaction).
 _GROUP_LIMIT = 256
 # Ids per statement where a list of them becomes ``IN (?, ?, …)``.
 _CHUNK = 500
@@ -441,7 +442,7 @@ class SQLiteBackend(Backend):
     ) -> T:
         """Run ``fn(conn, now)`` in a ``BEGIN IMMEDIATE`` transaction on the
         thread, possibly shared with the writes queued next to it (each in its
-        own savepoint); return once it is committed. ``wakes(result)`` (on the
+        own savepoint if one of them raises); return once it is committed. ``wakes(result)`` (on the
         thread, after the commit) says whether it made work claimable: the
         other processes are then told.
 
