@@ -196,6 +196,66 @@ async def test_a_dropped_connection_is_replaced_and_the_operation_goes_through(
     assert {r.id for r in (await backend.claim(["q"], "n1", 5, 30.0))} == {"before", "after"}
 
 
+async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_returns(
+    backend: PostgresBackend, postgres_server: PostgresServer
+) -> None:
+    # A view's thread writes on a blocking connection of the backend's own: no
+    # hop through the loop, and the future is resolved when the call returns.
+    def submit(records: list[JobRecord]) -> Any:
+        future = backend.enqueue_from_thread(records)
+        assert future is not None
+        assert future.done()
+        return future.result()
+
+    first = await asyncio.to_thread(submit, [_job("a"), _job("b")])
+    assert [r.id for r in first if r] == ["a", "b"]
+    # Idempotent on the id and on an active key, as on the loop.
+    keyed = JobRecord(id="k1", queue="q", task="t", key="only-one")
+    again = await asyncio.to_thread(submit, [_job("a"), keyed, keyed.replace(id="k2")])
+    assert [r.id for r in again if r] == ["a", "k1", "k1"]
+
+    # Its connections' notifications count as this process's own.
+    def blocking_pid() -> int:
+        with backend._thread_pool.connection() as conn:
+            return int(conn.info.backend_pid)
+
+    assert await asyncio.to_thread(blocking_pid) in backend._own_pids
+    assert {c.id for c in await backend.claim(["q"], "n1", 5, 30.0)} == {"a", "b", "k1"}
+    # A bounded queue's count needs a transaction: left to the loop (None).
+    assert backend.enqueue_from_thread([_job("c")], limits={"q": 5}) is None
+    # A dropped connection is replaced and the insert sent once more.
+    postgres_server.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'asyncbg' AND pid <> pg_backend_pid()"
+    )
+    after = await asyncio.to_thread(submit, [_job("after")])
+    assert [r.id for r in after if r] == ["after"]
+
+
+async def test_a_submit_from_a_thread_to_a_server_that_is_down_fails_with_a_backend_error(
+    pg_schema: str,
+) -> None:
+    server = PostgresServer().start()
+    made = PostgresBackend(
+        server.url(), schema=pg_schema, options=BackendOptions(connect_timeout=1.0)
+    )
+    await made.open()
+    try:
+        await made.migrate()
+        server.stop("immediate")
+        started = time.monotonic()
+        future = await asyncio.to_thread(made.enqueue_from_thread, [_job("x")])
+        assert future is not None
+        with pytest.raises(BackendError, match=r"PostgreSQL at .*: an enqueue (failed|found no)"):
+            future.result()
+        assert time.monotonic() - started < 10  # the connect timeout, not a hang
+    finally:
+        await made.close()
+        server.cleanup()
+    with pytest.raises(BackendError, match="not open"):
+        made.enqueue_from_thread([_job("y")])
+
+
 def _restart(server: PostgresServer, mode: str, done: threading.Event) -> threading.Thread:
     def run() -> None:
         server.restart(mode)
@@ -263,12 +323,12 @@ async def test_a_connection_budget_over_max_connections_is_a_warning_with_the_nu
     await made.open()
     try:
         await made.migrate()
-        assert await made.preflight() == []  # alone: 61 of 197
+        assert await made.preflight() == []  # alone: 91 of 197
         for n in range(3):
             await made.heartbeat(NodeRecord(f"node-{n}", "h", n, time.time()))
         (warning,) = await made.preflight()
         assert "4 processes" in warning
-        assert "(pool 60 + 1 listener) = 244" in warning
+        assert "(pool 60 + 30 for submits from threads + 1 listener) = 364" in warning
         assert "max_connections 200 - 3 reserved = 197" in warning
     finally:
         await made.close()

@@ -22,6 +22,11 @@ How it runs:
   connection when running it twice is harmless, which every operation but
   ``claim`` and ``retry`` is (enqueue is keyed by the client-made id and the
   key; a finish that already landed is recognised as its own).
+- A submit from another thread (a sync view's) runs its insert in that thread
+  on a blocking ``psycopg_pool.ConnectionPool`` of half the pool's size (no
+  connection until the first such submit; one unused for a minute closes):
+  one round trip, without the two hops through the loop and psycopg's
+  asyncio wait. A bounded queue's item still goes through the loop.
 - Nothing depends on session state, so a transaction-pooling proxy works:
   leadership and leases are rows with an epoch; the only advisory locks are
   transaction-scoped (the migration, and the count of a bounded queue).
@@ -33,10 +38,10 @@ How it runs:
 - Wake-ups: a dedicated connection per backend object (not pooled) listens on
   one channel per schema; an enqueue, retry or release that made work
   claimable sends ``work``, a cancel asked for a running job sends
-  ``cancel:<id>``. Notifications from this object's own pooled connections are
-  ignored (waking within a process is the engine's business). After the
-  listener reconnects it reports new work once (notifications are lost while
-  it is away), and the engine polls anyway.
+  ``cancel:<id>``. Notifications from this object's own pooled connections
+  (the blocking ones included) are ignored (waking within a process is the
+  engine's business). After the listener reconnects it reports new work once
+  (notifications are lost while it is away), and the engine polls anyway.
 
 It follows every decision listed in :mod:`asyncbg.backends.memory`, as the
 SQLite backend does.
@@ -45,6 +50,7 @@ SQLite backend does.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -423,6 +429,19 @@ def _claims_json(claims: Iterable[Claim]) -> str:
     return _json_rows(("id", "owner", "token"), ((c.id, c.owner, c.token) for c in claims))
 
 
+def _taken(records: Sequence[JobRecord], take: Take | None) -> tuple[Sequence[JobRecord], float]:
+    # The records an enqueue stores claimed (``take``) as running, and their
+    # lease (0 when none is taken): the server puts their start and deadline.
+    if take is None:
+        return records, 0.0
+    return [
+        r.replace(status="running", owner=take.owner, token=1, attempts=1)
+        if r.id in take.ids
+        else r
+        for r in records
+    ], take.lease
+
+
 def _first_stored(records: Sequence[JobRecord], stored: set[str]) -> dict[str, JobRecord]:
     # The record stored for each id: the first of the batch with it.
     first: dict[str, JobRecord] = {}
@@ -531,6 +550,9 @@ class PostgresBackend(Wakeups, Backend):
         self._shown = shown or _redact(conninfo)
         self._sql = _Statements(schema)
         self._pool: Any = None
+        # Blocking connections for submits from other threads (views): made
+        # on the first one, closed after a while unused (see thread_pool_size).
+        self._thread_pool: Any = None
         self._own_pids: set[int] = set()
         Wakeups.__init__(self)
         self._listener: asyncio.Task[None] | None = None
@@ -546,6 +568,13 @@ class PostgresBackend(Wakeups, Backend):
         return f"<PostgresBackend {self._shown} schema={self.schema}>"
 
     # -- connections -------------------------------------------------------------
+
+    @property
+    def thread_pool_size(self) -> int:
+        """The most blocking connections submits from other threads use at
+        once: half the pool (at least one). Each process therefore holds up
+        to ``pool + pool // 2 + 1`` connections (the listener's the one)."""
+        return max(1, self.options.pool_size // 2)
 
     def _connect_kwargs(self) -> dict[str, Any]:
         timeout_ms = int(self.options.statement_timeout * 1000)
@@ -573,6 +602,9 @@ class PostgresBackend(Wakeups, Backend):
 
     async def _configure(self, conn: Any) -> None:
         # Every pooled connection's server pid: notifications they send are ours.
+        self._own_pids.add(conn.info.backend_pid)
+
+    def _configure_blocking(self, conn: Any) -> None:
         self._own_pids.add(conn.info.backend_pid)
 
     async def open(self) -> None:
@@ -603,6 +635,20 @@ class PostgresBackend(Wakeups, Backend):
                 f"{await self._why_not(exc)}"
             ) from None
         self._pool = pool
+        # No connection until a thread submits; one idle a minute is closed.
+        self._thread_pool = psycopg_pool.ConnectionPool(
+            self.conninfo,
+            min_size=0,
+            max_size=self.thread_pool_size,
+            kwargs=self._connect_kwargs(),
+            configure=self._configure_blocking,
+            open=False,
+            name=f"asyncbg-{self.schema}-threads",
+            timeout=self.options.connect_timeout,
+            max_idle=60.0,
+            reconnect_timeout=max(self.options.connect_timeout, 60.0),
+        )
+        self._thread_pool.open(wait=False)
         ready = asyncio.get_running_loop().create_future()
         self._listener = asyncio.get_running_loop().create_task(
             self._listen(ready), name="asyncbg:postgresql:listen"
@@ -629,6 +675,11 @@ class PostgresBackend(Wakeups, Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
             self._listener = None
+        if self._thread_pool is not None:
+            # Blocking: its connections close and its worker threads are joined
+            # (each waits on a queue, so at once), off the loop.
+            thread_pool, self._thread_pool = self._thread_pool, None
+            await asyncio.to_thread(thread_pool.close, 5.0)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close(timeout=5.0)
@@ -653,12 +704,7 @@ class PostgresBackend(Wakeups, Backend):
                     f"{self._answer_within:g} s (the server or the network is away)"
                 ) from None
             except psycopg_pool.PoolTimeout as exc:
-                raise BackendError(
-                    f"PostgreSQL at {self._shown}: {what} found no connection within "
-                    f"{self.options.connect_timeout:g} s (the server is down or every one "
-                    f"of the {self.options.pool_size} pooled connections is busy): "
-                    f"{_describe(exc)}"
-                ) from None
+                raise self._no_connection(what, exc) from None
             except psycopg.Error as exc:
                 if attempt == 1 and repeatable and _broken(exc):
                     continue
@@ -666,6 +712,13 @@ class PostgresBackend(Wakeups, Backend):
                     f"PostgreSQL at {self._shown}: {what} failed: {_describe(exc)}"
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _no_connection(self, what: str, exc: BaseException) -> BackendError:
+        return BackendError(
+            f"PostgreSQL at {self._shown}: {what} found no connection within "
+            f"{self.options.connect_timeout:g} s (the server is down or every pooled "
+            f"connection is busy): {_describe(exc)}"
+        )
 
     async def _rows(
         self, what: str, sql: str, params: Any = None, *, repeatable: bool = True
@@ -720,8 +773,9 @@ class PostgresBackend(Wakeups, Backend):
 
     async def preflight(self) -> list[str]:
         """Check the connection budget: the nodes heard from lately, each with
-        up to ``pool size + 1`` connections (the pool and the listener),
-        against ``max_connections`` less the reserved ones.
+        up to ``pool + pool // 2 + 1`` connections (the pool, the blocking
+        ones of submits from threads, the listener), against
+        ``max_connections`` less the reserved ones.
 
         :raises BackendError: when the server cannot be asked.
         """
@@ -735,14 +789,15 @@ class PostgresBackend(Wakeups, Backend):
             (self.options.lease * 2,),
         )
         most, reserved, used, nodes = rows[0]
-        per_process = self.options.pool_size + 1
+        per_process = self.options.pool_size + self.thread_pool_size + 1
         processes = nodes + 1
         budget = most - reserved
         if processes * per_process > budget:
             return [
                 f"PostgreSQL connection budget: {processes} processes (the {nodes} heard from "
                 f"in the last {self.options.lease * 2:g} s and this one) x (pool "
-                f"{self.options.pool_size} + 1 listener) = {processes * per_process} "
+                f"{self.options.pool_size} + {self.thread_pool_size} for submits from "
+                f"threads + 1 listener) = {processes * per_process} "
                 f"connections at most, over max_connections {most} - "
                 f"{reserved} reserved = {budget} ({used} in use now): lower "
                 f"ASYNCBG_POOL_SIZE, or raise max_connections, or put a pooler in front"
@@ -829,21 +884,77 @@ class PostgresBackend(Wakeups, Backend):
                 raise ValueError(f"enqueue takes pending records, not {record.status!r}")
         if not records:
             return []
-        lease = 0.0
-        if take is not None:
-            lease = take.lease
-            records = [
-                r.replace(status="running", owner=take.owner, token=1, attempts=1)
-                if r.id in take.ids
-                else r
-                for r in records
-            ]
+        records, lease = _taken(records, take)
         bounded = {q: n for q, n in (limits or {}).items() if any(r.queue == q for r in records)}
         if bounded:
             return await self._run(
                 "an enqueue", lambda conn: self._enqueue_bounded(conn, records, bounded, lease)
             )
         return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records, lease))
+
+    def enqueue_from_thread(
+        self,
+        records: Sequence[JobRecord],
+        *,
+        limits: Mapping[str, int] | None = None,
+        take: Take | None = None,
+    ) -> concurrent.futures.Future[list[JobRecord | None]] | None:
+        """As :meth:`enqueue`, run in the calling thread (a view's) on a
+        blocking connection of the backend's own (see :attr:`thread_pool_size`):
+        the returned future is already resolved. It skips the two hops through
+        the loop and psycopg's asyncio wait per statement: a one-job submit
+        from a thread is one round trip. None (the loop's group commit then
+        takes it) for a bounded queue (``limits``), whose count needs a
+        transaction of several statements.
+
+        :raises ValueError: when a record is not ``pending`` (nothing is stored).
+        :raises BackendError: if the backend is not open.
+        """
+        for record in records:
+            if record.status != "pending":
+                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        pool = self._thread_pool
+        if pool is None:
+            raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
+        if limits and any(r.queue in limits for r in records):
+            return None
+        done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
+        if not records:
+            done.set_result([])
+            return done
+        records, lease = _taken(records, take)
+        params = self._insert_params(records, lease)
+        for attempt in (1, 2):
+            try:
+                with pool.connection(timeout=self.options.connect_timeout) as conn:
+                    stored = {row[0] for row in conn.execute(self._sql.insert, params)}
+                    missing = _missing(records, stored)
+                    known = (
+                        [
+                            _record(row)
+                            for row in conn.execute(
+                                self._sql.existing, self._existing_params(missing)
+                            )
+                        ]
+                        if missing
+                        else []
+                    )
+                done.set_result(_answer(records, stored, known))
+                return done
+            except psycopg_pool.PoolTimeout as exc:
+                done.set_exception(self._no_connection("an enqueue", exc))
+                return done
+            except psycopg.Error as exc:
+                # Sent again on a fresh connection: the insert is keyed by the id.
+                if attempt == 1 and _broken(exc):
+                    continue
+                done.set_exception(
+                    BackendError(
+                        f"PostgreSQL at {self._shown}: an enqueue failed: {_describe(exc)}"
+                    )
+                )
+                return done
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _insert_params(self, records: Sequence[JobRecord], lease: float = 0.0) -> tuple[Any, ...]:
         return (lease, _records_json(records), self._sql.channel)
