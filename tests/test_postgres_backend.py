@@ -223,6 +223,12 @@ async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_r
     assert {c.id for c in await backend.claim(["q"], "n1", 5, 30.0)} == {"a", "b", "k1"}
     # A bounded queue's count needs a transaction: left to the loop (None).
     assert backend.enqueue_from_thread([_job("c")], limits={"q": 5}) is None
+    # So is a submit while every blocking connection is taken by other threads.
+    backend._threads_writing = backend.thread_pool_size
+    try:
+        assert backend.enqueue_from_thread([_job("c")]) is None
+    finally:
+        backend._threads_writing = 0
     # A dropped connection is replaced and the insert sent once more.
     postgres_server.psql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

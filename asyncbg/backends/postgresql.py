@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -553,6 +554,8 @@ class PostgresBackend(Wakeups, Backend):
         # Blocking connections for submits from other threads (views): made
         # on the first one, closed after a while unused (see thread_pool_size).
         self._thread_pool: Any = None
+        self._thread_lock = threading.Lock()
+        self._threads_writing = 0
         self._own_pids: set[int] = set()
         Wakeups.__init__(self)
         self._listener: asyncio.Task[None] | None = None
@@ -905,7 +908,9 @@ class PostgresBackend(Wakeups, Backend):
         the loop and psycopg's asyncio wait per statement: a one-job submit
         from a thread is one round trip. None (the loop's group commit then
         takes it) for a bounded queue (``limits``), whose count needs a
-        transaction of several statements.
+        transaction of several statements, and while every blocking
+        connection is in use by other threads: a burst from many threads
+        shares one statement there instead of queueing for a connection.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: if the backend is not open.
@@ -918,42 +923,48 @@ class PostgresBackend(Wakeups, Backend):
             raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
         if limits and any(r.queue in limits for r in records):
             return None
+        with self._thread_lock:
+            if self._threads_writing >= self.thread_pool_size:
+                # Every blocking connection is taken: rather than wait for one,
+                # this submit shares the loop's next group commit.
+                return None
+            self._threads_writing += 1
         done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
+        try:
+            done.set_result(self._insert_blocking(pool, *_taken(records, take)))
+        except BackendError as exc:
+            done.set_exception(exc)
+        finally:
+            with self._thread_lock:
+                self._threads_writing -= 1
+        return done
+
+    def _insert_blocking(
+        self, pool: Any, records: Sequence[JobRecord], lease: float
+    ) -> list[JobRecord | None]:
+        # The enqueue's statements on a blocking connection, in this thread;
+        # once more on a fresh one if the connection broke (keyed by the id).
         if not records:
-            done.set_result([])
-            return done
-        records, lease = _taken(records, take)
+            return []
         params = self._insert_params(records, lease)
         for attempt in (1, 2):
             try:
                 with pool.connection(timeout=self.options.connect_timeout) as conn:
                     stored = {row[0] for row in conn.execute(self._sql.insert, params)}
                     missing = _missing(records, stored)
-                    known = (
-                        [
-                            _record(row)
-                            for row in conn.execute(
-                                self._sql.existing, self._existing_params(missing)
-                            )
-                        ]
-                        if missing
-                        else []
-                    )
-                done.set_result(_answer(records, stored, known))
-                return done
+                    known = []
+                    if missing:
+                        cursor = conn.execute(self._sql.existing, self._existing_params(missing))
+                        known = [_record(row) for row in cursor]
+                return _answer(records, stored, known)
             except psycopg_pool.PoolTimeout as exc:
-                done.set_exception(self._no_connection("an enqueue", exc))
-                return done
+                raise self._no_connection("an enqueue", exc) from None
             except psycopg.Error as exc:
-                # Sent again on a fresh connection: the insert is keyed by the id.
                 if attempt == 1 and _broken(exc):
                     continue
-                done.set_exception(
-                    BackendError(
-                        f"PostgreSQL at {self._shown}: an enqueue failed: {_describe(exc)}"
-                    )
-                )
-                return done
+                raise BackendError(
+                    f"PostgreSQL at {self._shown}: an enqueue failed: {_describe(exc)}"
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _insert_params(self, records: Sequence[JobRecord], lease: float = 0.0) -> tuple[Any, ...]:
