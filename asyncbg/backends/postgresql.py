@@ -23,10 +23,12 @@ How it runs:
   ``claim`` and ``retry`` is (enqueue is keyed by the client-made id and the
   key; a finish that already landed is recognised as its own).
 - A submit from another thread (a sync view's) runs its insert in that thread
-  on a blocking ``psycopg_pool.ConnectionPool`` of half the pool's size (no
-  connection until the first such submit; one unused for a minute closes):
-  one round trip, without the two hops through the loop and psycopg's
-  asyncio wait. A bounded queue's item still goes through the loop.
+  on one blocking connection (a ``psycopg_pool.ConnectionPool`` of one, made
+  at the first such submit and closed after a minute unused): one round trip,
+  without the two hops through the loop and psycopg's asyncio wait. While
+  another thread writes or has just submitted, a submit goes through the
+  loop instead, whose group commit makes one statement of several threads'
+  submits; so does a bounded queue's item.
 - Nothing depends on session state, so a transaction-pooling proxy works:
   leadership and leases are rows with an epoch; the only advisory locks are
   transaction-scoped (the migration, and the count of a bounded queue).
@@ -58,6 +60,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -173,6 +176,8 @@ def _pg_text(text: str | None) -> str | None:
     return text if text is None or "\x00" not in text else text.replace("\x00", "\\x00")
 
 
+# A submit from a thread within this long of another thread's goes through the loop.
+_CROWDED_WITHIN = 0.005
 # The listener's reconnect backoff.
 _LISTEN_RETRY_FIRST, _LISTEN_RETRY_MAX = 0.05, 2.0
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
@@ -556,6 +561,7 @@ class PostgresBackend(Wakeups, Backend):
         self._thread_pool: Any = None
         self._thread_lock = threading.Lock()
         self._threads_writing = 0
+        self._last_submit, self._last_submitter = -math.inf, 0
         self._own_pids: set[int] = set()
         Wakeups.__init__(self)
         self._listener: asyncio.Task[None] | None = None
@@ -574,10 +580,11 @@ class PostgresBackend(Wakeups, Backend):
 
     @property
     def thread_pool_size(self) -> int:
-        """The most blocking connections submits from other threads use at
-        once: half the pool (at least one). Each process therefore holds up
-        to ``pool + pool // 2 + 1`` connections (the listener's the one)."""
-        return max(1, self.options.pool_size // 2)
+        """The blocking connections submits from other threads write on: one,
+        for one thread at a time (several at once share the loop's group
+        commit). Each process therefore holds up to ``pool + 2`` connections
+        (the pool, this one, the listener)."""
+        return 1
 
     def _connect_kwargs(self) -> dict[str, Any]:
         timeout_ms = int(self.options.statement_timeout * 1000)
@@ -776,8 +783,8 @@ class PostgresBackend(Wakeups, Backend):
 
     async def preflight(self) -> list[str]:
         """Check the connection budget: the nodes heard from lately, each with
-        up to ``pool + pool // 2 + 1`` connections (the pool, the blocking
-        ones of submits from threads, the listener), against
+        up to ``pool + 2`` connections (the pool, the blocking one of submits
+        from threads, the listener), against
         ``max_connections`` less the reserved ones.
 
         :raises BackendError: when the server cannot be asked.
@@ -800,7 +807,7 @@ class PostgresBackend(Wakeups, Backend):
                 f"PostgreSQL connection budget: {processes} processes (the {nodes} heard from "
                 f"in the last {self.options.lease * 2:g} s and this one) x (pool "
                 f"{self.options.pool_size} + {self.thread_pool_size} for submits from "
-                f"threads + 1 listener) = {processes * per_process} "
+                f"a thread + 1 listener) = {processes * per_process} "
                 f"connections at most, over max_connections {most} - "
                 f"{reserved} reserved = {budget} ({used} in use now): lower "
                 f"ASYNCBG_POOL_SIZE, or raise max_connections, or put a pooler in front"
@@ -908,9 +915,10 @@ class PostgresBackend(Wakeups, Backend):
         the loop and psycopg's asyncio wait per statement: a one-job submit
         from a thread is one round trip. None (the loop's group commit then
         takes it) for a bounded queue (``limits``), whose count needs a
-        transaction of several statements, and while every blocking
-        connection is in use by other threads: a burst from many threads
-        shares one statement there instead of queueing for a connection.
+        transaction of several statements, and while another thread writes or
+        has just submitted (within 5 ms): the submits of several threads then
+        share one statement there, one commit for all, rather than taking one
+        each.
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: if the backend is not open.
@@ -923,10 +931,16 @@ class PostgresBackend(Wakeups, Backend):
             raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
         if limits and any(r.queue in limits for r in records):
             return None
+        now, me = time.monotonic(), threading.get_ident()
         with self._thread_lock:
-            if self._threads_writing >= self.thread_pool_size:
-                # Every blocking connection is taken: rather than wait for one,
-                # this submit shares the loop's next group commit.
+            # Another thread writing, or one that submitted a moment ago: the
+            # submits of several threads share the loop's next statement (one
+            # commit for all) rather than each taking one of its own.
+            crowded = self._threads_writing >= self.thread_pool_size or (
+                self._last_submitter != me and now - self._last_submit < _CROWDED_WITHIN
+            )
+            self._last_submit, self._last_submitter = now, me
+            if crowded:
                 return None
             self._threads_writing += 1
         done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
