@@ -121,6 +121,20 @@ async def test_enqueue_claim_finish_round_trip(backend: Backend) -> None:
     assert await backend.claim(["q"], "n1", 10, LONG) == []
 
 
+async def test_an_outcome_with_odd_text_is_stored(backend: Backend) -> None:
+    # An exception's message may hold anything: quotes, non-ASCII, a NUL
+    # character (which PostgreSQL text cannot hold: it keeps "\x00" there).
+    await put(backend, [job("odd", key='k "é"')])
+    claim = await claim_one(backend)
+    error = 'bad "é" \\ \x00 end'
+    outcome = Outcome("failed", error=error)
+    assert await backend.finish(claim, outcome)
+    done = await backend.get("odd")
+    assert done is not None
+    assert done.status == "failed"
+    assert done.error in (error, error.replace("\x00", "\\x00"))
+
+
 async def test_get_of_an_unknown_id_is_none(backend: Backend) -> None:
     assert await backend.get("nope") is None
 
