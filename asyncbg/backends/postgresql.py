@@ -176,8 +176,11 @@ def _pg_text(text: str | None) -> str | None:
     return text if text is None or "\x00" not in text else text.replace("\x00", "\\x00")
 
 
-# A submit from a thread within this long of another thread's goes through the loop.
-_CROWDED_WITHIN = 0.005
+# A submit from a thread within this long of another thread's goes through the
+# loop. Longer than a grouped submit takes under load (2-6 ms here): threads
+# that submit together come back together, and the first of them again must
+# not find the others' last submits already out of the window.
+_CROWDED_WITHIN = 0.05
 # The listener's reconnect backoff.
 _LISTEN_RETRY_FIRST, _LISTEN_RETRY_MAX = 0.05, 2.0
 # Slot numbers remembered per schedule before the oldest fold into a floor (as memory).
@@ -916,7 +919,7 @@ class PostgresBackend(Wakeups, Backend):
         from a thread is one round trip. None (the loop's group commit then
         takes it) for a bounded queue (``limits``), whose count needs a
         transaction of several statements, and while another thread writes or
-        has just submitted (within 5 ms): the submits of several threads then
+        has just submitted (within 50 ms): the submits of several threads then
         share one statement there, one commit for all, rather than taking one
         each.
 
