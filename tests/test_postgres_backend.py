@@ -12,6 +12,7 @@ in tests/test_postgres_processes.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -201,17 +202,24 @@ async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_r
 ) -> None:
     # A view's thread writes on a blocking connection of the backend's own: no
     # hop through the loop, and the future is resolved when the call returns.
-    def submit(records: list[JobRecord]) -> Any:
+    # One thread for all of them: a submit right after another thread's goes
+    # through the loop instead (the executor of to_thread may switch threads).
+    view = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def submit_now(records: list[JobRecord]) -> Any:
         future = backend.enqueue_from_thread(records)
         assert future is not None
         assert future.done()
         return future.result()
 
-    first = await asyncio.to_thread(submit, [_job("a"), _job("b")])
+    async def submit(records: list[JobRecord]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(view, submit_now, records)
+
+    first = await submit([_job("a"), _job("b")])
     assert [r.id for r in first if r] == ["a", "b"]
     # Idempotent on the id and on an active key, as on the loop.
     keyed = JobRecord(id="k1", queue="q", task="t", key="only-one")
-    again = await asyncio.to_thread(submit, [_job("a"), keyed, keyed.replace(id="k2")])
+    again = await submit([_job("a"), keyed, keyed.replace(id="k2")])
     assert [r.id for r in again if r] == ["a", "k1", "k1"]
 
     # Its connections' notifications count as this process's own.
@@ -237,7 +245,7 @@ async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_r
         backend._last_submit, backend._last_submitter = time.monotonic() + 3600, -1
         return backend.enqueue_from_thread([_job("c")]), backend.enqueue_from_thread([_job("c")])
 
-    crowded, alone = await asyncio.to_thread(twice)
+    crowded, alone = await asyncio.get_running_loop().run_in_executor(view, twice)
     assert crowded is None
     assert alone is not None
     assert [r.id for r in alone.result() if r] == ["c"]
@@ -246,7 +254,10 @@ async def test_a_submit_from_another_thread_is_stored_by_that_thread_before_it_r
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE application_name = 'asyncbg' AND pid <> pg_backend_pid()"
     )
-    after = await asyncio.to_thread(submit, [_job("after")])
+    try:
+        after = await submit([_job("after")])
+    finally:
+        view.shutdown()
     assert [r.id for r in after if r] == ["after"]
 
 
