@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import ModuleType
 from urllib.parse import parse_qsl
 
@@ -58,6 +58,7 @@ __all__ = [
     "lost_lease_error",
     "poll_until_final",
     "require_driver",
+    "require_pending",
     "url_options",
 ]
 
@@ -145,6 +146,16 @@ def url_options(query: str, shown: str) -> list[tuple[str, str]]:
     if repeated:
         raise ConfigError(f"ASYNCBG_BACKEND {shown!r}: the option {repeated[0]!r} is given twice")
     return pairs
+
+
+def require_pending(records: Iterable[rec.JobRecord]) -> None:
+    """Check what an enqueue takes: only ``pending`` records.
+
+    :raises ValueError: naming the first record of another status.
+    """
+    for record in records:
+        if record.status != "pending":
+            raise ValueError(f"enqueue takes pending records, not {record.status!r}")
 
 
 def cancel_result(status: str | None) -> str:

@@ -56,7 +56,7 @@ from ..engine.records import (
 )
 from ..errors import ConfigError
 from . import _redact
-from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error
+from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error, require_pending
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -146,9 +146,7 @@ class MemoryBackend(Backend):
 
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         """
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         now = self._clock()
         bounds = limits or {}
         stored = [self._enqueue_one(record, now, bounds) for record in records]

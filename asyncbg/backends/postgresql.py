@@ -89,6 +89,7 @@ from .base import (
     cancel_result,
     poll_until_final,
     require_driver,
+    require_pending,
     url_options,
 )
 
@@ -892,9 +893,7 @@ class PostgresBackend(Wakeups, Backend):
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: for a database error (nothing is stored).
         """
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         if not records:
             return []
         records, lease = _taken(records, take)
@@ -926,9 +925,7 @@ class PostgresBackend(Wakeups, Backend):
         :raises ValueError: when a record is not ``pending`` (nothing is stored).
         :raises BackendError: if the backend is not open.
         """
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         pool = self._thread_pool
         if pool is None:
             raise BackendError(f"the PostgreSQL backend on {self._shown} is not open")
@@ -1024,9 +1021,7 @@ class PostgresBackend(Wakeups, Backend):
         :raises BackendError: for a database error (the caller's transaction
             is then aborted: the caller rolls it back).
         """
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         cursor = _dbapi_cursor(connection)
         try:
             cursor.execute(self._sql.insert, self._insert_params(records))
@@ -1059,9 +1054,7 @@ class PostgresBackend(Wakeups, Backend):
         """
         if not isinstance(connection, psycopg.AsyncConnection):
             return self.enqueue_in(connection, records)  # a sync one: as a plain submit
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         try:
             stored = await self._insert(connection, records)
             missing = _missing(records, stored)

@@ -95,6 +95,7 @@ from .base import (
     lost_lease_error,
     poll_until_final,
     require_driver,
+    require_pending,
     url_options,
 )
 
@@ -594,9 +595,7 @@ class RedisBackend(Wakeups, Backend):
     def _enqueue_args(
         self, records: Sequence[JobRecord], limits: Mapping[str, int] | None, take: Take | None
     ) -> list[Any]:
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         return [
             json.dumps([_encode(r) for r in records]),
             json.dumps(dict(limits or {})),

@@ -99,7 +99,14 @@ from ..engine.records import (
 from ..errors import BackendError, ConfigError
 from . import _redact
 from ._wake import WakeChannel
-from .base import NODE_FORGET_AFTER, Backend, BackendOptions, lost_lease_error, poll_until_final
+from .base import (
+    NODE_FORGET_AFTER,
+    Backend,
+    BackendOptions,
+    lost_lease_error,
+    poll_until_final,
+    require_pending,
+)
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -813,9 +820,7 @@ class SQLiteBackend(Backend):
         Callable[[list[JobRecord | None]], bool],
     ]:
         # The write of an enqueue and its wake-up test, for either way in.
-        for record in records:
-            if record.status != "pending":
-                raise ValueError(f"enqueue takes pending records, not {record.status!r}")
+        require_pending(records)
         # Not dataclasses.astuple: it deep-copies every value (17 us a record here).
         rows = [tuple(getattr(r, name) for name in _FIELDS) for r in records]
         bounds = dict(limits or {})

@@ -135,6 +135,14 @@ async def test_an_outcome_with_odd_text_is_stored(backend: Backend) -> None:
     assert done.error in (error, error.replace("\x00", "\\x00"))
 
 
+async def test_enqueue_refuses_a_record_that_is_not_pending_and_stores_nothing(
+    backend: Backend,
+) -> None:
+    with pytest.raises(ValueError, match="enqueue takes pending records, not 'running'"):
+        await backend.enqueue([job("ok"), job("bad", status="running")])
+    assert await backend.get("ok") is None
+
+
 async def test_get_of_an_unknown_id_is_none(backend: Backend) -> None:
     assert await backend.get("nope") is None
 
