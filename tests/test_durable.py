@@ -490,6 +490,51 @@ def test_submits_claimed_by_their_own_enqueue_keep_to_the_worker_concurrency(
     assert most[0] == 3
 
 
+def test_an_enqueue_and_a_claim_decided_in_one_loop_turn_share_the_room(
+    make_app: MakeApp, sqlite_db: str
+) -> None:
+    # The race behind an occasional fourth job at concurrency 3: a group commit
+    # and a claim decided in the same loop turn, before either write's task
+    # had run, each counted the same free slots. The enqueue now reserves what
+    # it takes when it is decided, and the claim what it asks.
+    import concurrent.futures
+
+    from asyncbg.engine.durable import _Staged
+    from asyncbg.extension import _PLAIN
+
+    app, bg = _worker(make_app, sqlite_db, ASYNCBG_WORKER_CONCURRENCY=3)
+    gate = Gate()
+
+    @bg.task
+    async def hold(i: int) -> int:
+        await gate.wait_async()
+        return i
+
+    bg.start()
+    st = bg.state_for(app)
+    durable = st.durable
+    assert durable is not None
+
+    async def one_turn() -> tuple[int, list[Any]]:
+        waiters = []
+        for i in range(3):
+            job, record = bg._stored_job(st, hold, (i,), {}, _PLAIN)
+            waiter: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            durable.history.add(job)
+            durable._stage(_Staged(record, job, waiter, None))
+            waiters.append(waiter)
+        durable._flush()  # the group commit is decided: its write has not run
+        _wanted, asked = durable._room()  # a claim decided in the same turn
+        durable._unclaim(asked)
+        return asked, [await asyncio.wrap_future(w) for w in waiters]
+
+    asked, records = st.loop_thread.submit(one_turn()).result(WAIT)
+    assert asked == 0  # the three slots were the enqueue's already
+    assert [r.status for r in records] == ["running"] * 3
+    gate.set()
+    assert sorted(durable.history.get(r.id).result(WAIT) for r in records) == [0, 1, 2]
+
+
 def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) -> None:
     _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
 

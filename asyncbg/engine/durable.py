@@ -566,7 +566,14 @@ class DurableRunner:
         self._flush_scheduled = False
         batch, self._staged = self._staged, []
         if batch:
-            self._write(self._enqueue(batch))
+            # The slots are reserved now, not when the write's task first runs:
+            # a claim decided in between would count them free too.
+            take = self._take_for([e.record for e in batch if e.limit is None])
+            try:
+                self._write(self._enqueue(batch, take))
+            except BaseException:
+                self._unreserve(take)
+                raise
 
     def _write(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         # Its own task, not cancelled at stop and awaited by close(): a write is
@@ -581,34 +588,40 @@ class DurableRunner:
         # Await a write; if the waiter is cancelled, the write goes on.
         return await asyncio.shield(self._write(coro))
 
-    async def _enqueue(self, batch: list[_Staged]) -> None:
+    async def _enqueue(self, batch: list[_Staged], take: Take | None) -> None:
+        # ``take``'s slots stay reserved until its jobs are held (counted by
+        # _held): a submitting thread answered here may take again at once.
         limits = {e.record.queue: e.limit for e in batch if e.limit is not None}
-        take = self._take_for([e.record for e in batch if e.limit is None])
         try:
-            stored = await self.store.enqueue(
-                [e.record for e in batch], limits=limits or None, take=take
-            )
-        except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else BackendError("the store write stopped")
-            for e in batch:
-                self._refuse(e, error)
-            if not isinstance(exc, Exception):
-                raise
-            return
+            try:
+                stored = await self.store.enqueue(
+                    [e.record for e in batch], limits=limits or None, take=take
+                )
+            except BaseException as exc:
+                error = (
+                    exc if isinstance(exc, Exception) else BackendError("the store write stopped")
+                )
+                for e in batch:
+                    self._refuse(e, error)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            taken = [
+                r
+                for r in stored
+                if r is not None and take is not None and self._taken_here(r, take)
+            ]
+            for e, record in zip(batch, stored, strict=True):
+                if e.waiter is not None:
+                    e.waiter.set_result(record)
+            # Every submitter is answered first: with eager task start (3.12+) a
+            # job begins inside _start, and one that blocks the loop must not
+            # hold back the acknowledgement of its own submit.
+            for record in taken:
+                if record.id not in self._held:  # stored claimed by this process: run it here
+                    self._start(Claim(record.id, self.owner, record.token, record))
         finally:
             self._unreserve(take)
-        taken = [
-            r for r in stored if r is not None and take is not None and self._taken_here(r, take)
-        ]
-        for e, record in zip(batch, stored, strict=True):
-            if e.waiter is not None:
-                e.waiter.set_result(record)
-        # Every submitter is answered first: with eager task start (3.12+) a
-        # job begins inside _start, and one that blocks the loop must not
-        # hold back the acknowledgement of its own submit.
-        for record in taken:
-            if record.id not in self._held:  # stored claimed by this process: run it here
-                self._start(Claim(record.id, self.owner, record.token, record))
         if _left_unclaimed(stored, taken):
             self.wake()
 
@@ -662,19 +675,25 @@ class DurableRunner:
 
     # -- claiming (loop thread) ------------------------------------------------------
 
-    def _room(self) -> list[tuple[list[str], int]]:
-        """(queues, how many) for each claim to make now."""
+    def _room(self) -> tuple[list[tuple[list[str], int]], int]:
+        """(queues, how many) for each claim to make now, and how many of those
+        are task slots: reserved (``_claiming_tasks``) in the same step as they
+        are counted, until :meth:`_unclaim`."""
         wanted: list[tuple[list[str], int]] = []
+        asked = 0
         if not self.claiming:
-            return wanted
-        running_tasks = self._task_slots_used()
+            return wanted, asked
         lanes = self._task_lanes()
-        if lanes and self.concurrency > running_tasks:
-            wanted.append((lanes, self.concurrency - running_tasks))
+        with self._reserve_lock:
+            running_tasks = self._task_slots_used() + self._claiming_tasks
+            if lanes and self.concurrency > running_tasks:
+                asked = self.concurrency - running_tasks
+                wanted.append((lanes, asked))
+                self._claiming_tasks += asked
         for q in self._queue_lanes():
             if q.concurrency > q.active:
                 wanted.append(([q.name], q.concurrency - q.active))
-        return wanted
+        return wanted, asked
 
     async def _claim_loop(self) -> None:
         assert self._wake is not None
@@ -704,33 +723,42 @@ class DurableRunner:
             delay = _POLL_FIRST if got or woken else min(2 * delay, self.poll_interval)
 
     async def _claim_once(self) -> tuple[int, bool]:
-        wanted = self._room()
+        wanted, asked = self._room()
         if not wanted or self._stopping:
+            self._unclaim(asked)
             self._behind = True  # no room to look: the next free slot looks
             return 0, False
-        got, full = await self._written(self._claim(wanted))
+        try:
+            task = self._write(self._claim(wanted, asked))
+        except BaseException:
+            self._unclaim(asked)
+            raise
+        got, full = await asyncio.shield(task)
         self._behind = full
         return got, full
 
-    async def _claim(self, wanted: list[tuple[list[str], int]]) -> tuple[int, bool]:
+    def _unclaim(self, asked: int) -> None:
+        with self._reserve_lock:
+            self._claiming_tasks -= asked
+
+    async def _claim(self, wanted: list[tuple[list[str], int]], asked: int) -> tuple[int, bool]:
         # Issued together: a backend that group-commits makes them one transaction.
         # Started in the write's own task, so a claim made as stop begins is
-        # released, never left to its lease.
-        task_lanes = self._task_lanes()
-        self._claiming_tasks = sum(n for lanes, n in wanted if lanes == task_lanes)
+        # released, never left to its lease. The ``asked`` task slots (reserved
+        # by _room) are given back once what came is held.
         try:
             results = await asyncio.gather(
                 *(self.store.claim(lanes, self.owner, n, self.lease) for lanes, n in wanted)
             )
+            got, full = 0, False
+            for (_, n), claims in zip(wanted, results, strict=True):
+                got += len(claims)
+                full = full or len(claims) == n
+                for claim in claims:
+                    self._start(claim)
+            return got, full
         finally:
-            self._claiming_tasks = 0
-        got, full = 0, False
-        for (_, n), claims in zip(wanted, results, strict=True):
-            got += len(claims)
-            full = full or len(claims) == n
-            for claim in claims:
-                self._start(claim)
-        return got, full
+            self._unclaim(asked)
 
     def _start(self, claim: Claim) -> None:
         if self._stopping:
