@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from asyncbg import AsyncBG, BackendError, ConfigError, JobStatus, current_job
 from asyncbg.backends import BackendOptions, open_backend
 from asyncbg.backends.postgresql import PostgresBackend, from_url
-from asyncbg.engine.records import JobRecord, Outcome
+from asyncbg.engine.records import Claim, JobRecord, Outcome, Take
 from tests.conftest import MakeApp
 from tests.helpers_core import WAIT, Gate, wait_for
 from tests.servers import PostgresServer, free_port
@@ -591,6 +591,59 @@ async def test_a_claim_whose_answer_was_lost_is_taken_up_at_the_next_claim(
     assert await backend.finish(held, Outcome("succeeded", "2"))
     assert await backend.claim(["q"], "me", 5, 30.0) == []
     assert not backend._in_doubt
+
+
+async def test_jobs_an_enqueue_took_are_never_adopted_as_claims_in_doubt(
+    backend: PostgresBackend,
+) -> None:
+    # An enqueue that takes its jobs (Take) stores them running as ours, like a
+    # claim: they are handed out by it, so a later adoption of claims in doubt
+    # (a claim that broke under its answer) must not hand them out again, or
+    # the engine would run them twice. On the loop and from a view's thread.
+    take = Take("me", 30.0, frozenset({"a", "t"}))
+    (loop_taken,) = await backend.enqueue([_job("a")], take=take)
+    assert loop_taken is not None
+    assert loop_taken.status == "running"
+
+    def from_thread() -> Any:
+        future = backend.enqueue_from_thread([_job("t")], take=take)
+        assert future is not None
+        return future.result()
+
+    (thread_taken,) = await asyncio.to_thread(from_thread)
+    assert thread_taken is not None
+    assert thread_taken.status == "running"
+    await backend.enqueue([_job("p")])  # pending: the claim below takes it
+    backend._in_doubt.add("q")  # what a claim that broke under its answer leaves
+    claims = await backend.claim(["q"], "me", 5, 30.0)
+    assert [c.id for c in claims] == ["p"]
+    for record in (loop_taken, thread_taken):
+        claim = Claim(record.id, "me", record.token, record)
+        assert await backend.finish(claim, Outcome("succeeded", "1"))
+    assert not backend._handed.keys() & {"a", "t"}  # finishing forgets them
+
+
+async def test_jobs_an_enqueue_took_whose_answer_was_lost_are_adopted_by_the_next_claim(
+    backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The insert commits (autocommit), then the connection breaks before the
+    # answer: both attempts. The submit fails, but the job is stored running
+    # as ours; the next claim of its queue hands it out rather than leave it
+    # to its lease.
+    real_insert = backend._insert
+
+    async def insert_then_break(conn: Any, records: Any, lease: float = 0.0) -> set[str]:
+        await real_insert(conn, records, lease)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(backend, "_insert", insert_then_break)
+    with pytest.raises(BackendError, match="closed the connection"):
+        await backend.enqueue([_job("a")], take=Take("me", 30.0, frozenset({"a"})))
+    monkeypatch.undo()
+    assert backend._in_doubt == {"q"}
+    (adopted,) = await backend.claim(["q"], "me", 5, 30.0)
+    assert (adopted.id, adopted.token) == ("a", 1)
+    assert await backend.finish(adopted, Outcome("succeeded", "1"))
 
 
 async def test_claimed_slots_fold_into_the_floor_and_the_table_stays_bounded(

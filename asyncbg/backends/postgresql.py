@@ -898,11 +898,44 @@ class PostgresBackend(Wakeups, Backend):
             return []
         records, lease = _taken(records, take)
         bounded = {q: n for q, n in (limits or {}).items() if any(r.queue == q for r in records)}
-        if bounded:
-            return await self._run(
-                "an enqueue", lambda conn: self._enqueue_bounded(conn, records, bounded, lease)
-            )
-        return await self._run("an enqueue", lambda conn: self._enqueue_free(conn, records, lease))
+        try:
+            if bounded:
+                stored = await self._run(
+                    "an enqueue", lambda conn: self._enqueue_bounded(conn, records, bounded, lease)
+                )
+            else:
+                stored = await self._run(
+                    "an enqueue", lambda conn: self._enqueue_free(conn, records, lease)
+                )
+        except BackendError as exc:
+            self._enqueue_in_doubt(exc, records, take)
+            raise
+        return self._took(stored, take)
+
+    def _took(self, stored: list[JobRecord | None], take: Take | None) -> list[JobRecord | None]:
+        # The jobs an enqueue stored claimed (``take``) are handed out as a
+        # claim's are: an adoption (see _adopt) must not hand them out again.
+        if take is not None:
+            for r in stored:
+                if (
+                    r is not None
+                    and r.id in take.ids
+                    and r.status == "running"
+                    and r.owner == take.owner
+                    and r.token == 1
+                ):
+                    self._handed[r.id] = r.token
+        return stored
+
+    def _enqueue_in_doubt(
+        self, exc: BackendError, records: Sequence[JobRecord], take: Take | None
+    ) -> None:
+        # An enqueue that took jobs and broke with its answer lost may have
+        # committed them running as ours, unknown to the engine: the next
+        # claim of their queues adopts them rather than leave them to a lease.
+        cause = exc.__cause__
+        if take is not None and isinstance(cause, psycopg.Error) and _broken(cause):
+            self._in_doubt.update([r.queue for r in records if r.id in take.ids])
 
     def enqueue_from_thread(
         self,
@@ -944,9 +977,11 @@ class PostgresBackend(Wakeups, Backend):
                 return None
             self._threads_writing += 1
         done: concurrent.futures.Future[list[JobRecord | None]] = concurrent.futures.Future()
+        taking, lease = _taken(records, take)
         try:
-            done.set_result(self._insert_blocking(pool, *_taken(records, take)))
+            done.set_result(self._took(self._insert_blocking(pool, taking, lease), take))
         except BackendError as exc:
+            self._enqueue_in_doubt(exc, taking, take)
             done.set_exception(exc)
         finally:
             with self._thread_lock:
