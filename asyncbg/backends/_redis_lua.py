@@ -134,8 +134,10 @@ end
 
 # ARGV: records (JSON list of {field: text}), limits (JSON {queue: n}), take
 # owner ('' for none), take lease, taken ids (JSON list), request id, sender.
-# Answers one entry per record: {'S'} stored as given, {'T', hash} stored
-# taken (the server's times), {'E', hash} an existing one, {'R'} refused.
+# Answers one entry per record: {'S'} stored as given, {'t', started_at,
+# lease_until} stored taken (the server's times; the rest as sent), {'T',
+# hash} taken by this same enqueue sent before, {'E', hash} an existing
+# one, {'R'} refused.
 ENQUEUE = (
     _LIB
     + r"""
@@ -192,7 +194,7 @@ for i, r in ipairs(records) do
           'attempts', '1', 'started_at', num(t), 'lease_until', num(t + lease), 'tk', rid)
         redis.call('ZADD', P .. 'l:' .. r.queue, t + lease, id)
         moved(h, nil, 'running')
-        out[i] = {'T', redis.call('HGETALL', jkey)}
+        out[i] = {'t', num(t), num(t + lease)}  -- the rest is as sent
       else
         moved(h, nil, 'pending')
         local rm = ticket(id)

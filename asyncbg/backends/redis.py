@@ -201,14 +201,29 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0] if "\n" in text else text
 
 
-def _enqueued(records: Sequence[JobRecord], answers: Sequence[Any]) -> list[JobRecord | None]:
-    # The ENQUEUE script's answer per record: stored as given, refused, or the
-    # stored one (taken by this enqueue, or another job's under the id or key).
+def _enqueued(
+    records: Sequence[JobRecord], answers: Sequence[Any], take: Take | None
+) -> list[JobRecord | None]:
+    # The ENQUEUE script's answer per record: stored as given, stored taken
+    # (as given, running for ``take``'s owner from the server's times),
+    # refused, or the stored one (taken by this enqueue sent before, or
+    # another job's under the id or key).
     out: list[JobRecord | None] = []
     for record, answer in zip(records, answers, strict=True):
         code = answer[0]
         if code == "S":
             out.append(record)
+        elif code == "t" and take is not None:
+            out.append(
+                record.replace(
+                    status="running",
+                    owner=take.owner,
+                    token=1,
+                    attempts=1,
+                    started_at=float(answer[1]),
+                    lease_until=float(answer[2]),
+                )
+            )
         elif code == "R":
             out.append(None)
         else:
@@ -590,7 +605,7 @@ class RedisBackend(Wakeups, Backend):
         answers = await self._script(
             "an enqueue", "ENQUEUE", *self._enqueue_args(records, limits, take)
         )
-        return _enqueued(records, answers)
+        return _enqueued(records, answers, take)
 
     def _enqueue_args(
         self, records: Sequence[JobRecord], limits: Mapping[str, int] | None, take: Take | None
@@ -631,7 +646,7 @@ class RedisBackend(Wakeups, Backend):
         args = self._enqueue_args(records, limits, take)
         for attempt in (1, 2):
             try:
-                done.set_result(_enqueued(records, script(keys=[self._tag], args=args)))
+                done.set_result(_enqueued(records, script(keys=[self._tag], args=args), take))
                 return done
             except redis_exceptions.RedisError as exc:
                 if attempt == 1 and _broken(exc):
