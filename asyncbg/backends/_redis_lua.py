@@ -100,11 +100,17 @@ local function unheld(id, h)
     redis.call('HDEL', jk(id), 'sid')
   end
 end
--- The job reached a final status at time t (its hash expires after ttl s).
-local function ended(id, h, old, status, t, ttl)
+-- The job reached a final status at time t (its hash expires after ttl s),
+-- with the fields of ``set`` (name, value, ...) written and those of ``del``
+-- deleted in the same two commands.
+local function ended(id, h, old, status, t, ttl, set, del)
   local key = jk(id)
-  redis.call('HSET', key, 'status', status, 'finished_at', num(t))
-  redis.call('HDEL', key, 'lease_until', 'rm')
+  local s = {'status', status, 'finished_at', num(t)}
+  for _, v in ipairs(set or {}) do s[#s + 1] = v end
+  redis.call('HSET', key, unpack(s))
+  local d = {'lease_until', 'rm'}
+  for _, v in ipairs(del or {}) do d[#d + 1] = v end
+  redis.call('HDEL', key, unpack(d))
   moved(h, old, status)
   if h.key and redis.call('HGET', P .. 'keys', h.key) == id then
     redis.call('HDEL', P .. 'keys', h.key)
@@ -176,6 +182,12 @@ for i, r in ipairs(records) do
       local seq = redis.call('INCR', P .. 'seq')
       local m = string.format('%016d', seq) .. id
       local jkey = jk(id)
+      local took = taken[id] and owner ~= ''
+      if took then
+        t = t or now()
+        r.status, r.owner, r.token, r.attempts = 'running', owner, '1', '1'
+        r.started_at, r.lease_until, r.tk = num(t), num(t + lease), rid
+      end
       local flat = {'seq', tostring(seq), 'm', m}
       for name, value in pairs(r) do
         if value ~= NULL then
@@ -188,10 +200,7 @@ for i, r in ipairs(records) do
       redis.call('ZADD', P .. 'x', r.created_at, m)
       redis.call('ZADD', P .. 'xt:' .. r.task, r.created_at, m)
       if key then redis.call('HSET', P .. 'keys', key, id) end
-      if taken[id] and owner ~= '' then
-        t = t or now()
-        redis.call('HSET', jkey, 'status', 'running', 'owner', owner, 'token', '1',
-          'attempts', '1', 'started_at', num(t), 'lease_until', num(t + lease), 'tk', rid)
+      if took then
         redis.call('ZADD', P .. 'l:' .. r.queue, t + lease, id)
         moved(h, nil, 'running')
         out[i] = {'t', num(t), num(t + lease)}  -- the rest is as sent
@@ -245,8 +254,7 @@ for qi = 7, #ARGV do
     elseif tonumber(h.attempts) >= tonumber(h.max_attempts) then
       unheld(id, h)
       local why = string.format(spent, h.owner or '', h.attempts, h.max_attempts)
-      redis.call('HSET', jk(id), 'error', why)
-      ended(id, h, 'running', 'failed', t, ttl)
+      ended(id, h, 'running', 'failed', t, ttl, {'error', why})
       failed = failed + 1
     else
       local seq = tonumber(string.sub(h.m, 1, 16))
@@ -364,10 +372,16 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
   if h then
     t = t or now()
     unheld(id, h)
-    local key = jk(id)
-    put(key, 'result_json', result)
-    put(key, 'error', err)
-    ended(id, h, 'running', status, t, ttl)
+    local set, del = {}, {}
+    for _, f in ipairs({{'result_json', result}, {'error', err}}) do
+      if f[2] then
+        set[#set + 1] = f[1]
+        set[#set + 1] = f[2]
+      else
+        del[#del + 1] = f[1]
+      end
+    end
+    ended(id, h, 'running', status, t, ttl, set, del)
     out[i] = 1
   elseif seen.owner == owner and seen.token == token and seen.status == status
       and seen.result_json == (result or nil) and seen.error == (err or nil) then
