@@ -916,15 +916,8 @@ class PostgresBackend(Wakeups, Backend):
         # The jobs an enqueue stored claimed (``take``) are handed out as a
         # claim's are: an adoption (see _adopt) must not hand them out again.
         if take is not None:
-            for r in stored:
-                if (
-                    r is not None
-                    and r.id in take.ids
-                    and r.status == "running"
-                    and r.owner == take.owner
-                    and r.token == 1
-                ):
-                    self._handed[r.id] = r.token
+            for r in take.stored(stored):
+                self._handed[r.id] = r.token
         return stored
 
     def _enqueue_in_doubt(

@@ -429,9 +429,7 @@ class DurableRunner:
             if isinstance(exc, concurrent.futures.TimeoutError):
                 raise self._no_ack(records[0]) from None
             raise
-        taken = [
-            r for r in stored if r is not None and take is not None and self._taken_here(r, take)
-        ]
+        taken = take.stored(stored) if take is not None else []
         try:
             # The loop starts what was taken, then gives the slots back.
             lt.post(self._start_taken, taken, take, _left_unclaimed(stored, taken))
@@ -606,11 +604,7 @@ class DurableRunner:
                 if not isinstance(exc, Exception):
                     raise
                 return
-            taken = [
-                r
-                for r in stored
-                if r is not None and take is not None and self._taken_here(r, take)
-            ]
+            taken = take.stored(stored) if take is not None else []
             for e, record in zip(batch, stored, strict=True):
                 if e.waiter is not None:
                     e.waiter.set_result(record)
@@ -626,19 +620,12 @@ class DurableRunner:
             self.wake()
 
     def _task_slots_used(self) -> int:
-        # Task jobs held here, and those an enqueue in flight is taking. Also
-        # read from submitting threads: a copy of the held claims, in one step.
-        return sum(1 for h in tuple(self._held.values()) if h.queue is None) + self._reserved
-
-    def _taken_here(self, record: JobRecord, take: Take) -> bool:
-        # Stored claimed for this process by the enqueue (not an existing record
-        # that idempotency answered).
-        return (
-            record.id in take.ids
-            and record.status == "running"
-            and record.owner == self.owner
-            and record.token == 1
-        )
+        # Task jobs held here, those an enqueue in flight is taking and those a
+        # claim in flight asks for (read under _reserve_lock to count and
+        # reserve in one step). Also read from submitting threads: a copy of
+        # the held claims, in one step.
+        held = sum(1 for h in tuple(self._held.values()) if h.queue is None)
+        return held + self._reserved + self._claiming_tasks
 
     def _take_for(self, records: Sequence[JobRecord]) -> Take | None:
         """The task jobs among ``records`` this process has room for, claimed
@@ -650,7 +637,7 @@ class DurableRunner:
             return None
         lanes = set(self._task_lanes())
         with self._reserve_lock:
-            room = self.concurrency - self._task_slots_used() - self._claiming_tasks
+            room = self.concurrency - self._task_slots_used()
             ids: list[str] = []
             for r in records:
                 if len(ids) >= room:
@@ -685,7 +672,7 @@ class DurableRunner:
             return wanted, asked
         lanes = self._task_lanes()
         with self._reserve_lock:
-            running_tasks = self._task_slots_used() + self._claiming_tasks
+            running_tasks = self._task_slots_used()
             if lanes and self.concurrency > running_tasks:
                 asked = self.concurrency - running_tasks
                 wanted.append((lanes, asked))

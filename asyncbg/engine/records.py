@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 
@@ -189,6 +189,20 @@ class Take:
     owner: str
     lease: float
     ids: frozenset[str]
+
+    def stored(self, records: Iterable[JobRecord | None]) -> list[JobRecord]:
+        """The records among an enqueue's answer ``records`` that it stored
+        taken (running for :attr:`owner`, token 1), not existing ones that
+        idempotency answered."""
+        return [
+            r
+            for r in records
+            if r is not None
+            and r.id in self.ids
+            and r.status == "running"
+            and r.owner == self.owner
+            and r.token == 1
+        ]
 
 
 @dataclass(frozen=True, slots=True)
