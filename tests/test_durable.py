@@ -542,6 +542,88 @@ def test_an_enqueue_and_a_claim_decided_in_one_loop_turn_share_the_room(
     assert sorted(durable.history.get(r.id).result(WAIT) for r in records) == [0, 1, 2]
 
 
+def test_records_an_enqueue_left_pending_beside_those_it_took_are_looked_for(
+    make_app: MakeApp, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # submit_many of four with room for two: two are taken, two stay pending.
+    # The claimer must be told of those two; it used to compare the pending
+    # with the taken (2 < 2: no wake) and left them to a poll.
+    import asyncbg.engine.durable as engine
+
+    monkeypatch.setattr(engine, "_POLL_FIRST", 60.0)  # no poll finds them in time
+    _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=3, ASYNCBG_POLL_INTERVAL=60)
+    gate = Gate()
+    ran: list[int] = []
+
+    @bg.task
+    async def step(i: int) -> int:
+        if i == 0:
+            await gate.wait_async()
+        ran.append(i)
+        return i
+
+    bg.start()
+    st = bg.state_for(_app)
+    durable = st.durable
+    assert durable is not None
+    st.loop_thread.post(durable.wake)  # one look that finds nothing: no freed slot looks again
+    wait_for(lambda: not durable._behind)
+    first = step.submit(0)
+    # Held, and its take's reservation given back: the room is exactly two.
+    wait_for(lambda: first.id in durable._held and durable._reserved == 0)
+    assert durable._task_slots_used() == 1  # room for two of the four
+    jobs = step.submit_many([(i,) for i in range(1, 5)])
+    gate.set()
+    assert [j.result(WAIT) for j in jobs] == [1, 2, 3, 4]
+    assert first.result(WAIT) == 0
+
+
+def test_a_claim_woken_by_this_process_enqueue_asks_only_for_what_it_left(
+    make_app: MakeApp, sqlite_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim in flight holds the room it asks. Woken only because this
+    # process's enqueues left records pending, it asks for that many and the
+    # rest of the room stays free for the next enqueue to take; any other wake
+    # asks for all the room. (Under four submitting threads the old claims
+    # held the room nearly all the time, and the enqueues took almost nothing.)
+    import asyncbg.engine.durable as engine
+
+    monkeypatch.setattr(engine, "_POLL_FIRST", 60.0)  # only the wakes below claim
+    app, bg = _worker(make_app, sqlite_db, ASYNCBG_WORKER_CONCURRENCY=8, ASYNCBG_POLL_INTERVAL=60)
+
+    @bg.task
+    async def noop() -> None:
+        return None
+
+    bg.start()
+    st = bg.state_for(app)
+    durable = st.durable
+    assert durable is not None
+    real = durable.store.claim
+    waiting: list[asyncio.Future[int]] = []
+
+    async def claim(queues: Any, owner: str, limit: int, lease: float) -> Any:
+        if waiting:
+            waiting.pop().set_result(limit)
+        return await real(queues, owner, limit, lease)
+
+    monkeypatch.setattr(durable.store, "claim", claim)
+
+    async def asked_after(wake: Any, *args: Any) -> int:
+        while durable._writes:  # the start-up claim, if still in flight
+            await asyncio.gather(*tuple(durable._writes), return_exceptions=True)
+        asked = asyncio.get_running_loop().create_future()
+        waiting.append(asked)
+        wake(*args)
+        return await asyncio.wait_for(asked, WAIT)
+
+    submit = st.loop_thread.submit
+    assert submit(asked_after(durable.wake)).result(WAIT) == 8  # the first look: all
+    assert submit(asked_after(durable._wake_for, 2)).result(WAIT) == 2
+    assert submit(asked_after(durable.wake)).result(WAIT) == 8
+    assert submit(asked_after(durable._wake_for, 20)).result(WAIT) == 8  # never past the room
+
+
 def test_submit_many_stores_a_burst_in_one_commit(make_app: MakeApp, db: str) -> None:
     _app, bg = _worker(make_app, db, ASYNCBG_WORKER_CONCURRENCY=0)
 

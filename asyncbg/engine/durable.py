@@ -188,9 +188,20 @@ class _Held:
     settling: bool = False
 
 
-def _left_unclaimed(stored: Sequence[JobRecord | None], taken: Sequence[JobRecord]) -> bool:
-    # An enqueue stored records it did not take here: a claim should look.
-    return len(taken) < sum(1 for r in stored if r is not None and r.status == "pending")
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Want:
+    """One claim to make: up to ``n`` records of ``lanes``; ``capped`` when
+    ``n`` is what this process's enqueues left pending, less than its room."""
+
+    lanes: list[str]
+    n: int
+    capped: bool = False
+
+
+def _left_unclaimed(stored: Sequence[JobRecord | None]) -> int:
+    # How many records of an enqueue's answer are pending (those it took are
+    # running): a claim should look for them.
+    return sum(1 for r in stored if r is not None and r.status == "pending")
 
 
 class DurableRunner:
@@ -249,6 +260,14 @@ class DurableRunner:
         # True when the store may hold work this process had no room to claim
         # (the last claim came back full, or found no room): a freed slot looks.
         self._behind = True
+        # What the next claim asks for its task lanes. When every wake since
+        # the last claim came from this process's own enqueues, the number of
+        # records they left pending (``_hint``): a claim in flight holds the
+        # room it asks, and the rest stays free for the next enqueue to take.
+        # Any other wake (another process, a freed slot, a full claim) or a
+        # poll asks for all the room.
+        self._look_all = True
+        self._hint = 0
         self._flush_scheduled = False
         self._held: dict[str, _Held] = {}
         self._to_release: list[Claim] = []
@@ -330,7 +349,14 @@ class DurableRunner:
         self._loops = []
 
     def wake(self) -> None:
-        """Make the claimer look at the store now (loop thread)."""
+        """Make the claimer look at the store now, with all its room (loop thread)."""
+        self._look_all = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def _wake_for(self, left: int) -> None:
+        # Loop thread: this process's enqueue left ``left`` records pending.
+        self._hint += left
         if self._wake is not None:
             self._wake.set()
 
@@ -432,12 +458,12 @@ class DurableRunner:
         taken = take.stored(stored) if take is not None else []
         try:
             # The loop starts what was taken, then gives the slots back.
-            lt.post(self._start_taken, taken, take, _left_unclaimed(stored, taken))
+            lt.post(self._start_taken, taken, take, _left_unclaimed(stored))
         except NotRunning:
             self._unreserve(take)  # stopping: the leases run out, and they run again
         return stored
 
-    def _start_taken(self, taken: list[JobRecord], take: Take | None, left: bool) -> None:
+    def _start_taken(self, taken: list[JobRecord], take: Take | None, left: int) -> None:
         # Loop thread: the records a submitting thread's enqueue stored claimed
         # here are started; a claim looks for the others, if any.
         try:
@@ -447,7 +473,7 @@ class DurableRunner:
         finally:
             self._unreserve(take)
         if left:
-            self.wake()
+            self._wake_for(left)
 
     async def submit_async(self, job: Job[Any], record: JobRecord) -> Job[Any]:
         """As :meth:`submit`, awaited from any event loop (the loop's own included)."""
@@ -616,8 +642,9 @@ class DurableRunner:
                     self._start(Claim(record.id, self.owner, record.token, record))
         finally:
             self._unreserve(take)
-        if _left_unclaimed(stored, taken):
-            self.wake()
+        left = _left_unclaimed(stored)
+        if left:
+            self._wake_for(left)
 
     def _task_slots_used(self) -> int:
         # Task jobs held here, those an enqueue in flight is taking and those a
@@ -662,24 +689,28 @@ class DurableRunner:
 
     # -- claiming (loop thread) ------------------------------------------------------
 
-    def _room(self) -> tuple[list[tuple[list[str], int]], int]:
-        """(queues, how many) for each claim to make now, and how many of those
-        are task slots: reserved (``_claiming_tasks``) in the same step as they
-        are counted, until :meth:`_unclaim`."""
-        wanted: list[tuple[list[str], int]] = []
+    def _room(self, limit: int | None = None) -> tuple[list[_Want], int]:
+        """What to claim now, one :class:`_Want` per claim, and how many of
+        those are task slots (at most ``limit`` when given): reserved
+        (``_claiming_tasks``) in the same step as they are counted, until
+        :meth:`_unclaim`."""
+        wanted: list[_Want] = []
         asked = 0
         if not self.claiming:
             return wanted, asked
         lanes = self._task_lanes()
         with self._reserve_lock:
             running_tasks = self._task_slots_used()
-            if lanes and self.concurrency > running_tasks:
-                asked = self.concurrency - running_tasks
-                wanted.append((lanes, asked))
+            free = self.concurrency - running_tasks
+            asked = free if limit is None else min(free, limit)
+            if lanes and asked > 0:
+                wanted.append(_Want(lanes, asked, capped=asked < free))
                 self._claiming_tasks += asked
+            else:
+                asked = 0
         for q in self._queue_lanes():
             if q.concurrency > q.active:
-                wanted.append(([q.name], q.concurrency - q.active))
+                wanted.append(_Want([q.name], q.concurrency - q.active))
         return wanted, asked
 
     async def _claim_loop(self) -> None:
@@ -692,8 +723,10 @@ class DurableRunner:
                     await self._wake.wait()
                     woken = True
             self._wake.clear()
+            limit = None if self._look_all or not woken else self._hint
+            self._look_all, self._hint = False, 0
             try:
-                got, full = await self._claim_once()
+                got, full = await self._claim_once(limit)
             except Exception as exc:
                 self.runner.log_failure(
                     "durable claim",
@@ -706,11 +739,11 @@ class DurableRunner:
                 delay = self.poll_interval
                 continue
             if full:
-                self._wake.set()  # more may be due: look again at once
+                self.wake()  # more may be due: look again at once, with all the room
             delay = _POLL_FIRST if got or woken else min(2 * delay, self.poll_interval)
 
-    async def _claim_once(self) -> tuple[int, bool]:
-        wanted, asked = self._room()
+    async def _claim_once(self, limit: int | None = None) -> tuple[int, bool]:
+        wanted, asked = self._room(limit)
         if not wanted or self._stopping:
             self._unclaim(asked)
             self._behind = True  # no room to look: the next free slot looks
@@ -728,19 +761,20 @@ class DurableRunner:
         with self._reserve_lock:
             self._claiming_tasks -= asked
 
-    async def _claim(self, wanted: list[tuple[list[str], int]], asked: int) -> tuple[int, bool]:
+    async def _claim(self, wanted: list[_Want], asked: int) -> tuple[int, bool]:
         # Issued together: a backend that group-commits makes them one transaction.
         # Started in the write's own task, so a claim made as stop begins is
         # released, never left to its lease. The ``asked`` task slots (reserved
         # by _room) are given back once what came is held.
         try:
             results = await asyncio.gather(
-                *(self.store.claim(lanes, self.owner, n, self.lease) for lanes, n in wanted)
+                *(self.store.claim(w.lanes, self.owner, w.n, self.lease) for w in wanted)
             )
             got, full = 0, False
-            for (_, n), claims in zip(wanted, results, strict=True):
+            for want, claims in zip(wanted, results, strict=True):
                 got += len(claims)
-                full = full or len(claims) == n
+                # A capped claim that got all it asked found what it was told of.
+                full = full or (len(claims) == want.n and not want.capped)
                 for claim in claims:
                     self._start(claim)
             return got, full
