@@ -542,12 +542,15 @@ def test_an_enqueue_and_a_claim_decided_in_one_loop_turn_share_the_room(
     assert sorted(durable.history.get(r.id).result(WAIT) for r in records) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("with_consumer", [False, True], ids=["tasks", "tasks-and-consumer"])
 def test_records_an_enqueue_left_pending_beside_those_it_took_are_looked_for(
-    make_app: MakeApp, db: str, monkeypatch: pytest.MonkeyPatch
+    make_app: MakeApp, db: str, monkeypatch: pytest.MonkeyPatch, with_consumer: bool
 ) -> None:
     # submit_many of four with room for two: two are taken, two stay pending.
     # The claimer must be told of those two; it used to compare the pending
-    # with the taken (2 < 2: no wake) and left them to a poll.
+    # with the taken (2 < 2: no wake) and left them to a poll. With a durable
+    # consumer too, the claim that finds no task slot still looks at its queue:
+    # a freed task slot must look again all the same.
     import asyncbg.engine.durable as engine
 
     monkeypatch.setattr(engine, "_POLL_FIRST", 60.0)  # no poll finds them in time
@@ -561,6 +564,12 @@ def test_records_an_enqueue_left_pending_beside_those_it_took_are_looked_for(
             await gate.wait_async()
         ran.append(i)
         return i
+
+    if with_consumer:
+
+        @bg.consumer("mail")
+        async def mail(item: Any) -> None:
+            return None
 
     bg.start()
     st = bg.state_for(_app)

@@ -748,13 +748,19 @@ class DurableRunner:
             self._unclaim(asked)
             self._behind = True  # no room to look: the next free slot looks
             return 0, False
+        # Only consumers' queues are looked at when the task slots are all
+        # taken: a task slot freed from now on looks again (set before the
+        # claim is awaited, as a slot may be freed while it runs).
+        tasks_left_out = asked == 0 and limit != 0 and bool(self._task_lanes())
+        if tasks_left_out:
+            self._behind = True
         try:
             task = self._write(self._claim(wanted, asked))
         except BaseException:
             self._unclaim(asked)
             raise
         got, full = await asyncio.shield(task)
-        self._behind = full
+        self._behind = full or tasks_left_out
         return got, full
 
     def _unclaim(self, asked: int) -> None:
